@@ -1,0 +1,122 @@
+"""`make bench`: run every benchmark, then write bench/RESULTS.md from their bench/out/*.json.
+
+Each benchmark measures two ways in the same run and reports the ratio; this file only
+formats what they saved. Run from the project root: `.venv/bin/python -m bench.run_all`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench.common import OUT, ROOT, machine
+
+BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead")
+TARGETS = {
+    "pack": ">= 6x per-seed throughput at <= 4 filters; never slower (auto rule); >= 40% of matmul peak",
+    "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
+    "aggregate": "10,000 trial results aggregated in <= 10 s",
+    "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
+}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def pack_section(d: dict) -> list[str]:
+    sizes = list(d["rows"][0]["packs"])
+    lines = [
+        f"Matmul peak measured: {d['matmul_peak_gflops']:.1f} GFLOP/s ({d['device']}).",
+        "",
+        "| filters | hidden FC | batch | one seed (seed-steps/s) | % of peak | "
+        + " | ".join(f"pack {k}" for k in sizes)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(sizes),
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['filters']} | {r['hidden_fc']} | {r['batch']} | {r['single_seed_steps_per_s']:.0f} | "
+            f"{100 * r['single_peak_fraction']:.0f}% | "
+            + " | ".join(f"{r['packs'][k]['ratio']:.2f}x" for k in sizes)
+            + " |"
+        )
+    return lines
+
+
+def overhead_section(d: dict) -> list[str]:
+    lines = [
+        "| model | images/epoch | batch | baseline s/epoch | randomout | repr |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        e = r["epoch_s"]
+        lines.append(
+            f"| {r['model']} | {r['train_images']} | {r['batch']} | {e['baseline']:.3f} | "
+            f"{e['randomout']:.3f} ({pct(r['randomout_overhead'])}) | "
+            f"{e['repr']:.3f} ({pct(r['repr_overhead'])}) |"
+        )
+    return lines
+
+
+def aggregate_section(d: dict) -> list[str]:
+    return [
+        f"{d['trials']} synthetic trials: ours {d['ours_s']:.2f} s (load {d['load_trials_s']:.2f} s + "
+        f"summarise {d['summarise_s']:.2f} s) vs naive per-file pandas {d['naive_s']:.1f} s: "
+        f"**{d['ratio']:.1f}x**. Per-epoch tables: {d['load_epochs_s']:.1f} s "
+        f"vs {d['naive_epochs_s']:.1f} s.",
+    ]
+
+
+def sweep_section(d: dict) -> list[str]:
+    return [
+        f"Spec `{d['spec']}` ({d['trials']} trials in {d['units']} units): plain loop {d['loop_s']:.1f} s, "
+        f"`lottery sweep` {d['sweep_s']:.1f} s: **{d['ratio']:.2f}x** (summed per-seed training time, "
+        f"a pack's counted once per seed: {d['loop_train_s']:.1f} s vs {d['sweep_train_s']:.1f} s).",
+    ]
+
+
+SECTIONS = {
+    "pack": pack_section,
+    "cgn_overhead": overhead_section,
+    "aggregate": aggregate_section,
+    "sweep_overhead": sweep_section,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", nargs="*", default=list(BENCHES))
+    args = parser.parse_args()
+    for name in args.only:
+        extra = ["--device", args.device] if name in ("pack", "cgn_overhead") else []
+        print(f"== bench/{name}.py", flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT, check=True)
+        print(f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {machine()}. Written by `make bench` (bench/run_all.py) on {time.strftime('%Y-%m-%d')}.",
+        "Each benchmark times two ways in one run; on this shared 2-core machine absolute times swing",
+        "by 20-40 %, so read the ratios. No GPU here: `--device cuda` runs the same comparisons on one.",
+        "",
+    ]
+    for name in BENCHES:
+        path = OUT / f"{name}.json"
+        lines += [f"## {name}", "", f"Target: {TARGETS[name]}.", ""]
+        if path.exists():
+            lines += SECTIONS[name](json.loads(path.read_text()))
+        else:
+            lines.append("Not run.")
+        lines.append("")
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

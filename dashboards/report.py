@@ -1,0 +1,182 @@
+"""One self-contained HTML report of a sweep, built from `<sweep_dir>/aggregate/*.parquet`.
+
+Self-contained means one file to mail or archive: figures are embedded as base64 PNG data
+URIs, there is no external CSS or script. The page states n, the failure rule and every
+interval next to the numbers, and says in words what the seeds support, including "no
+significant effect". A small inline script records how many images decoded, so a headless
+browser test can check the page really renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from dashboards.figures import Rendered, all_figures, arm_label, failure_rule
+from orchestrator.stats import BASELINE
+
+ALPHA = 0.05
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f2f2f2; } td.l, th.l { text-align: left; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #444; } .note { font-size: 0.85em; color: #555; }
+"""
+
+_IMG_STATUS_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var el = document.getElementById("img-status");
+  el.setAttribute("data-loaded", String(ok));
+  el.setAttribute("data-total", String(imgs.length));
+  el.textContent = ok + " of " + imgs.length + " figures rendered";
+});
+"""
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return "–" if pd.isna(x) else f"{100 * x:.{digits}f}"
+
+
+def _pts(x: float) -> str:
+    return "–" if pd.isna(x) else f"{100 * x:+.2f}"
+
+
+def verdict(row: pd.Series) -> str:
+    """What the paired seeds say about one arm against the baseline, in words."""
+    if row["scheme"] == BASELINE:
+        return "reference arm"
+    if row["n_pairs"] == 0:
+        return "not compared: no finished same-seed baseline trials"
+    p, n_pairs = row["wilcoxon_p"], row["n_pairs"]
+    gain = f"median gain {_pts(row['gain_median'])} pts over {n_pairs} paired seeds"
+    if math.isnan(p):
+        return f"not tested: fewer than 2 seeds with a non-zero gain ({gain})"
+    if p >= ALPHA:
+        return f"no significant effect (p={p:.2g}; {gain})"
+    median = row["gain_median"]
+    direction = "better than" if median > 0 else "worse than" if median < 0 else "differs from"
+    improved = f"{_pct(row['share_improved'], 0)}% of seeds improved"
+    return f"{direction} baseline (p={p:.2g}; {gain}; {improved})"
+
+
+def _summary_html(summary: pd.DataFrame) -> str:
+    head = (
+        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / incomplete / "
+        "pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th><th>median acc % (IQR width)</th>"
+        "<th>mean acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th><th>median gain pts</th>"
+        "<th>seeds improved %</th><th>Wilcoxon p</th><th class=l>what the seeds say</th></tr>"
+    )
+    body = []
+    for _, r in summary.iterrows():
+        cells = [
+            arm_label(r["scheme"], r["hparam_label"]),
+            "–" if pd.isna(r["filters"]) else str(r["filters"]),
+            f"{r['n']} / {r['n_planned']}",
+            f"{r['n_errored']} / {r['n_incomplete']} / {r['n_pending']}",
+            f"{r['n_failed']} / {r['n']}",
+            f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
+            f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",
+            _pct(r["acc_mean"], 2),
+            f"{_pct(r['acc_std'], 2)} [{_pct(r['std_ci_low'], 2)}, {_pct(r['std_ci_high'], 2)}]",
+            str(r["n_pairs"]),
+            _pts(r["gain_median"]),
+            _pct(r["share_improved"], 0),
+            "–" if pd.isna(r["wilcoxon_p"]) else f"{r['wilcoxon_p']:.3g}",
+            verdict(r),
+        ]
+        tds = "".join(
+            f"<td{' class=l' if i in (0, len(cells) - 1) else ''}>{html.escape(c)}</td>"
+            for i, c in enumerate(cells)
+        )
+        body.append(f"<tr>{tds}</tr>")
+    return f"<table id=summary>{head}{''.join(body)}</table>"
+
+
+def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str) -> str:
+    counts = trials["status"].value_counts()
+    n_tests = int(summary["wilcoxon_p"].notna().sum())
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "errored", "incomplete", "pending"))
+    return (
+        f"<h1>Filter lottery: {html.escape(sweep)}</h1>"
+        f"<p><b>Trials:</b> {len(trials)} planned: {status}. Only finished trials enter n, failure rates "
+        "and accuracy statistics; a diverged trial is finished and failed.</p>"
+        f"<p><b>Failure rule:</b> {html.escape(failure_rule(trials))}.</p>"
+        "<p class=note>Intervals: failure rates with the Wilson 95% score interval; the std of final "
+        "accuracy with a BCa bootstrap 95% interval (2000 resamples); gains are paired by seed against the "
+        "baseline of the same context and tested with the two-sided Wilcoxon signed-rank test, "
+        f"not adjusted for the {n_tests} comparisons in this table.</p>"
+    )
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _figure_html(r: Rendered, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f"<figure id={r.name}><img alt='{html.escape(r.title)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption><b>{html.escape(r.title)}.</b> {html.escape(r.caption)}</figcaption></figure>"
+    )
+
+
+def _skipped_html(skipped: list[Rendered]) -> str:
+    if not skipped:
+        return "<p>No figure was skipped.</p>"
+    items = "".join(f"<li><b>{html.escape(r.title)}</b>: {html.escape(r.skipped)}</li>" for r in skipped)
+    return f"<ul id=skipped>{items}</ul>"
+
+
+def _read_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    agg = sweep_dir / "aggregate"
+    paths = [agg / f"{name}.parquet" for name in ("trials", "epochs", "summary")]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{agg} lacks {missing}: run `lottery aggregate {sweep_dir}` first")
+    trials, epochs, summary = (pd.read_parquet(p) for p in paths)
+    return trials, epochs, summary
+
+
+def build_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
+
+    Reads only the aggregated tables (default out_dir: `<sweep_dir>/report`).
+    """
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials, epochs, summary = _read_tables(sweep_dir)
+    sweep = str(trials["sweep"].dropna().iloc[0]) if trials["sweep"].notna().any() else sweep_dir.name
+    rendered = all_figures(trials, epochs, summary)
+    figures = []
+    for r in rendered:
+        if r.figure is not None:
+            png = _png(r.figure)
+            (out_dir / f"{r.name}.png").write_bytes(png)
+            figures.append(_figure_html(r, png))
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>Filter lottery report: {html.escape(sweep)}</title><style>{_STYLE}</style></head><body>"
+        f"{_header_html(trials, summary, sweep)}"
+        f"<h2>Summary per configuration</h2>{_summary_html(summary)}"
+        f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"
+        f"<h2>Skipped figures</h2>{_skipped_html([r for r in rendered if r.figure is None])}"
+        f"<div id=img-status class=note data-loaded=0 data-total={len(figures)}></div>"
+        f"<script>{_IMG_STATUS_SCRIPT}</script></body></html>"
+    )
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,203 @@
+"""Turn a sweep directory into three tables: trials, epochs and the per-config summary.
+
+The planned list (`trials.json`) is the spine: a planned trial with no directory is
+`pending`, one with a directory but no result is `incomplete` (or `errored` when it left an
+`error.txt`), so a crash can never shrink n unnoticed. Directories that are not in the plan
+are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.table import Table
+
+from orchestrator.stats import BASELINE, TRIAL_COLUMNS, summarise
+from trainers.events import failure_rule_text
+
+# metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
+METRIC_COLUMNS: dict[str, str] = {
+    "epoch": "Int64",
+    "steps": "Int64",
+    "train_loss": "float64",
+    "train_acc": "float64",
+    "test_loss": "float64",
+    "test_acc": "float64",
+    "wall_s": "float64",
+    "cgn_mean": "float64",
+    "cgn_min": "float64",
+    "below_tau": "Int64",
+    "resets": "Int64",
+    "dropped": "Int64",
+    "ortho_sum": "float64",
+}
+_EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
+EPOCH_COLUMNS: dict[str, str] = {
+    **{c: TRIAL_COLUMNS[c] for c in _EPOCH_IDENTITY},
+    **METRIC_COLUMNS,
+}
+_RESULT_FIELDS = (
+    "final_test_acc",
+    "best_test_acc",
+    "final_train_acc",
+    "failed",
+    "diverged",
+    "epochs_done",
+    "total_resets",
+    "chance",
+    "failure_margin",
+    "failure_rule",
+    "wall_s",
+)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    trials: pd.DataFrame  # TRIAL_COLUMNS
+    epochs: pd.DataFrame  # EPOCH_COLUMNS
+    summary: pd.DataFrame  # orchestrator.stats.SUMMARY_COLUMNS
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def _planned(sweep_dir: Path, on_disk: set[str]) -> list[dict[str, Any]]:
+    """The plan from trials.json, followed by any trial directory the plan does not list."""
+    plan_path = sweep_dir / "trials.json"
+    plan: list[dict[str, Any]] = _read_json(plan_path) if plan_path.exists() else []
+    listed = {p["trial_key"] for p in plan}
+    return plan + [{"trial_key": k} for k in sorted(on_disk - listed)]
+
+
+def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {**defaults, **planned}
+    if trial_dir is None:
+        row["status"] = "pending"
+        return row
+    files = set(os.listdir(trial_dir))
+    if "config.json" in files:
+        config = _read_json(trial_dir / "config.json")
+        for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
+            row[key] = config.get(key, row.get(key))
+        row["filters"] = config.get("filters")
+        row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
+    if "result.json" in files:
+        result = _read_json(trial_dir / "result.json")
+        row.update({k: result[k] for k in _RESULT_FIELDS if k in result})
+        row["status"] = "finished"
+        return row
+    row["status"] = "errored" if "error.txt" in files else "incomplete"
+    if "metrics.parquet" in files:  # how far it got; the footer alone is cheap to read
+        row["epochs_done"] = pq.read_metadata(trial_dir / "metrics.parquet").num_rows
+    return row
+
+
+def _typed_trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(rows, columns=list(TRIAL_COLUMNS))
+    for flag in ("failed", "diverged"):
+        frame[flag] = frame[flag].fillna(False).astype(bool)
+    for col, dtype in TRIAL_COLUMNS.items():
+        if dtype == "float64":
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame.astype(TRIAL_COLUMNS)
+
+
+def load_trials(sweep_dir: Path) -> pd.DataFrame:
+    """One row per planned (or found) trial with its status and final result (TRIAL_COLUMNS)."""
+    sweep_dir = Path(sweep_dir)
+    spec = _read_json(sweep_dir / "spec.json")
+    trials_root = sweep_dir / "trials"
+    on_disk = {e.name for e in os.scandir(trials_root) if e.is_dir()} if trials_root.is_dir() else set()
+    margin = float(spec["failure_margin"])
+    defaults = {
+        "sweep": spec["name"],
+        "failure_margin": margin,
+        "failure_rule": failure_rule_text(margin),  # the rule that applies until a result states its own
+        "hparam_label": "",
+    }
+    rows = [
+        _trial_row(p, trials_root / p["trial_key"] if p["trial_key"] in on_disk else None, defaults)
+        for p in _planned(sweep_dir, on_disk)
+    ]
+    frame = _typed_trials(rows)
+    if frame["trial_key"].duplicated().any():
+        raise ValueError(f"{sweep_dir}: trials.json lists a trial_key more than once")
+    return frame
+
+
+def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every trial's metrics.parquet stacked, with the trial's identity columns (EPOCH_COLUMNS).
+
+    Files are read with pyarrow and concatenated once; identity columns are broadcast by row
+    counts rather than added per file.
+    """
+    sweep_dir = Path(sweep_dir)
+    trials = load_trials(sweep_dir) if trials is None else trials
+    tables, owners = [], []
+    for i, (key, status) in enumerate(zip(trials["trial_key"], trials["status"], strict=True)):
+        if status == "pending":
+            continue
+        try:  # ParquetFile.read skips the dataset machinery of pq.read_table: ~2x faster per small file
+            table = pq.ParquetFile(sweep_dir / "trials" / str(key) / "metrics.parquet").read()
+        except FileNotFoundError:
+            continue
+        tables.append(table.select([c for c in METRIC_COLUMNS if c in table.column_names]))
+        owners.append(np.full(table.num_rows, i))
+    if not tables:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in EPOCH_COLUMNS.items()})
+    metrics = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    owner = np.concatenate(owners)
+    ident = trials.iloc[owner][list(_EPOCH_IDENTITY)].reset_index(drop=True)
+    frame = pd.concat([ident, metrics.reset_index(drop=True)], axis=1)
+    return frame.reindex(columns=list(EPOCH_COLUMNS)).astype(EPOCH_COLUMNS)
+
+
+def aggregate(sweep_dir: Path) -> AggregateResult:
+    """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet`."""
+    sweep_dir = Path(sweep_dir)
+    trials = load_trials(sweep_dir)
+    result = AggregateResult(trials=trials, epochs=load_epochs(sweep_dir, trials), summary=summarise(trials))
+    out = sweep_dir / "aggregate"
+    out.mkdir(exist_ok=True)
+    for name in ("trials", "epochs", "summary"):
+        getattr(result, name).to_parquet(out / f"{name}.parquet", index=False)
+    return result
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return "-" if pd.isna(x) else f"{100 * x:.{digits}f}"
+
+
+def format_summary_table(summary: pd.DataFrame) -> Table:
+    """The summary as a rich table for the CLI; accuracies and gains in percentage points."""
+    table = Table(title="Seeds per configuration (failure rate with Wilson 95% CI)")
+    for name in ("scheme", "hparams", "filters", "n", "failed", "fail % [95% CI]", "median %", "std %"):
+        table.add_column(name, justify="left" if name in ("scheme", "hparams") else "right")
+    table.add_column("gain pts (median)", justify="right")
+    table.add_column("Wilcoxon p", justify="right")
+    for r in summary.itertuples(index=False):
+        pending = r.n_planned - r.n
+        fail = f"{_pct(r.failure_rate)} [{_pct(r.failure_ci_low)}, {_pct(r.failure_ci_high)}]"
+        table.add_row(
+            str(r.scheme),
+            str(r.hparam_label or ""),
+            "-" if pd.isna(r.filters) else str(r.filters),
+            f"{r.n}" + (f" (+{pending} not finished)" if pending else ""),
+            f"{r.n_failed}",
+            fail if r.n else "-",
+            _pct(r.acc_median, 2),
+            _pct(r.acc_std, 2),
+            "baseline" if r.scheme == BASELINE else _pct(r.gain_median, 2),
+            "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
+        )
+    return table

@@ -1,0 +1,263 @@
+"""`lottery`: the command line. Each command validates everything before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import UserError, user_errors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="How much does a CNN result depend on its seed, and does filter re-initialization fix it?",
+)
+console = Console(stderr=True)
+
+
+def table_console() -> Console:
+    """Stdout for tables; piped into a file or a CI log it is wide, as 80 columns would cut them."""
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=200)
+
+
+@app.callback()
+def _root() -> None:
+    """Seed sweeps of CNN training schemes, tracked in MLflow. RAY_AUTH_MODE: see README."""
+
+
+def results_root() -> Path:
+    """Where results live unless told otherwise: $LOTTERY_HOME or ./runs."""
+    return Path(os.environ.get("LOTTERY_HOME", "runs"))
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Trial YAML (TrialConfig fields).")
+    ] = None,
+    scheme: Annotated[str | None, typer.Option(help="baseline | batchnorm | randomout | repr")] = None,
+    model: Annotated[str | None, typer.Option(help="crater_cnn | inception28 | vanilla_cnn")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (else $LOTTERY_DATA_DIR).")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialization seed.")] = None,
+    data_seed: Annotated[int | None, typer.Option(help="Split and batch-order seed.")] = None,
+    tau: Annotated[
+        float | None, typer.Option(help="CGN threshold (RandomOut's tau, summed-loss units).")
+    ] = None,
+    active_fraction: Annotated[float | None, typer.Option(help="RandomOut P.")] = None,
+    drop_fraction: Annotated[float | None, typer.Option(help="RePr p.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any field, dotted: --set model.filters=4")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Results root (default $LOTTERY_HOME or ./runs).")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite).")
+    ] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "lottery-train",
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
+) -> None:
+    """Train one trial: results to a trial directory first, then one MLflow run."""
+    from orchestrator.single import build_trial_config, run_single
+
+    flags = {
+        "scheme.name": scheme,
+        "model.name": model,
+        "data.name": dataset,
+        "data.data_dir": str(data_dir) if data_dir else None,
+        "epochs": epochs,
+        "seed": seed,
+        "data_seed": data_seed,
+        "scheme.tau": tau,
+        "scheme.active_fraction": active_fraction,
+        "scheme.drop_fraction": drop_fraction,
+    }
+    trial = build_trial_config(config, flags, set_ or [])
+    run_single(
+        trial, root=out or results_root(), tracking_uri=tracking_uri, experiment=experiment, log=not no_mlflow
+    )
+
+
+@app.command()
+@user_errors
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see configs/).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the planned trials; start nothing.")
+    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Require an existing sweep to continue.")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
+    ] = None,
+) -> None:
+    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
+    from orchestrator.spec import load_plan
+    from orchestrator.sweep import check_local_data, cluster_address, run_sweep
+    from orchestrator.sweep import dry_run as show_plan
+
+    plan = load_plan(spec)  # every trial validated before anything is created
+    if dry_run:
+        show_plan(plan, results_root(), table_console())
+        return
+    if cluster_address(plan, address) is None:
+        check_local_data(plan)
+    outcome = run_sweep(plan, root=results_root(), resume=resume, address=address, console=console)
+    c = outcome.counts
+    console.print(
+        f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
+        f"{c['unfinished']} unfinished in {outcome.sweep_dir} (MLflow parent run {outcome.parent_run_id}); "
+        f"next: lottery aggregate {outcome.sweep_dir}"
+    )
+    if not outcome.complete:
+        console.print(f"interrupted: run `lottery sweep {spec}` again to resume")
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def aggregate(
+    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+) -> None:
+    """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
+    from orchestrator.aggregate import aggregate as aggregate_sweep
+    from orchestrator.aggregate import format_summary_table
+    from orchestrator.sweep import resolve_sweep_dir
+    from orchestrator.sweep_tracking import attach_to_parent
+
+    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    result = aggregate_sweep(sweep_dir)
+    table_console().print(format_summary_table(result.summary))
+    attach_to_parent(sweep_dir, sorted((sweep_dir / "aggregate").glob("*.parquet")), "aggregate", console)
+
+
+@app.command()
+@user_errors
+def report(
+    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+) -> None:
+    """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
+    from dashboards.report import build_report
+    from orchestrator.sweep import resolve_sweep_dir
+    from orchestrator.sweep_tracking import attach_to_parent
+
+    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    try:
+        html = build_report(sweep_dir)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], "report", console)
+    print(html)
+
+
+@app.command()
+@user_errors
+def ui(
+    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on a sweep's tracking store."""
+    from orchestrator.sweep import resolve_sweep_dir
+    from orchestrator.sweep_tracking import ui_argv
+
+    argv = ui_argv(resolve_sweep_dir(sweep, results_root()), port)
+    console.print(" ".join(argv))
+    os.execv(argv[0], argv)
+
+
+@app.command()
+@user_errors
+def sync(
+    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow URI for this run of sync (default: the one in sweep.json).")
+    ] = None,
+) -> None:
+    """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.sweep import resolve_sweep_dir
+    from orchestrator.sweep_tracking import one_line
+    from orchestrator.sync import sync_sweep
+
+    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    try:
+        report = sync_sweep(sweep_dir, tracking_uri)
+    except MlflowException as exc:
+        console.print(f"error: tracking unavailable ({one_line(exc)})", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"sync {sweep_dir.name}: {report.created} created, {report.present} already present, "
+        f"{report.unfinished} not finished (parent run {report.record.parent_run_id} at "
+        f"{report.record.tracking_uri})",
+        highlight=False,
+    )
+
+
+RayAddress = Annotated[
+    str,
+    typer.Option(
+        "--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray Jobs API of the cluster: http://HEAD:8265"
+    ),
+]
+
+
+@app.command()
+@user_errors
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML inside this checkout (it is uploaded).")],
+    address: RayAddress,
+) -> None:
+    """Validate a sweep here, then run `lottery sweep SPEC` on a Ray cluster as a job; prints the job id."""
+    from orchestrator.spec import load_plan
+    from orchestrator.submit import submit_sweep
+
+    plan = load_plan(spec)  # a mistake costs nothing on the cluster
+    job_id = submit_sweep(spec, plan, address, os.environ)
+    console.print(f"submitted sweep '{plan.spec.name}' ({len(plan.trials)} trials) to {address}")
+    print(job_id)
+
+
+@app.command()
+@user_errors
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id printed by submit.")], address: RayAddress
+) -> None:
+    """Print a job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from orchestrator.submit import job_status
+
+    state, message = job_status(job_id, address)
+    print(f"{job_id}: {state}" + (f" ({message})" if message else ""))
+
+
+@app.command()
+@user_errors
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job id printed by submit.")],
+    address: RayAddress,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream until the job ends; exit 1 unless it succeeded.")
+    ] = False,
+) -> None:
+    """Print a job's driver output (the sweep's progress lines)."""
+    from orchestrator.submit import print_logs
+
+    state = print_logs(job_id, address, follow=follow)
+    if follow:
+        console.print(f"{job_id}: {state}")
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+__all__ = ["UserError", "app", "main"]

@@ -1,0 +1,160 @@
+"""A compact live view of a sweep, instead of Tune's per-trial table.
+
+One line: done / running / pending, lottery failures (trials that finished but failed),
+errored trials (retries exhausted), and an ETA from this session's completion rate; plus one
+line per trial error (Tune's own multi-line tracebacks are turned off by the driver). On a
+terminal it is a live line; otherwise (logs, `ray job logs`) it prints a line at most every
+`interval_s`, and once at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+FINAL_KEY = "epochs_done"  # only a trial's last report (tune_trial._result_metrics) carries it
+
+
+@dataclass(frozen=True)
+class Counts:
+    total: int
+    done: int = 0
+    running: int = 0
+    failed: int = 0  # finished, with result failed=True (counts in the failure rate)
+    errored: int = 0  # gave up after max_failures retries
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.done - self.running - self.errored
+
+    @classmethod
+    def of(cls, trials: list[Trial], total: int) -> Counts:
+        """Done = terminated with a final result: a trial stopped by an interrupt is not done."""
+        status = Counter(t.status for t in trials)
+        final = [t.last_result for t in trials if t.status == Trial.TERMINATED and FINAL_KEY in t.last_result]
+        failed = sum(1 for result in final if result.get("failed"))
+        return cls(total, len(final), status[Trial.RUNNING], failed, status[Trial.ERROR])
+
+
+def eta_text(remaining: int, done_here: int, elapsed_s: float) -> str:
+    if remaining == 0:
+        return "0s"
+    if done_here == 0:
+        return "?"
+    seconds = int(remaining * elapsed_s / done_here)
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressCallback(Callback):
+    """Renders `Counts` from Tune's trial list, throttled; state is rebuilt in `setup` after a restore."""
+
+    def __init__(self, name: str, total: int, interval_s: float = 30.0) -> None:
+        self.name = name
+        self.total = total
+        self.interval_s = interval_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self._console: Console | None = None
+        self._live: Live | None = None
+        self._started = time.monotonic()
+        self._done_at_start: int | None = None
+        self._last_render = 0.0
+        self._last_print = 0.0
+        self.counts = Counts(self.total)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "total": self.total, "interval_s": self.interval_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def setup(self, **info: Any) -> None:
+        self._reset()
+        self._console = Console(stderr=True)
+        if self._console.is_terminal:
+            self._live = Live(self.line(), console=self._console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def line(self) -> Text:
+        c = self.counts
+        done_here = c.done + c.errored - (self._done_at_start or 0)
+        eta = eta_text(c.pending + c.running, done_here, time.monotonic() - self._started)
+        text = Text(f"sweep {self.name}: ")
+        text.append(f"{c.done}/{c.total} done", style="bold green")
+        text.append(f" · {c.running} running · {c.pending} pending · ")
+        text.append(f"{c.failed} failed", style="yellow" if c.failed else "")
+        text.append(" · ")
+        text.append(f"{c.errored} errored", style="bold red" if c.errored else "")
+        text.append(f" · ETA {eta}")
+        return text
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_render < 0.5:
+            return
+        self._last_render = now
+        self._update(trials)
+        if self._live is not None:
+            self._live.update(self.line())
+        elif self._console is not None and now - self._last_print >= self.interval_s:
+            self._last_print = now
+            self._console.print(self.line())
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._say(f"[yellow]trial {trial} raised {_last_line(trial)}; retrying from its last checkpoint[/]")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._say(f"[red]trial {trial} errored after its retries: {_last_line(trial)}[/]")
+
+    def _say(self, message: str) -> None:
+        if self._console is not None:
+            self._console.print(message)
+
+    def _update(self, trials: list[Trial]) -> None:
+        self.counts = Counts.of(trials, self.total)
+        if self._done_at_start is None:
+            self._done_at_start = self.counts.done + self.counts.errored
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._update(trials)
+        if self._live is not None:
+            self._live.update(self.line())
+            self._live.stop()
+            self._live = None
+        elif self._console is not None:
+            self._console.print(self.line())
+
+
+class OneLineErrors(logging.Filter):
+    """Condense a logger's tracebacks to their exception line (the compact view stays compact).
+
+    Used for Tune's experiment-state syncer: with state saved after every event, its background
+    copy can race the next save and log a FileNotFoundError traceback; the next sync repairs it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} {type(error).__name__}: {str(error).splitlines()[0]}"
+            record.args = None
+            record.exc_info = None
+        return True
+
+
+def _last_line(trial: Trial) -> str:
+    """The exception line of a trial's error (Tune's full traceback stays in its error.txt)."""
+    lines = [line.strip() for line in str(trial.get_error() or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "an error"

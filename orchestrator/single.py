@@ -1,0 +1,86 @@
+"""`lottery train`: one trial from flags or YAML, a progress bar, the trial directory, one MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from orchestrator.yamlio import apply_overrides, load_yaml, set_dotted
+from trainers.config import TrialConfig
+from trainers.events import EpochRecord
+
+console = Console(stderr=True)
+
+
+def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list[str]) -> TrialConfig:
+    """YAML, then explicit flags, then --set overrides; validated once, before any work."""
+    doc = load_yaml(path) if path else {}
+    for key, value in flags.items():
+        if value is not None:
+            set_dotted(doc, key, value)
+    apply_overrides(doc, overrides)
+    scheme = doc.get("scheme")
+    if isinstance(scheme, dict) and scheme.get("name", "baseline") != "randomout" and "tau" in scheme:
+        # --tau on a non-RandomOut trial sets the threshold of the "below tau" counts.
+        doc["tau"] = scheme.pop("tau")
+    return TrialConfig.model_validate(doc)
+
+
+def run_single(
+    config: TrialConfig, *, root: Path, tracking_uri: str | None, experiment: str, log: bool = True
+) -> dict[str, Any]:
+    from orchestrator.trial import run_trial
+    from trainers.data import load_data
+    from trainers.loop import pick_device
+
+    device = pick_device(config.device)
+    data = load_data(config.data, config.data_seed, device)  # a missing data dir fails here, before training
+    trial_dir = root / "train" / "trials" / config.trial_key()
+    console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
+    console.print(f"data: {data.variant}")
+    with _progress() as bar:
+        task = bar.add_task("epochs", total=config.epochs)
+
+        def on_epoch(record: EpochRecord) -> None:
+            bar.update(
+                task,
+                completed=record.epoch + 1,
+                description=f"epoch {record.epoch + 1}: test acc {record.test_acc:.3f}",
+            )
+
+        result = run_trial(config, trial_dir, sweep="train", data=data, on_epoch=on_epoch)
+    verdict = "FAILED (lottery loss)" if result["failed"] else "ok"
+    console.print(
+        f"final test acc {result['final_test_acc']:.4f} ({verdict}; {result['failure_rule']}), "
+        f"resets {result['total_resets']}; results in {trial_dir}"
+    )
+    if log:
+        _log(trial_dir, root, tracking_uri, experiment)
+    return result
+
+
+def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> None:
+    from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
+
+    uri = tracking_uri or default_tracking_uri(root)
+    try:
+        client = client_for(uri)
+        run_id = log_trial(client, ensure_experiment(client, experiment, root / "mlartifacts"), trial_dir)
+    except Exception as exc:  # an outage must not lose the result: it is already on disk
+        console.print(f"[yellow]tracking unavailable ({type(exc).__name__}); results kept in {trial_dir}[/]")
+        return
+    console.print(f"MLflow run {run_id} in experiment '{experiment}' at {uri}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

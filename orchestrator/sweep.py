@@ -1,0 +1,390 @@
+"""`lottery sweep`: run a sweep spec's trials with Ray Tune, resumable, tracked in MLflow.
+
+Layout under `<storage>/<name>/` (the sweep directory):
+  spec.json    the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)
+  trials.json  the planned trials in order (what aggregation treats as the denominator)
+  sweep.json   tracking URI, experiment id and parent run id (reused on resume)
+  trials/<trial_key>/  each trial's durable directory (orchestrator.trial_dir)
+  tune/        Tune's experiment state and checkpoints (what `Tuner.restore` reads)
+  mlflow.db, mlartifacts/  the default embedded tracking store
+
+Running the same spec again resumes: Tune restores its experiment (finished trials are
+never re-run; unfinished and errored ones continue from their last checkpoint), a trial
+directory with a result is reported without training, and MLflow logging is idempotent
+by trial key. A spec whose trials differ from the recorded plan is refused.
+
+On a Ray cluster, submit the driver as a job (the job's RAY_ADDRESS attaches it to the cluster):
+  lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/submit.py)
+which validates the spec here first and uploads this checkout as the job's working_dir. Trials write
+`<storage_path>/<name>/` on the node that runs them, so storage_path must be storage every node
+mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
+credentials, and a tracking server (tracking_uri) is preferable to sqlite on NFS.
+
+Environment, set here before Ray starts (all `setdefault`, so the caller can override):
+  RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
+                                turn on token auth for a fresh local cluster; a remote cluster
+                                keeps whatever mode the caller's environment says
+  RAY_USAGE_STATS_ENABLED=0     no usage reporting
+  TUNE_GLOBAL_CHECKPOINT_S=0    save Tune's experiment state after every event, so a driver
+                                killed with SIGKILL never re-runs a trial that had finished
+  TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0  silence the warning about exactly that
+  RAY_AIR_NEW_OUTPUT=0          the legacy reporter honours verbose=0; the new one prints a banner
+  TUNE_PRINT_ALL_TRIAL_ERRORS=0 one line per trial error (tracebacks stay in the trial's error.txt)
+  RAY_CHDIR_TO_TRIAL_DIR=0      trials keep the driver's working directory (relative data paths)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import UserError
+from orchestrator.spec import SweepPlan
+from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
+
+if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
+    from ray.tune import Tuner
+
+    from orchestrator.sweep_tracking import SweepRecord
+
+TUNE_DIR = "tune"
+SPEC_FILE, PLAN_FILE = "spec.json", "trials.json"
+BUNDLED_DATASETS = ("digits", "synthetic")  # generated or shipped: nothing on disk to check
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
+DRIVER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # frequent snapshots are the point
+    "RAY_AIR_NEW_OUTPUT": "0",  # the new output engine prints its banner even at verbose=0
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # one line per error from ProgressCallback instead
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    sweep_dir: Path
+    counts: dict[str, int]  # planned, finished, failed, errored, unfinished
+    parent_run_id: str | None
+
+    @property
+    def complete(self) -> bool:
+        return self.counts["unfinished"] == 0
+
+
+def sweep_dir_for(plan: SweepPlan, root: Path) -> Path:
+    try:
+        return ((plan.spec.storage_path or root) / plan.spec.name).resolve()
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte, which YAML's "\0" can put in a path
+        raise UserError(f"storage_path: not a usable path ({exc})") from None
+
+
+def dry_run(plan: SweepPlan, root: Path, console: Console) -> None:
+    sweep_dir = sweep_dir_for(plan, root)
+    console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
+    console.print(pack_text(plan))
+    console.print(f"sweep directory: {sweep_dir}")
+    console.print(plan_table(plan))
+
+
+def pack_text(plan: SweepPlan) -> str:
+    """How the trials are grouped into Tune trials (seed packs train several seeds in one process)."""
+    sizes = sorted({len(u) for u in plan.units})
+    if sizes == [1]:
+        return f"{len(plan.units)} Tune trials, one seed each (pack_size {plan.spec.pack_size})"
+    return (
+        f"{len(plan.units)} Tune trials: seed packs of {', '.join(map(str, sizes))} "
+        f"(pack_size {plan.spec.pack_size}; see trainers/pack.py)"
+    )
+
+
+def plan_table(plan: SweepPlan) -> Table:
+    """One row per configuration (scheme x grid point), with its seeds; not one row per trial."""
+    table = Table(title=f"{plan.spec.name}: {len(plan.trials)} trials")
+    for column in ("#", "scheme", "hyperparameters", "config_hash", "seeds", "trials"):
+        table.add_column(column, justify="right" if column in ("#", "trials") else "left")
+    groups: dict[str, list] = {}
+    for trial in plan.trials:
+        groups.setdefault(trial.config_hash(), []).append(trial)
+    for i, (config_hash, trials) in enumerate(groups.items()):
+        first = trials[0]
+        label = " ".join(
+            filter(None, [first.hparam_label(), _axes_label(first.model_dump(mode="json"), plan)])
+        )
+        table.add_row(
+            str(i),
+            first.scheme.name,
+            label or "defaults",
+            config_hash,
+            _seed_text(t.seed for t in trials),
+            str(len(trials)),
+        )
+    return table
+
+
+def _axes_label(trial: dict[str, Any], plan: SweepPlan) -> str:
+    """Grid axes that are TrialConfig paths (e.g. model.filters), shown with their values."""
+    axes = list(plan.spec.grid) + [k for e in plan.spec.schemes for k in e.grid if "." in k]
+    parts = []
+    for key in dict.fromkeys(axes):
+        node: Any = trial
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        parts.append(f"{key}={node}")
+    return " ".join(parts)
+
+
+def _seed_text(seeds: Any) -> str:
+    seeds = list(seeds)
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ",".join(map(str, seeds[:6])) + (",..." if len(seeds) > 6 else "")
+
+
+def record_plan(plan: SweepPlan, sweep_dir: Path) -> bool:
+    """Write spec.json/trials.json, or check them against an earlier run; True if resuming."""
+    spec_path = sweep_dir / SPEC_FILE
+    if spec_path.exists():
+        old = read_json(spec_path)
+        if old.get("fingerprint") != plan.fingerprint:
+            raise UserError(
+                f"sweep '{plan.spec.name}': {sweep_dir} holds a different plan "
+                f"({old.get('n_trials')} trials, "
+                f"fingerprint {old.get('fingerprint')}; this spec: {len(plan.trials)}, {plan.fingerprint}); "
+                "rename the sweep or remove that directory"
+            )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(spec_path, plan.spec_document())
+    atomic_write_json(sweep_dir / PLAN_FILE, plan.rows())
+    return (sweep_dir / TUNE_DIR).exists()
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    root: Path,
+    resume: bool = False,
+    address: str | None = None,
+    console: Console | None = None,
+) -> SweepOutcome:
+    from orchestrator.progress import OneLineErrors
+    from orchestrator.tracking import default_tracking_uri, refuse_password
+
+    console = console or Console(stderr=True)
+    sweep_dir = sweep_dir_for(plan, root)
+    if resume and not (sweep_dir / SPEC_FILE).exists():
+        raise UserError(f"--resume: no sweep '{plan.spec.name}' at {sweep_dir} to resume")
+    uri = refuse_password(
+        plan.spec.tracking_uri or default_tracking_uri(sweep_dir),
+        "tracking_uri" if plan.spec.tracking_uri else "MLFLOW_TRACKING_URI",
+    )
+    address = cluster_address(plan, address)
+    resuming = record_plan(plan, sweep_dir)
+    keys = [t.trial_key() for t in plan.trials]
+    record = _open_tracking(plan, sweep_dir, uri, keys, console)
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+
+    console.print(
+        f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
+        f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; results in {sweep_dir}"
+    )
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
+    # Lists every never-started trial after an interrupt; our counts come from the trial directories.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    with ray_session(address):
+        tuner = _tuner(plan, sweep_dir, keys)
+        tuner.fit()
+
+    counts = count_trials(sweep_dir, keys)
+    outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
+    if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
+        console.print(
+            f"[yellow]tracking: some trials may be missing from MLflow at {uri}; their results are safe in "
+            f"{sweep_dir / 'trials'}. Once the server is reachable, run: lottery sync {sweep_dir}[/]",
+            highlight=False,
+            soft_wrap=True,  # one line, so the command can be copied whole
+        )
+    return outcome
+
+
+def cluster_address(plan: SweepPlan, address: str | None) -> str | None:
+    """The Ray cluster to run on: --address, then the spec, then $RAY_ADDRESS; None for a local Ray."""
+    return address or plan.spec.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def check_local_data(plan: SweepPlan) -> None:
+    """Load each distinct file-backed dataset once, so a missing data dir fails before anything starts.
+
+    Raises trainers.data.DataError, which the CLI reports as one line (exit 2), exactly as the
+    trial would have. Bundled datasets (digits, synthetic) cannot be missing and are skipped. The
+    CLI calls it for a local Ray only: on a cluster the data may live on the workers alone, and
+    `run_sweep` itself lets a trial with missing data error like any other failing trial.
+    """
+    import torch
+
+    from trainers.data import load_data
+
+    seen: set[str] = set()
+    for trial in plan.trials:
+        key = trial.data.model_dump_json()
+        if trial.data.name in BUNDLED_DATASETS or key in seen:
+            continue
+        seen.add(key)
+        load_data(trial.data, trial.data_seed, torch.device("cpu"))
+
+
+def _open_tracking(
+    plan: SweepPlan, sweep_dir: Path, uri: str, keys: list[str], console: Console
+) -> SweepRecord | None:
+    """Experiment and parent run first, then catch up on finished trials that have no run yet."""
+    from orchestrator.sweep_tracking import one_line, open_sweep, reconcile
+
+    try:
+        record = open_sweep(plan, sweep_dir, uri)
+        caught_up = len(reconcile(record, sweep_dir, keys, errored=False).missing)
+    except Exception as exc:  # tracking is second: the sweep runs and `lottery sync` catches up later
+        console.print(f"[yellow]tracking unavailable at {uri} ({one_line(exc)}); running without it[/]")
+        return None
+    if caught_up:
+        console.print(f"tracking: logged {caught_up} finished trial(s) that had no run yet")
+    return record
+
+
+def _close_tracking(
+    record: SweepRecord,
+    sweep_dir: Path,
+    keys: list[str],
+    counts: dict[str, int],
+    complete: bool,
+    console: Console,
+) -> bool:
+    """Log what the callback could not, then close the parent run; False if the store failed us."""
+    from orchestrator.sweep_tracking import close_sweep, one_line, reconcile
+
+    try:
+        reconcile(record, sweep_dir, keys, errored=True)
+        close_sweep(record, counts, complete=complete)
+    except Exception as exc:
+        console.print(f"[yellow]tracking: could not finish the parent run ({one_line(exc)})[/]")
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use a running Ray if this process has one; else connect to `address`; else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str]) -> Tuner:
+    from ray import tune
+
+    from orchestrator.progress import ProgressCallback
+    from orchestrator.sweep_tracking import TrackingCallback
+    from orchestrator.tune_trial import FAULT_ENV, TrialContext, run_planned_trial
+
+    spec = plan.spec
+    context = TrialContext(
+        sweep=spec.name,
+        sweep_dir=str(sweep_dir),
+        plan=tuple(t.model_dump(mode="json") for t in plan.trials),
+        units=plan.units,
+        threads=max(1, math.floor(spec.resources.cpu)),
+        fault_once=os.environ.get(FAULT_ENV),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_planned_trial, context=context),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    path = str(sweep_dir / TUNE_DIR)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    names = tuple(unit_name(i, unit, plan, keys) for i, unit in enumerate(plan.units))
+    return tune.Tuner(
+        trainable,
+        param_space={"unit": tune.grid_search(list(range(len(plan.units))))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials,
+            reuse_actors=True,
+            trial_name_creator=functools.partial(trial_name, names=names),
+            trial_dirname_creator=functools.partial(trial_name, names=names),
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[
+                ProgressCallback(spec.name, len(plan.units)),
+                TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),
+            ],
+            verbose=0,
+        ),
+    )
+
+
+def unit_name(index: int, unit: tuple[int, ...], plan: SweepPlan, keys: list[str]) -> str:
+    """Unit index, scheme, seed(s) and the first trial key: short, unique, readable."""
+    first = plan.trials[unit[0]]
+    seeds = f"s{first.seed}" if len(unit) == 1 else f"s{first.seed}-{plan.trials[unit[-1]].seed}"
+    return f"{index:05d}_{first.scheme.name}_{seeds}_{keys[unit[0]]}"
+
+
+def trial_name(trial: Any, names: tuple[str, ...]) -> str:
+    """Tune's name and directory for a unit (see unit_name)."""
+    return names[trial.config["unit"]]
+
+
+def count_trials(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
+    """From the trial directories (the source of truth), not from Tune's view."""
+    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "unfinished": 0}
+    for key in keys:
+        trial_dir = sweep_dir / "trials" / key
+        if (trial_dir / RESULT).exists():
+            counts["finished"] += 1
+            counts["failed"] += int(bool(read_json(trial_dir / RESULT)["failed"]))
+        elif (trial_dir / ERROR).exists():
+            counts["errored"] += 1
+        else:
+            counts["unfinished"] += 1
+    return counts
+
+
+def resolve_sweep_dir(name_or_path: str, root: Path) -> Path:
+    """A sweep by name under the storage root, or by path; one clear error otherwise."""
+    for candidate in (Path(name_or_path), root / name_or_path):
+        if (candidate / SPEC_FILE).is_file():
+            return candidate.resolve()
+    raise UserError(
+        f"sweep: no sweep '{name_or_path}' (no {SPEC_FILE} in {name_or_path} or {root / name_or_path})"
+    )

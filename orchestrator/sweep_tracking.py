@@ -1,0 +1,322 @@
+"""MLflow for a sweep: one experiment, one parent run, one child run per trial key.
+
+Logging happens in the driver, from the trial directories, never in the trials:
+  * one process writes the store, so a sqlite file sees no concurrent writers or racing
+    migrations, and workers need no tracking credentials or route to the server;
+  * a trial writes its directory first; the driver's Tune callback logs it when Tune
+    reports the trial complete (or errored after its last retry). `log_trial` is idempotent
+    by trial key, so a callback repeated after a restore cannot duplicate a run;
+  * `reconcile` replays any trial directory that has no complete run yet: at start-up (a
+    driver killed between a trial's result and its run) and at the end (an outage).
+A tracking failure is reported and skipped: the results are on disk, and `reconcile` (on the
+next invocation) or `lottery sync` (orchestrator/sync.py) catches up.
+
+`<sweep_dir>/sweep.json` remembers the tracking URI, experiment and parent run, so a
+resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the store.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+from rich.console import Console
+
+from orchestrator.errors import UserError
+from orchestrator.spec import SweepPlan
+from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
+from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
+
+SWEEP_FILE = "sweep.json"
+LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
+PAGE = 1000
+OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long (see TrackingCallback)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """sweep.json: where this sweep's runs live."""
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def save(self, sweep_dir: Path) -> None:
+        atomic_write_json(sweep_dir / SWEEP_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, sweep_dir: Path) -> SweepRecord | None:
+        path = sweep_dir / SWEEP_FILE
+        return cls(**read_json(path)) if path.exists() else None
+
+
+def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str) -> SweepRecord:
+    """Create (or reopen) the experiment and the parent run before any trial starts."""
+    spec = plan.spec
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, spec.name, sweep_dir / "mlartifacts")
+    previous = SweepRecord.load(sweep_dir)
+    parent = _reusable_parent(client, previous, tracking_uri)
+    if parent is None:
+        run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan))
+        parent = run.info.run_id
+        client.log_artifact(parent, str(sweep_dir / "spec.json"))
+        client.log_artifact(parent, str(sweep_dir / "trials.json"))
+    else:
+        client.update_run(parent, status="RUNNING")
+    record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
+    record.save(sweep_dir)
+    return record
+
+
+def _reusable_parent(client: MlflowClient, previous: SweepRecord | None, uri: str) -> str | None:
+    if previous is None or previous.tracking_uri != uri:
+        return None
+    try:
+        run = client.get_run(previous.parent_run_id)
+    except Exception:  # deleted or never reached this store: start a new parent
+        return None
+    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
+def _parent_tags(plan: SweepPlan) -> dict[str, str]:
+    spec = plan.spec
+    tags = {
+        "sweep": spec.name,
+        "role": "sweep",
+        "n_trials": str(len(plan.trials)),
+        "seeds": json.dumps(spec.seeds),
+        "schemes": ",".join(dict.fromkeys(e.name for e in spec.schemes)),
+        "fingerprint": plan.fingerprint,
+        "python": platform.python_version(),
+    }
+    tags |= {f"version.{lib}": metadata.version(lib) for lib in LIBRARIES}
+    tags |= git_state(Path(__file__).resolve().parent)
+    if spec.description:
+        tags["mlflow.note.content"] = spec.description
+    return tags
+
+
+def git_state(where: Path) -> dict[str, str]:
+    """Revision and dirty flag of the code that ran, if it is a git checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_revision": rev, "git_dirty": str(bool(dirty)).lower()}
+
+
+def logged_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial_key -> status of every completely logged child run of this parent, in pages."""
+    found: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.logged = 'complete'",
+            max_results=PAGE,
+            page_token=token,
+        )
+        found |= {run.data.tags["trial_key"]: run.info.status for run in page}
+        token = page.token
+        if not token:
+            return found
+
+
+@dataclass(frozen=True)
+class TrackingGaps:
+    """How a sweep's trial directories compare with its runs: what `reconcile` and `lottery sync` act on."""
+
+    missing: list[str]  # trial keys with a result (or error) but no complete run of that status
+    present: int  # trials whose complete run is already there
+    unfinished: int  # trials with nothing to log yet (no result, and no error when errors count)
+
+
+def tracking_gaps(
+    record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, errored: bool
+) -> TrackingGaps:
+    """One search for the sweep's complete runs, compared with the trial directories on disk."""
+    logged = logged_trials(client_for(record.tracking_uri), record.experiment_id, record.parent_run_id)
+    missing, present, unfinished = [], 0, 0
+    for key in trial_keys:
+        trial_dir = sweep_dir / "trials" / key
+        if (trial_dir / RESULT).exists():
+            wanted = "FINISHED"
+        elif errored and (trial_dir / ERROR).exists():
+            wanted = "FAILED"
+        else:
+            unfinished += 1
+            continue
+        if logged.get(key) == wanted:
+            present += 1
+        else:
+            missing.append(key)
+    return TrackingGaps(missing, present, unfinished)
+
+
+def reconcile(record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, errored: bool) -> TrackingGaps:
+    """Log every finished (and, if `errored`, errored) trial directory whose run is missing or stale.
+
+    Returns the gaps found before logging: `missing` is what was logged now.
+    """
+    gaps = tracking_gaps(record, sweep_dir, trial_keys, errored=errored)
+    client = client_for(record.tracking_uri)
+    for key in gaps.missing:
+        log_trial(
+            client, record.experiment_id, sweep_dir / "trials" / key, parent_run_id=record.parent_run_id
+        )
+    return gaps
+
+
+def close_sweep(record: SweepRecord, counts: dict[str, int], *, complete: bool) -> None:
+    """Summary metrics on the parent; FINISHED when every trial ended, KILLED when interrupted."""
+    client = client_for(record.tracking_uri)
+    client.log_batch(record.parent_run_id, metrics=_count_metrics(counts))
+    status = RunStatus.to_string(RunStatus.FINISHED if complete else RunStatus.KILLED)
+    client.set_terminated(record.parent_run_id, status)
+
+
+def _count_metrics(counts: dict[str, int]) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(f"n_{k}", float(v), now, 0) for k, v in sorted(counts.items())]
+
+
+def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, console: Console) -> None:
+    """Attach files (aggregate tables, the report) to the sweep's parent run; a warning if that fails."""
+    record = SweepRecord.load(sweep_dir)
+    if record is None:
+        console.print(f"[yellow]tracking: {sweep_dir / SWEEP_FILE} is missing; nothing attached[/]")
+        return
+    try:
+        client = client_for(record.tracking_uri)
+        for path in paths:
+            client.log_artifact(record.parent_run_id, str(path), artifact_path)
+    except Exception as exc:
+        console.print(f"[yellow]tracking: not attached to the parent run ({type(exc).__name__}: {exc})[/]")
+        return
+    console.print(f"attached {len(paths)} file(s) to run {record.parent_run_id} under '{artifact_path}/'")
+
+
+def ui_argv(sweep_dir: Path, port: int) -> list[str]:
+    """`mlflow ui` on the sweep's own store (a tracking server has its own UI already)."""
+    record = SweepRecord.load(sweep_dir)
+    uri = record.tracking_uri if record else default_tracking_uri(sweep_dir)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"sweep '{sweep_dir.name}' is tracked on a server: open {uri}")
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+class TrackingCallback(Callback):
+    """Logs each trial's directory to MLflow when Tune is done with the trial.
+
+    Logging runs on one background thread, so Tune's event loop never waits on the store (a
+    run with its artifacts takes ~0.1 s on sqlite, longer on a server) and the store still
+    sees a single writer. `on_experiment_end` drains the queue.
+
+    After a failed attempt the callback pauses logging for `OUTAGE_PAUSE_S`: trials that end
+    meanwhile are skipped, not queued behind the client's retries, so a dead server costs one
+    failed attempt per pause instead of one per trial (the driver would otherwise wait for the
+    whole queue at the end). Their directories are complete; the end-of-sweep reconcile or
+    `lottery sync` logs them.
+
+    Holds only plain data when pickled: Tune pickles its callbacks into the experiment and uses
+    the pickled copy after `Tuner.restore`, so the client is made in `setup`, from sweep.json
+    (rewritten by every driver before `fit`).
+    """
+
+    def __init__(self, sweep_dir: Path, unit_keys: list[list[str]]) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.unit_keys = unit_keys  # the trial keys each Tune trial (a seed or a pack) trains
+        self._record: SweepRecord | None = None
+        self._client: MlflowClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._paused_until = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "sweep_dir": self.sweep_dir,
+            "unit_keys": self.unit_keys,
+            "_record": None,
+            "_client": None,
+            "_pool": None,
+            "_paused_until": 0.0,
+        }
+
+    def setup(self, **info: Any) -> None:
+        self._record = SweepRecord.load(self.sweep_dir)
+        self._client = client_for(self._record.tracking_uri) if self._record else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
+        self._paused_until = 0.0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _submit(self, trial: Any) -> None:
+        if self._pool is not None:
+            for key in self.unit_keys[trial.config["unit"]]:
+                self._pool.submit(self._log, key)
+
+    def _log(self, key: str) -> None:
+        if self._record is None or self._client is None or time.monotonic() < self._paused_until:
+            return
+        try:
+            log_trial(
+                self._client,
+                self._record.experiment_id,
+                self.sweep_dir / "trials" / key,
+                parent_run_id=self._record.parent_run_id,
+            )
+        except Exception as exc:  # an outage must not stop the sweep; reconcile or `lottery sync` catch up
+            self._paused_until = time.monotonic() + OUTAGE_PAUSE_S
+            Console(stderr=True).print(
+                f"[yellow]tracking: trial {key} not logged ({one_line(exc)}); "
+                f"trials ending in the next {OUTAGE_PAUSE_S:.0f} s are left for `lottery sync`[/]",
+                highlight=False,
+            )
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: MLflow's connection errors span lines and repeat the URL."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

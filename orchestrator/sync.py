@@ -1,0 +1,85 @@
+"""`lottery sync SWEEP`: give every finished trial directory of a sweep its one MLflow run.
+
+The driver logs each trial when Tune is done with it; while the tracking server is down it
+skips, and the results stay in the trial directories (they are written before anything is
+sent). Sync replays what is missing once the server is back: it compares the trial
+directories with the sweep's complete child runs and logs exactly the missing ones through
+`log_trial`, which is idempotent by trial key, so running it twice changes nothing.
+
+It reuses the parent run recorded in `<sweep>/sweep.json`. When there is none to reuse (the
+server was down before the sweep's first trial, or `--tracking-uri` names another store), it
+opens the experiment and parent run from the recorded plan (`spec.json`), as the driver would
+have. Once every trial has ended, a parent run left RUNNING by an outage is closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+from orchestrator.errors import UserError
+from orchestrator.spec import SweepPlan, SweepSpec, expand
+from orchestrator.sweep import PLAN_FILE, SPEC_FILE, count_trials
+from orchestrator.sweep_tracking import SweepRecord, close_sweep, open_sweep, reconcile
+from orchestrator.tracking import client_for, default_tracking_uri, refuse_password
+from orchestrator.trial_dir import read_json
+
+PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    record: SweepRecord
+    created: int  # runs logged now
+    present: int  # trials whose complete run was already there
+    unfinished: int  # trials with neither a result nor an error yet
+
+
+def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None) -> SyncReport:
+    """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring."""
+    keys = [row["trial_key"] for row in read_json(sweep_dir / PLAN_FILE)]
+    record = _sweep_record(sweep_dir, tracking_uri)
+    gaps = reconcile(record, sweep_dir, keys, errored=True)
+    counts = count_trials(sweep_dir, keys)
+    parent = client_for(record.tracking_uri).get_run(record.parent_run_id)
+    if counts["unfinished"] == 0 and parent.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        close_sweep(record, counts, complete=True)
+    return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
+
+
+def _sweep_record(sweep_dir: Path, tracking_uri: str | None) -> SweepRecord:
+    """The recorded experiment and parent run if `tracking_uri` holds them, else newly opened ones."""
+    record = SweepRecord.load(sweep_dir)
+    uri = tracking_uri and refuse_password(tracking_uri, "--tracking-uri")
+    uri = uri or (record.tracking_uri if record else None) or _planned_uri(sweep_dir)
+    if record is not None:
+        try:
+            parent = client_for(uri).get_run(record.parent_run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        else:
+            if parent.info.lifecycle_stage == "active":
+                return replace(record, tracking_uri=uri)
+    return open_sweep(recorded_plan(sweep_dir), sweep_dir, uri)
+
+
+def _planned_uri(sweep_dir: Path) -> str:
+    """Where the driver would have logged: the spec's tracking_uri, $MLFLOW_TRACKING_URI or sqlite."""
+    return read_json(sweep_dir / SPEC_FILE).get("tracking_uri") or default_tracking_uri(sweep_dir)
+
+
+def recorded_plan(sweep_dir: Path) -> SweepPlan:
+    """The plan `spec.json` recorded, re-expanded; refused if it no longer yields the same trials."""
+    document = read_json(sweep_dir / SPEC_FILE)
+    spec = SweepSpec.model_validate({k: v for k, v in document.items() if k not in PLAN_IDENTITY})
+    plan = expand(spec)
+    if plan.fingerprint != document.get("fingerprint"):
+        raise UserError(
+            f"sync: {sweep_dir / SPEC_FILE} expands to other trials with this code "
+            f"(fingerprint {plan.fingerprint}, recorded {document.get('fingerprint')})"
+        )
+    return plan

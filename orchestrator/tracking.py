@@ -1,0 +1,194 @@
+"""MLflow, second: every run is built from a finished (or errored) trial directory.
+
+Because the trial directory is complete before anything is sent, logging is
+idempotent and replayable: `log_trial` finds a run by its `trial_key` tag and
+only creates what is missing, which is all `lottery sync` needs after an
+outage. Metrics go in `log_batch` calls (one request per 1,000 values), never
+one call per value.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# A dead tracking server should cost seconds, not MLflow's default of minutes (7 retries, 120 s timeout).
+for _key, _value in {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from orchestrator.errors import UserError  # noqa: E402
+from orchestrator.trial_dir import CONFIG, ERROR, LAYERS, METRICS, RESULT, TRACE, read_json  # noqa: E402
+
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "cgn_mean",
+    "cgn_min",
+    "below_tau",
+    "resets",
+    "dropped",
+    "ortho_sum",
+    "wall_s",
+)
+RESULT_METRICS = (
+    "final_test_acc",
+    "final_train_acc",
+    "best_test_acc",
+    "total_resets",
+    "reinit_fallbacks",
+    "epochs_done",
+)
+BATCH = 1000  # MLflow's per-request metric limit
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the classic runs view
+
+
+def default_tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else an embedded sqlite store beside the results."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def refuse_password(uri: str, source: str) -> str:
+    """A tracking URI is printed, kept in sweep.json and spec.json and sent to the cluster: no secrets in it.
+
+    Credentials come from the environment only: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+    for a server, PGPASSWORD or ~/.pgpass for a database URI.
+    """
+    if urlsplit(uri).password is not None:
+        raise UserError(
+            f"{source}: the tracking URI carries a password; remove it and set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (a database URI: PGPASSWORD or ~/.pgpass) instead"
+        )
+    return uri
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
+    """Create once, in the driver: trials racing to create a store or experiment corrupt sqlite."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if artifact_root is not None and not client.tracking_uri.startswith("http"):
+        location = (artifact_root / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
+    clause = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    return client.search_runs([experiment_id], filter_string=clause, max_results=1000)
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> dotted params (MLflow rejects nested values)."""
+    flat: dict[str, str] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _batched(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
+    path = trial_dir / METRICS
+    if not path.exists():
+        return []
+    frame = pd.read_parquet(path)
+    metrics = []
+    for row in frame.itertuples(index=False):
+        step = int(row.epoch)
+        for key in EPOCH_METRICS:
+            if hasattr(row, key):
+                metrics.append(Metric(key, float(getattr(row, key)), start_ms + step, step))
+    return metrics
+
+
+def log_trial(
+    client: MlflowClient,
+    experiment_id: str,
+    trial_dir: Path,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str | None:
+    """Create (or complete) the MLflow run of one trial directory; returns its run id.
+
+    Returns None for a trial that has neither a result nor an error yet (nothing to log).
+    A run left unfinished by an interrupted earlier attempt is deleted and logged again in
+    full, so each trial key ends with exactly one run carrying its whole metric history.
+    """
+    meta = read_json(trial_dir / CONFIG)
+    result = read_json(trial_dir / RESULT) if (trial_dir / RESULT).exists() else None
+    errored = result is None and (trial_dir / ERROR).exists()
+    if result is None and not errored:
+        return None
+    status = "FINISHED" if result is not None else "FAILED"
+    for run in find_runs(client, experiment_id, trial_key=meta["trial_key"]):
+        if run.info.status == status and run.data.tags.get("logged") == "complete":
+            return run.info.run_id
+        client.delete_run(run.info.run_id)
+
+    run_tags = {
+        "trial_key": meta["trial_key"],
+        "config_hash": meta["config_hash"],
+        "pair_key": meta["pair_key"],
+        "sweep": meta["sweep"],
+        "scheme": meta["scheme"],
+        "seed": str(meta["seed"]),
+        "data_seed": str(meta["data_seed"]),
+        "model": meta["model"],
+        "dataset": meta["dataset"],
+        "hparams": meta["hparam_label"] or "default",
+    } | (tags or {})
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    if result is not None:
+        run_tags |= {"failed": str(result["failed"]).lower(), "diverged": str(result["diverged"]).lower()}
+        run_tags["failure_rule"] = result["failure_rule"]
+    label = f" {meta['hparam_label']}" if meta["hparam_label"] else ""
+    run = client.create_run(
+        experiment_id, run_name=f"{meta['scheme']}{label} seed={meta['seed']}", tags=run_tags
+    )
+    run_id = run.info.run_id
+    start_ms = int(time.time() * 1000)
+    params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
+    for chunk in _batched(params, 100):
+        client.log_batch(run_id, params=chunk)
+    metrics = _epoch_metrics(trial_dir, start_ms)
+    if result is not None:
+        last = start_ms + len(metrics)
+        metrics += [Metric(k, float(result[k]), last, 0) for k in RESULT_METRICS]
+        metrics.append(Metric("failed", float(result["failed"]), last, 0))
+    for chunk in _batched(metrics, BATCH):
+        client.log_batch(run_id, metrics=chunk)
+    for name in (CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR):
+        if (trial_dir / name).exists():
+            client.log_artifact(run_id, str(trial_dir / name))
+    client.log_batch(run_id, tags=[RunTag("logged", "complete")])
+    client.set_terminated(run_id, status)
+    return run_id

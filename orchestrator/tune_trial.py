@@ -1,0 +1,177 @@
+"""The Ray Tune function trainable: one planned unit, a trial or a pack of seeds of one configuration.
+
+The driver passes the whole expanded plan (JSON documents) and its units through
+`tune.with_parameters`, and Tune's only search dimension is `unit`, so Tune's grid order
+never decides which configuration runs. Trial directories are the source of truth: finished
+seeds are never retrained; an unfinished unit resumes from Tune's checkpoint (what Tune
+restores after a retry or a driver restart) or, failing that, from its own checkpoint (in
+the trial directory for a lone seed, in `packs/<pack_key>/` for a pack).
+
+Every attempt appends a line to `<trial_dir>/attempts.jsonl` (pid, start time, the epoch
+it resumed from and from which checkpoint), so a retry is visible on disk.
+
+Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
+passes it here; that trial raises once, right after epoch `<epoch>` has been reported with
+its checkpoint. A marker file in the trial directory makes it fire only once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from orchestrator.trial import pack_key, run_trials
+from orchestrator.trial_dir import CHECKPOINT, TrialDirSink, read_result
+from trainers.config import DataConfig, TrialConfig
+from trainers.data import LoadedData, load_data
+from trainers.events import EpochRecord
+from trainers.loop import pick_device
+
+STATE_FILE = "state.pt"
+ATTEMPTS = "attempts.jsonl"
+FAULT_MARKER = ".fault_injected"
+FAULT_ENV = "LOTTERY_FAULT_ONCE"
+RESULT_KEYS = ("final_test_acc", "best_test_acc", "failed", "diverged", "epochs_done", "total_resets")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook; never by real training."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one sweep shares; sent once through the object store."""
+
+    sweep: str
+    sweep_dir: str
+    plan: tuple[dict[str, Any], ...]  # TrialConfig documents, in plan order
+    units: tuple[tuple[int, ...], ...]  # plan indices trained together (a pack) or alone
+    threads: int  # torch intra-op threads: the trial's CPU share
+    fault_once: str | None = None  # "<trial_key>:<epoch>", tests only
+
+
+def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune entry point: `config` is `{"unit": i}`."""
+    members = [TrialConfig.model_validate(context.plan[i]) for i in context.units[config["unit"]]]
+    sweep_dir = Path(context.sweep_dir)
+    trial_dirs = [sweep_dir / "trials" / t.trial_key() for t in members]
+    pack_dir = trial_dirs[0] if len(members) == 1 else sweep_dir / "packs" / pack_key(members)
+    done = [read_result(d) for d in trial_dirs]
+    if all(d is not None for d in done):  # finished in an earlier attempt or driver: report, never retrain
+        tune.report(_result_metrics(done))
+        return
+    torch.set_num_threads(context.threads)
+    resume, epoch, source = _resume_state(pack_dir)
+    for trial_dir in trial_dirs:
+        _record_attempt(trial_dir, epoch, source)
+    fault_epoch = next(
+        (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
+    )
+    last: dict[str, float] = {}
+
+    def on_epoch(record: EpochRecord) -> None:
+        last.clear()
+        last.update(epoch=record.epoch, train_loss=record.train_loss, test_acc=record.test_acc)
+
+    def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
+        if epoch == fault_epoch:
+            _inject_fault_once(pack_dir, epoch)
+
+    data = _load_data_or_record(members, trial_dirs, context.sweep)
+    results = run_trials(
+        members,
+        trial_dirs,
+        sweep=context.sweep,
+        pack_dir=pack_dir,
+        data=data,
+        resume=resume,
+        on_epoch=on_epoch,
+        on_checkpoint=on_checkpoint,
+    )
+    tune.report(_result_metrics(results))
+
+
+def _resume_state(pack_dir: Path) -> tuple[dict[str, Any] | None, int, str | None]:
+    """The newer of Tune's checkpoint and the unit's own (it is written just before Tune's)."""
+    found: list[tuple[dict[str, Any], str]] = []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            found.append((torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True), "tune"))
+    own = pack_dir / CHECKPOINT
+    if own.exists():
+        found.append((torch.load(own, map_location="cpu", weights_only=True), "trial_dir"))
+    if not found:
+        return None, 0, None
+    state, source = max(found, key=lambda item: item[0]["progress"]["epoch"])
+    return state, int(state["progress"]["epoch"]), source
+
+
+def _record_attempt(trial_dir: Path, epoch: int, source: str | None) -> None:
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    line = {"pid": os.getpid(), "started": time.time(), "resumed_from_epoch": epoch, "checkpoint": source}
+    with open(trial_dir / ATTEMPTS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / ATTEMPTS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _load_data_or_record(members: list[TrialConfig], trial_dirs: list[Path], sweep: str) -> LoadedData:
+    """Data outside run_trials (to cache it), so a loading error is recorded here, as run_trials would."""
+    trial = members[0]
+    try:
+        device = pick_device(trial.device)
+        return _cached_data(trial.data.model_dump_json(), trial.data_seed, str(device))
+    except Exception:
+        for member, trial_dir in zip(members, trial_dirs, strict=True):
+            TrialDirSink(trial_dir, member, sweep).on_error(traceback.format_exc())
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_data(data_json: str, data_seed: int, device: str) -> LoadedData:
+    """One load per worker process: with reuse_actors, consecutive trials share the data."""
+    return load_data(DataConfig.model_validate_json(data_json), data_seed, torch.device(device))
+
+
+def _result_metrics(results: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """What Tune sees of a unit: its seeds' mean final metrics (the per-seed truth is on disk)."""
+    done = [r for r in results if r]
+    metrics: dict[str, Any] = {"seeds": len(results), "seeds_finished": len(done)}
+    for key in RESULT_KEYS:
+        values = [float(r[key]) for r in done if key in r]
+        if values:
+            metrics[key] = sum(values) / len(values)
+    return metrics
+
+
+def _fault_epoch(fault_once: str | None, trial_key: str) -> int | None:
+    if not fault_once:
+        return None
+    key, _, epoch = fault_once.partition(":")
+    return int(epoch) if key == trial_key else None
+
+
+def _inject_fault_once(unit_dir: Path, epoch: int) -> None:
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    marker = unit_dir / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.write_text(str(epoch))
+    raise InjectedFault(f"{FAULT_ENV}: injected failure after epoch {epoch}")

@@ -1,0 +1,134 @@
+"""`lottery train`: one trial to a trial directory and a real MLflow (sqlite) run; bad input exits 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+LOTTERY = [sys.executable, "-m", "orchestrator"]
+
+
+def crater_dir() -> Path:
+    return Path(os.environ.get("LOTTERY_SHARED_DATA", ROOT.parent / "shared" / "data")) / "craters"
+
+
+def test_train_on_craters_with_randomout_logs_a_run_that_reads_back(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        *LOTTERY,
+        "train",
+        "--scheme=randomout",
+        "--dataset=craters",
+        f"--data-dir={crater_dir()}",
+        "--epochs=2",
+        "--tau=1e-8",
+        "--set=data.image_size=15",
+        "--set=model.filters=4",
+        "--set=batch_size=128",
+        f"--out={tmp_path / 'runs'}",
+        f"--tracking-uri={uri}",
+        "--experiment=craters",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("craters")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["scheme"] == "randomout" and tags["dataset"] == "craters" and tags["seed"] == "0"
+    assert len(tags["trial_key"]) == 16 and tags["config_hash"] != tags["trial_key"]
+    assert run.data.params["scheme.tau"] == "1e-08" and run.data.params["data.image_size"] == "15"
+    history = client.get_metric_history(run.info.run_id, "test_acc")
+    assert [m.step for m in history] == [0, 1]
+    assert 0.0 < history[-1].value <= 1.0
+    assert run.data.metrics["final_test_acc"] == history[-1].value
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=uri, dst_path=tmp_path / "a")
+    )
+    metrics = pd.read_parquet(local / "metrics.parquet")
+    assert metrics["epoch"].tolist() == [0, 1]
+    assert metrics["test_acc"].iloc[-1] == pytest.approx(history[-1].value)
+    trace = pd.read_parquet(local / "cgn_trace.parquet")
+    assert list(trace.columns) == ["epoch", "step", "layer", "filter", "cgn", "reset"]
+    assert len(trace) == 2 * (4 + 4)  # per-epoch mean row for each filter of both conv layers
+    trial_dir = tmp_path / "runs" / "train" / "trials" / tags["trial_key"]
+    assert (trial_dir / "result.json").exists() and not (trial_dir / "checkpoint.pt").exists()
+
+
+def test_same_trial_twice_is_not_retrained_nor_logged_twice(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "--epochs=1", f"--out={tmp_path}", f"--tracking-uri={uri}", "--set=model.filters=2"]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    result_file = next(tmp_path.glob("train/trials/*/result.json"))
+    stamp = result_file.stat().st_mtime_ns
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert result_file.stat().st_mtime_ns == stamp
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_experiment_by_name("lottery-train").experiment_id])) == 1
+
+
+BAD_INPUT = [
+    (["--scheme=dropout"], "scheme"),
+    (["--model=resnet"], "model.name"),
+    (["--dataset=imagenet"], "data.name"),
+    (["--scheme=randomout", "--tau=-1"], "scheme.tau"),
+    (["--scheme=randomout", "--active-fraction=1.5"], "scheme.active_fraction"),
+    (["--scheme=repr", "--drop-fraction=0"], "scheme.drop_fraction"),
+    (["--scheme=repr", "--drop-fraction=1"], "scheme.drop_fraction"),
+    (["--dataset=craters", "--data-dir=/nonexistent/craters"], "data.data_dir"),
+    (["--set=epochs=0"], "epochs"),
+    (["--set=model.colour=red"], "model.colour"),
+    (["--scheme=repr", "--epochs=5"], "n_iter"),
+]
+
+
+@pytest.mark.parametrize(("args", "field"), BAD_INPUT)
+def test_bad_input_is_one_line_naming_the_field_and_exit_2(tmp_path, args, field):
+    result = CliRunner().invoke(app, ["train", *args, f"--out={tmp_path}", "--no-mlflow"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert field in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "train").exists(), "nothing may start on bad input"
+
+
+def test_malformed_yaml_exits_2_without_a_traceback(tmp_path):
+    bad = tmp_path / "trial.yaml"
+    bad.write_text("model:\n  name: crater_cnn\n filters: [4\n")
+    done = subprocess.run(
+        [*LOTTERY, "train", f"--config={bad}", f"--out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: YAML")
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_trial_yaml_is_loaded_and_flags_override_it(tmp_path):
+    from orchestrator.single import build_trial_config
+
+    path = tmp_path / "trial.yaml"
+    path.write_text("scheme: {name: randomout, tau: 1.0e-6}\nmodel: {filters: 3}\nepochs: 7\n")
+    cfg = build_trial_config(path, {"epochs": 2}, ["scheme.active_fraction=0.5"])
+    assert (cfg.epochs, cfg.model.filters, cfg.scheme.tau, cfg.scheme.active_fraction) == (2, 3, 1e-6, 0.5)

@@ -1,0 +1,82 @@
+"""Every spec in configs/ expands, validates, and plans exactly the trials its header promises."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import load_plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPECTED_TRIALS = {
+    "demo.yaml": 3 * 20,
+    "inception28_cifar10.yaml": 3 * 50,
+    "crater_tau_p_grid.yaml": (11 * 4 + 1) * 50,
+    "crater_width.yaml": 10 * 2 * 50,
+    "repr_c3_32.yaml": (8 + 1) * 20,
+}
+
+
+def test_every_spec_in_configs_is_listed_here():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED_TRIALS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TRIALS))
+def test_spec_expands_to_the_exact_trial_count_with_paired_seeds(name):
+    path = CONFIGS / name
+    plan = load_plan(path)
+    assert len(plan.trials) == EXPECTED_TRIALS[name]
+    assert plan.spec.name == path.stem
+    assert len({t.trial_key() for t in plan.trials}) == len(plan.trials)
+    seeds_per_config = Counter(t.config_hash() for t in plan.trials)
+    assert set(seeds_per_config.values()) == {len(plan.spec.seeds)}
+    assert path.read_text().startswith("# Reproduces") or name == "demo.yaml"
+    assert "Expected cost" in path.read_text()
+
+
+def test_paper_specs_match_their_papers_settings():
+    inception = load_plan(CONFIGS / "inception28_cifar10.yaml").trials[0]
+    assert (inception.model.name, inception.data.image_size, inception.optim.name, inception.batch_size) == (
+        "inception28",
+        28,
+        "adam",
+        128,
+    )
+    width = load_plan(CONFIGS / "crater_width.yaml").trials
+    assert {t.model.filters for t in width} == set(range(1, 11)) and all(t.full_batch for t in width)
+    assert {(t.scheme.tau, t.scheme.active_fraction) for t in width if t.scheme.name == "randomout"} == {
+        (1e-12, 1.0)
+    }
+    grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
+    assert {t.scheme.tau for t in grid if t.scheme.name == "randomout"} == {10.0**-k for k in range(4, 15)}
+    assert all(t.epochs == 150 and t.data.image_size == 15 for t in grid)
+    repr_trials = load_plan(CONFIGS / "repr_c3_32.yaml").trials
+    metrics = {t.scheme.metric for t in repr_trials if t.scheme.name == "repr"}
+    assert metrics == {"ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"}
+    assert all(t.data.val_fraction > 0 and t.optim.lr == 0.01 and t.epochs == 100 for t in repr_trials)
+
+
+def test_kuberay_rayjob_runs_a_spec_of_this_repo_on_the_compose_image_with_token_auth():
+    """The manifest cannot be applied here (no Kubernetes); its shape and references are checked."""
+    import yaml
+
+    job = yaml.safe_load((CONFIGS / "kuberay" / "rayjob.yaml").read_text())
+    compose = yaml.safe_load((CONFIGS.parent / "docker-compose.yml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    command, verb, spec = job["spec"]["entrypoint"].split()
+    assert (command, verb) == ("lottery", "sweep")
+    load_plan(CONFIGS.parent / spec)  # the entrypoint names a valid spec of this repository
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith("2.60.")
+    assert cluster["authOptions"]["mode"] == "token"
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    images = {c["image"] for pod in pods for c in pod["template"]["spec"]["containers"]}
+    assert images == {compose["x-lottery-image"]["image"]}
+    workers = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert workers["volumes"][0]["emptyDir"]["medium"] == "Memory"  # shared memory for the object store
+    env = {e["name"]: e for e in workers["containers"][0]["env"]}
+    assert "valueFrom" in env["MLFLOW_TRACKING_PASSWORD"]  # from a Secret, never a literal value
+    assert "value" not in env["MLFLOW_TRACKING_PASSWORD"]

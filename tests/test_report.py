@@ -1,0 +1,140 @@
+"""A fake sweep on disk -> aggregate -> report.html, opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sweepfactory import FakeTrial, lottery_trials, write_sweep
+
+from dashboards.report import build_report
+from orchestrator.aggregate import AggregateResult, aggregate
+from orchestrator.stats import SUMMARY_COLUMNS, TRIAL_COLUMNS
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARMS = [("baseline", {}), ("batchnorm", {}), ("repr", {})] + [
+    ("randomout", {"tau": tau, "active_fraction": p}) for tau in (1e-4, 1e-8) for p in (0.5, 1.0)
+]
+FIGURES = [
+    "fig4_seed_scatter",
+    "fig5_tau_p_heatmap",
+    "fig6_accuracy_vs_filters",
+    "fig7_cgn",
+    "fig8_below_tau",
+    "repr_ortho",
+]
+
+
+def _with_unfinished(trials: list[FakeTrial]) -> list[FakeTrial]:
+    """Turn four baseline trials of width 4 into errored / incomplete / pending / diverged ones."""
+    out, statuses = [], iter(["errored", "incomplete", "pending", "diverged"])
+    for t in trials:
+        if t.scheme == "baseline" and t.filters == 4 and t.seed < 4:
+            status = next(statuses)
+            t = FakeTrial(
+                t.scheme,
+                t.seed,
+                t.final_test_acc,
+                filters=t.filters,
+                status="finished" if status == "diverged" else status,
+                diverged=status == "diverged",
+            )
+        out.append(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AggregateResult]:
+    trials = _with_unfinished(lottery_trials(ARMS, seeds=range(8), filters=(4, 8)))
+    sweep_dir = write_sweep(tmp_path_factory.mktemp("storage"), "full", trials)
+    return sweep_dir, aggregate(sweep_dir)
+
+
+def test_aggregate_counts_every_planned_trial(full_sweep: tuple[Path, AggregateResult]) -> None:
+    sweep_dir, result = full_sweep
+    trials = result.trials
+    assert len(trials) == len(ARMS) * 8 * 2
+    assert {c: str(t) for c, t in trials.dtypes.items()} == TRIAL_COLUMNS
+    assert trials["status"].value_counts().to_dict() == {
+        "finished": len(trials) - 3,
+        "errored": 1,
+        "incomplete": 1,
+        "pending": 1,
+    }
+    incomplete = trials[trials["status"] == "incomplete"].iloc[0]
+    assert incomplete["epochs_done"] == 2 and not incomplete["failed"]  # half of 4 epochs written
+    diverged = trials[trials["diverged"]]
+    assert len(diverged) == 1 and diverged["failed"].all() and diverged["final_test_acc"].isna().all()
+    # every trial with a metrics file contributes all its epochs: finished 4, errored/incomplete 2
+    assert len(result.epochs) == 4 * (len(trials) - 3) + 2 * 2
+    base4 = result.summary.query("scheme == 'baseline' and filters == 4").iloc[0]
+    assert (base4.n_planned, base4.n, base4.n_errored, base4.n_incomplete, base4.n_pending) == (8, 5, 1, 1, 1)
+    assert base4.n_acc == 4  # the diverged trial is finished but has no accuracy
+    for name, frame in (("trials", trials), ("epochs", result.epochs), ("summary", result.summary)):
+        pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / "aggregate" / f"{name}.parquet"), frame)
+    assert list(result.summary.columns) == list(SUMMARY_COLUMNS)
+
+
+def _chromium(args: list[str], page: Path, profile: Path) -> str:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the Makefile does)")
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+        page.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_report_renders_every_figure(full_sweep: tuple[Path, AggregateResult], tmp_path: Path) -> None:
+    sweep_dir, _ = full_sweep
+    page = build_report(sweep_dir, tmp_path / "report")
+    assert page == tmp_path / "report" / "report.html"
+    assert sorted(p.stem for p in page.parent.glob("*.png")) == sorted(FIGURES)
+    text = page.read_text()
+    assert "src='data:image/png;base64," in text and "<link" not in text  # self-contained
+    assert "Failure rule:</b> failed if final test accuracy &lt;= chance + 0.05" in text
+
+    dom = _chromium(["--dump-dom"], page, tmp_path / "profile")
+    status = re.search(r'id="img-status"[^>]*data-loaded="(\d+)" data-total="(\d+)"', dom)
+    assert status, dom[-2000:]
+    assert (int(status[1]), int(status[2])) == (len(FIGURES), len(FIGURES))
+    assert len(re.findall(r"<img ", dom)) == len(FIGURES)
+    for name in FIGURES:
+        assert f'<figure id="{name}">' in dom
+
+    shot = tmp_path / "report.png"
+    _chromium([f"--screenshot={shot}", "--window-size=1280,2400"], page, tmp_path / "profile")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_report_names_skipped_figures_and_null_results(tmp_path: Path) -> None:
+    # BatchNorm moves each seed by +-1 point around the baseline: no effect to find.
+    base = [0.70, 0.72, 0.68, 0.74, 0.71, 0.69, 0.73, 0.70]
+    trials = [FakeTrial("baseline", s, a) for s, a in enumerate(base)]
+    trials += [FakeTrial("batchnorm", s, a + (0.01 if s % 2 else -0.01)) for s, a in enumerate(base)]
+    sweep_dir = write_sweep(tmp_path, "null", trials)
+    result = aggregate(sweep_dir)
+    p = result.summary.set_index("scheme").loc["batchnorm", "wilcoxon_p"]
+    assert p >= 0.05
+
+    text = build_report(sweep_dir).read_text()
+    assert f"no significant effect (p={p:.2g}; median gain +0.00 pts over 8 paired seeds)" in text
+    skipped = text.split("<ul id=skipped>")[1].split("</ul>")[0]
+    assert "needs RandomOut trials with at least 2 tau or 2 P values" in skipped
+    assert "the number of filters does not vary in this sweep" in skipped
+    assert "no finite ortho_sum values recorded" in skipped
+    assert text.count("<figure ") == 3 and "data-total=3" in text

@@ -1,0 +1,167 @@
+"""Seed statistics against answers computed by hand (worked out in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from orchestrator.stats import (
+    SUMMARY_COLUMNS,
+    TRIAL_COLUMNS,
+    bootstrap_std_ci,
+    paired_gains,
+    summarise,
+    wilson_interval,
+)
+
+CHANCE, MARGIN = 0.1, 0.05
+RULE = "failed if final test accuracy <= chance + 0.05 (or the loss diverged)"
+
+# Baseline, seeds 1..10: seeds 3, 6 and 9 sit at chance (<= 0.15) -> 3 of 10 failed.
+BASE_ACC = [0.70, 0.72, 0.10, 0.68, 0.74, 0.12, 0.71, 0.69, 0.11, 0.73]
+# RandomOut (tau=1e-8) gains over the same seeds.
+GAINS_B = [0.02, -0.01, 0.60, 0.03, 0.00, 0.58, 0.01, 0.04, 0.62, -0.02]
+
+
+def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan, **kw: object) -> dict:
+    status = kw.pop("status", "finished")
+    diverged = bool(kw.pop("diverged", False))
+    finished = status == "finished"
+    row = {
+        "trial_key": f"{config}-{seed}",
+        "config_hash": config,
+        "pair_key": pair,
+        "sweep": "hand",
+        "scheme": scheme,
+        "hparam_label": kw.pop("label", ""),
+        "hparams": "{}",
+        "model": "crater_cnn",
+        "dataset": "synthetic",
+        "filters": kw.pop("filters", 8),
+        "seed": seed,
+        "status": status,
+        "final_test_acc": acc,
+        "best_test_acc": acc,
+        "final_train_acc": acc,
+        "failed": finished and (diverged or acc <= CHANCE + MARGIN),
+        "diverged": diverged,
+        "epochs_done": 4 if finished else pd.NA,
+        "total_resets": 0 if finished else pd.NA,
+        "chance": CHANCE if finished else math.nan,
+        "failure_margin": MARGIN,
+        "failure_rule": RULE,
+        "wall_s": 1.0,
+    }
+    assert not kw, kw
+    return row
+
+
+@pytest.fixture(scope="module")
+def trials() -> pd.DataFrame:
+    rows = [_trial("A", "ctx8", "baseline", s, a) for s, a in enumerate(BASE_ACC, start=1)]
+    rows += [
+        _trial("A", "ctx8", "baseline", 11, status="errored"),
+        _trial("A", "ctx8", "baseline", 12, status="incomplete"),
+        _trial("A", "ctx8", "baseline", 13, status="pending"),
+    ]
+    rows += [
+        _trial("B", "ctx8", "randomout", s, a + g, label="tau=1e-08 P=1")
+        for s, (a, g) in enumerate(zip(BASE_ACC, GAINS_B, strict=True), start=1)
+    ]
+    # C: seeds 1-3 finish at 0.60, 0.62, 0.64; seed 4 diverges (finished, failed, no accuracy).
+    rows += [
+        _trial("C", "ctx8", "randomout", s, a, label="tau=1e-12 P=1")
+        for s, a in enumerate([0.60, 0.62, 0.64], start=1)
+    ]
+    rows.append(_trial("C", "ctx8", "randomout", 4, math.nan, diverged=True, label="tau=1e-12 P=1"))
+    # D: another width, so another pair_key, with no baseline to pair with.
+    rows += [_trial("D", "ctx16", "randomout", s, 0.8, filters=16) for s in (1, 2, 3)]
+    return pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def summary(trials: pd.DataFrame) -> pd.DataFrame:
+    return summarise(trials).set_index("config_hash")
+
+
+def test_wilson_interval_by_hand() -> None:
+    # 3/10, z = 1.959964: centre = (0.3 + z²/20) / (1 + z²/10) = 0.49207 / 1.38415 = 0.35550,
+    # half-width = z * sqrt(0.3*0.7/10 + z²/400) / 1.38415 = 1.959964 * 0.174939 / 1.38415 = 0.24772.
+    low, high = wilson_interval(3, 10)
+    assert low == pytest.approx(0.35550 - 0.24772, abs=1e-4)
+    assert high == pytest.approx(0.35550 + 0.24772, abs=1e-4)
+    # 0/10: upper = (z²/10) / (1 + z²/10) = 0.384146 / 1.384146 = 0.27753.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    # style.md planning numbers: 26/100 -> 18-35%, 0/50 -> up to 7.1%.
+    assert wilson_interval(26, 100) == pytest.approx((0.184, 0.354), abs=2e-3)
+    assert wilson_interval(0, 50)[1] == pytest.approx(0.0713, abs=1e-3)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_bootstrap_std_ci() -> None:
+    values = np.random.default_rng(1).normal(0.7, 0.02, size=40)
+    low, high = bootstrap_std_ci(values)
+    assert low < values.std(ddof=1) < high
+    assert (low, high) == bootstrap_std_ci(values)  # fixed seed, same answer
+    assert all(math.isnan(x) for x in bootstrap_std_ci([0.5, 0.6]))
+    assert bootstrap_std_ci([0.5, 0.5, 0.5]) == (0.0, 0.0)
+
+
+def test_counts_keep_unfinished_out_of_n(summary: pd.DataFrame) -> None:
+    a = summary.loc["A"]
+    assert (a.n_planned, a.n, a.n_errored, a.n_incomplete, a.n_pending) == (13, 10, 1, 1, 1)
+    assert a.n_failed == 3 and a.failure_rate == pytest.approx(0.3)
+    assert (a.failure_ci_low, a.failure_ci_high) == pytest.approx((0.10779, 0.60322), abs=1e-4)
+    assert a.failure_rule == RULE
+
+
+def test_accuracy_statistics(summary: pd.DataFrame) -> None:
+    a = summary.loc["A"]
+    # sorted: .10 .11 .12 .68 .69 | .70 .71 .72 .73 .74 -> median (.69 + .70) / 2; sum 5.30 -> mean .53
+    assert a.acc_median == pytest.approx(0.695)
+    assert a.acc_mean == pytest.approx(0.53)
+    assert (a.acc_min, a.acc_max) == pytest.approx((0.10, 0.74))
+    c = summary.loc["C"]
+    # the diverged seed is finished and failed but has no accuracy: n=4, n_acc=3.
+    assert (c.n, c.n_failed, c.n_acc) == (4, 1, 3)
+    assert c.failure_rate == pytest.approx(0.25)
+    # .60 .62 .64: deviations -.02, 0, .02 -> var = .0008 / 2 -> std .02; quartiles .61, .63 -> IQR .02
+    assert c.acc_std == pytest.approx(0.02)
+    assert c.acc_iqr == pytest.approx(0.02)
+    assert c.acc_median == pytest.approx(0.62)
+    assert c.std_ci_low <= 0.02 <= c.std_ci_high
+
+
+def test_paired_gains(summary: pd.DataFrame) -> None:
+    b = summary.loc["B"]
+    # gains sorted: -.02 -.01 0 .01 .02 | .03 .04 .58 .60 .62 -> median .025; 7 of 10 positive.
+    assert b.n_pairs == 10
+    assert b.gain_median == pytest.approx(0.025)
+    assert b.gain_mean == pytest.approx(sum(GAINS_B) / 10)
+    assert b.share_improved == pytest.approx(0.7)
+    assert b.n_failed == 0 and b.failure_ci_high == pytest.approx(0.27753, abs=1e-4)
+    # C pairs seeds 1-3 only: .60-.70, .62-.72, .64-.10 -> -.10, -.10, +.54.
+    c = summary.loc["C"]
+    assert c.n_pairs == 3 and c.gain_median == pytest.approx(-0.10)
+    assert c.share_improved == pytest.approx(1 / 3)
+
+
+def test_wilcoxon_matches_scipy(trials: pd.DataFrame, summary: pd.DataFrame) -> None:
+    gains = paired_gains(trials).query("config_hash == 'B'").sort_values("seed")["gain"].to_numpy()
+    np.testing.assert_allclose(gains, GAINS_B, atol=1e-12)
+    assert summary.loc["B"].wilcoxon_p == pytest.approx(scipy.stats.wilcoxon(gains).pvalue)
+    for config in ("A", "D"):  # the baseline itself; a config with no baseline in its pair_key
+        row = summary.loc[config]
+        assert row.n_pairs == 0 and math.isnan(row.gain_median) and math.isnan(row.wilcoxon_p)
+
+
+def test_summary_schema(summary: pd.DataFrame) -> None:
+    table = summary.reset_index()
+    assert list(table.columns) == list(SUMMARY_COLUMNS)
+    assert {c: str(t) for c, t in table.dtypes.items()} == SUMMARY_COLUMNS
+    assert list(table["config_hash"]) == ["A", "B", "C", "D"]
+    assert table.set_index("config_hash").loc["D", "filters"] == 16

@@ -1,0 +1,255 @@
+"""`lottery sweep` end to end on a real local Ray and a real MLflow sqlite store (no mocks).
+
+In-process tests share one Ray started per module (2 CPUs, 200 MB object store); the driver
+detects it and reuses it. The SIGKILL test runs the CLI as a subprocess with its own Ray, whose
+processes it finds by a private RAY_TMPDIR in their environment and kills by PID afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.aggregate import aggregate
+from orchestrator.spec import load_plan
+from orchestrator.sweep import run_sweep
+from orchestrator.sweep_tracking import SweepRecord
+from orchestrator.tune_trial import FAULT_ENV, read_attempts
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "data": {"name": "digits"},
+    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
+    "optim": {"name": "adam", "lr": 0.002},
+    "epochs": 3,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+def write_spec(tmp_path: Path, name: str, **changes) -> Path:
+    doc = {
+        "name": name,
+        "base": BASE,
+        "seeds": [0, 1],
+        "schemes": [{"name": "baseline"}, {"name": "randomout", "params": {"tau": 1e-6}}],
+        "storage_path": str(tmp_path / "runs"),
+        "max_failures": 1,
+    } | changes
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def child_runs(sweep_dir: Path) -> tuple[MlflowClient, object, list]:
+    """(client, parent run, its child runs) of a sweep, read back from its tracking store."""
+    record = SweepRecord.load(sweep_dir)
+    client = MlflowClient(record.tracking_uri)
+    parent = client.get_run(record.parent_run_id)
+    children = client.search_runs(
+        [record.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        max_results=1000,
+    )
+    return client, parent, children
+
+
+def test_small_sweep_logs_one_finished_child_per_trial_and_reruns_nothing(tmp_path, local_ray):
+    spec = write_spec(tmp_path, "small")
+    plan = load_plan(spec)
+    outcome = run_sweep(plan, root=tmp_path)
+    sweep_dir = outcome.sweep_dir
+    assert (outcome.counts["finished"], outcome.counts["errored"], outcome.counts["unfinished"]) == (4, 0, 0)
+    assert json.loads((sweep_dir / "spec.json").read_text())["name"] == "small"
+    assert [r["trial_key"] for r in json.loads((sweep_dir / "trials.json").read_text())] == [
+        t.trial_key() for t in plan.trials
+    ]
+
+    client, parent, children = child_runs(sweep_dir)
+    assert parent.info.status == "FINISHED" and parent.data.tags["n_trials"] == "4"
+    assert json.loads(parent.data.tags["seeds"]) == [0, 1] and "version.ray" in parent.data.tags
+    assert "git_revision" in parent.data.tags
+    assert sorted(r.data.tags["trial_key"] for r in children) == sorted(t.trial_key() for t in plan.trials)
+    assert {r.info.status for r in children} == {"FINISHED"}
+    for run in children:
+        trial = next(t for t in plan.trials if t.trial_key() == run.data.tags["trial_key"])
+        assert run.data.tags["config_hash"] == trial.config_hash()
+        assert (run.data.tags["scheme"], run.data.tags["seed"]) == (trial.scheme.name, str(trial.seed))
+        assert run.data.metrics["epochs_done"] == 3
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.json", "trials.json"}
+
+    # The same command again restores the finished experiment: nothing trains, nothing is re-logged.
+    again = run_sweep(load_plan(spec), root=tmp_path)
+    _, parent_again, children_again = child_runs(sweep_dir)
+    assert again.counts == outcome.counts and parent_again.info.run_id == parent.info.run_id
+    assert sorted(r.info.run_id for r in children_again) == sorted(r.info.run_id for r in children)
+    assert all(len(read_attempts(sweep_dir / "trials" / t.trial_key())) == 1 for t in plan.trials)
+
+
+def test_raising_trial_resumes_from_its_checkpoint_and_diverging_or_broken_trials_do_not_stop_the_sweep(
+    tmp_path, local_ray, monkeypatch
+):
+    spec = write_spec(
+        tmp_path,
+        "faults",
+        schemes=[
+            {"name": "baseline"},
+            {"name": "baseline", "params": {"optim.name": "sgd"}, "grid": {"optim.lr": [1.0e6]}},  # diverges
+            {
+                "name": "batchnorm",
+                "params": {"data.name": "craters", "data.data_dir": str(tmp_path / "none")},
+            },
+        ],
+    )
+    plan = load_plan(spec)
+    flaky = plan.trials[1].trial_key()
+    monkeypatch.setenv(FAULT_ENV, f"{flaky}:1")
+    outcome = run_sweep(plan, root=tmp_path)
+    sweep_dir = outcome.sweep_dir
+    assert (outcome.counts["finished"], outcome.counts["errored"], outcome.counts["unfinished"]) == (4, 2, 0)
+
+    attempts = read_attempts(sweep_dir / "trials" / flaky)
+    assert [(a["resumed_from_epoch"], a["checkpoint"]) for a in attempts] == [(0, None), (2, "tune")]
+    assert json.loads((sweep_dir / "trials" / flaky / "result.json").read_text())["epochs_done"] == 3
+
+    diverged = [
+        json.loads((sweep_dir / "trials" / t.trial_key() / "result.json").read_text())
+        for t in plan.trials[2:4]
+    ]
+    assert all(r["failed"] and r["diverged"] for r in diverged)
+    broken = [sweep_dir / "trials" / t.trial_key() for t in plan.trials[4:]]
+    assert all((d / "error.txt").exists() and not (d / "result.json").exists() for d in broken)
+    assert all(len(read_attempts(d)) == 2 for d in broken)  # max_failures 1: two tries, then errored
+
+    _, parent, children = child_runs(sweep_dir)
+    status = {r.data.tags["trial_key"]: r.info.status for r in children}
+    assert len(children) == 6 and len(status) == 6
+    assert [status[t.trial_key()] for t in plan.trials] == ["FINISHED"] * 4 + ["FAILED"] * 2
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_errored"] == 2
+
+    summary = aggregate(sweep_dir).summary.set_index("config_hash")
+    assert summary.loc[plan.trials[2].config_hash(), "failure_rate"] == 1.0
+    assert summary.loc[plan.trials[0].config_hash(), "n"] == 2
+    assert summary.loc[plan.trials[4].config_hash(), "n_errored"] == 2
+
+
+# --- driver killed with SIGKILL, then the same command again ---------------------------------------
+
+
+def ray_pids(marker: str) -> list[int]:
+    """Processes whose environment carries our private RAY_TMPDIR: exactly what this test started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def finished_keys(sweep_dir: Path, keys: list[str]) -> list[str]:
+    return [k for k in keys if (sweep_dir / "trials" / k / "result.json").exists()]
+
+
+def complete_runs(sweep_dir: Path) -> dict[str, tuple[str, int]]:
+    """trial_key -> (run id, start time) of the child runs logged in full so far."""
+    if not (sweep_dir / "sweep.json").exists():
+        return {}
+    return {
+        r.data.tags["trial_key"]: (r.info.run_id, r.info.start_time)
+        for r in child_runs(sweep_dir)[2]
+        if r.data.tags.get("logged") == "complete" and r.info.status == "FINISHED"
+    }
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[str]:
+    """A short private Ray temp root (socket paths must stay under ~107 characters); cleaned by PID."""
+    path = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    yield path
+    kill_pids(ray_pids(f"RAY_TMPDIR={path}"))
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.mark.parametrize("pack_size", [1, 2], ids=["alone", "packs"])
+def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray_tmpdir, pack_size):
+    # Packs finish 2 seeds at a time: one unit at a time, and enough of them (8) that several are
+    # still to run when the first is logged, however fast this machine trains.
+    concurrent = 2 if pack_size == 1 else 1
+    seeds = list(range(4 * pack_size))
+    spec = write_spec(tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size)
+    keys = [t.trial_key() for t in load_plan(spec).trials]
+    sweep_dir = tmp_path / "runs" / "killed"
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop(FAULT_ENV, None)
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not complete_runs(sweep_dir) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)  # kill once a trial is finished and logged, while others are still running
+    if driver.poll() is not None:
+        pytest.fail("the driver ended before it could be killed:\n" + (tmp_path / "first.log").read_text())
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(1)
+    kill_pids(ray_pids(f"RAY_TMPDIR={ray_tmpdir}"))  # Ray's agents outlive a SIGKILLed driver
+
+    before = finished_keys(sweep_dir, keys)
+    assert before and len(before) < len(keys), (tmp_path / "first.log").read_text()
+    mtimes = {k: (sweep_dir / "trials" / k / "result.json").stat().st_mtime_ns for k in before}
+    tries = {k: len(read_attempts(sweep_dir / "trials" / k)) for k in before}
+    logged = complete_runs(sweep_dir)  # a half-logged run would be replaced, by design
+    assert logged
+
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(resuming)" in done.stderr  # Tuner.restore, not a fresh experiment
+    assert not ray_pids(f"RAY_TMPDIR={ray_tmpdir}"), "a cleanly finished driver must leave no Ray process"
+
+    assert finished_keys(sweep_dir, keys) == keys
+    assert {k: (sweep_dir / "trials" / k / "result.json").stat().st_mtime_ns for k in before} == mtimes
+    assert {k: len(read_attempts(sweep_dir / "trials" / k)) for k in before} == tries
+    _, parent, children = child_runs(sweep_dir)
+    assert sorted(r.data.tags["trial_key"] for r in children) == sorted(keys)  # each key exactly once
+    after = {r.data.tags["trial_key"]: (r.info.run_id, r.info.start_time) for r in children}
+    assert {k: after[k] for k in logged} == logged  # runs logged before the kill were kept, not redone
+    assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"

@@ -1,0 +1,134 @@
+"""Per-filter gradient norms (CGN) and their per-epoch summaries.
+
+CGN(k) = sum over filter k's weights of |dL/dw| for one minibatch (RandomOut §2).
+The reference code (MXNet, SoftmaxOutput) back-propagates the loss *summed*
+over the minibatch, while we train on the mean loss. The gradient of the sum is
+exactly B times the gradient of the mean on the same batch, so we report
+CGN = B * sum|dL_mean/dw|: tau values from the paper and the reference code
+carry over unchanged.
+
+Everything per step stays on the device as [K, F] tensors (K seeds of a
+pack); `epoch_end` makes the one host copy per epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainers.events import CgnTrace, LayerEpochStats
+from trainers.filters import FilterGroup
+
+
+def filter_cgn(group: FilterGroup, batch_size: int) -> torch.Tensor:
+    """CGN of every (seed, filter) of one conv layer, in summed-loss units; shape [K, F]."""
+    grad = group.weight.grad
+    if grad is None:
+        return torch.zeros(group.seeds, group.filters, device=group.weight.device)
+    return group.rows(grad).abs().sum(dim=-1) * batch_size
+
+
+class CgnMonitor:
+    """Accumulates CGN statistics over an epoch without leaving the device."""
+
+    def __init__(self, groups: list[FilterGroup], tau: float, trace_every: int) -> None:
+        self.groups = groups
+        self.tau = tau
+        self.trace_every = trace_every
+        self._device = groups[0].weight.device
+        self.seeds = groups[0].seeds
+        self.active = [self._full(g, True) for g in groups]
+        self._reset_accumulators()
+
+    def _full(self, group: FilterGroup, value: bool | float | int) -> torch.Tensor:
+        dtype = {bool: torch.bool, float: torch.float32, int: torch.long}[type(value)]
+        return torch.full((group.seeds, group.filters), value, dtype=dtype, device=self._device)
+
+    def _reset_accumulators(self) -> None:
+        k = self.seeds
+        self._sum = [self._full(g, 0.0) for g in self.groups]
+        self._min = [torch.full((k,), float("inf"), device=self._device) for _ in self.groups]
+        self._below = [torch.zeros(k, dtype=torch.long, device=self._device) for _ in self.groups]
+        self._resets = [self._full(g, 0) for g in self.groups]
+        self._samples: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+        self._steps = 0
+
+    def observe(self, step: int, batch_size: int) -> list[torch.Tensor]:
+        """Record this minibatch's CGN (call after backward); returns per-layer [K, F] tensors."""
+        cgns = [filter_cgn(group, batch_size) for group in self.groups]
+        for i, cgn in enumerate(cgns):
+            self._sum[i] += cgn
+            active = self.active[i]
+            # Dropped (masked) filters have zero gradient by construction: not "dead", so not counted.
+            masked = torch.where(active, cgn, torch.inf).amin(dim=1)
+            self._min[i] = torch.minimum(self._min[i], masked)
+            self._below[i] += ((cgn < self.tau) & active).sum(dim=1)
+        self._steps += 1
+        if self.trace_every and step % self.trace_every == 0:
+            self._samples.append((step, [c.clone() for c in cgns], []))
+        return cgns
+
+    def epoch_mean(self) -> list[torch.Tensor]:
+        """Mean CGN per (seed, filter) over the epoch so far (RePr's `cgn` criterion)."""
+        steps = max(self._steps, 1)
+        return [s / steps for s in self._sum]
+
+    def record_resets(self, layer_index: int, mask: torch.Tensor, step: int | None = None) -> None:
+        self._resets[layer_index] += mask.long()
+        if step is not None and self._samples and self._samples[-1][0] == step:
+            self._samples[-1][2].append(mask.long())
+
+    def epoch_end(
+        self, epoch: int, dropped: list[list[int]], ortho_sums: list[list[float]]
+    ) -> list[tuple[tuple[LayerEpochStats, ...], CgnTrace, int]]:
+        """One host copy per epoch; per seed: layer summaries, the per-filter trace, resets done.
+
+        dropped and ortho_sums are indexed [layer][seed].
+        """
+        means = [m.cpu().numpy() for m in self.epoch_mean()]
+        mins = [m.cpu().numpy() for m in self._min]
+        below = [b.cpu().numpy() for b in self._below]
+        resets = [r.cpu().numpy() for r in self._resets]
+        samples = [
+            (step, [c.cpu().numpy() for c in cgns], [m.cpu().numpy() for m in masks])
+            for step, cgns, masks in self._samples
+        ]
+        out = []
+        for k in range(self.seeds):
+            stats = tuple(
+                LayerEpochStats(
+                    layer=group.name,
+                    n_filters=group.filters,
+                    cgn_mean=float(means[i][k].mean()),
+                    cgn_min=float(mins[i][k]) if np.isfinite(mins[i][k]) else float("nan"),
+                    below_tau=int(below[i][k]),
+                    resets=int(resets[i][k].sum()),
+                    dropped=dropped[i][k],
+                    ortho_sum=ortho_sums[i][k],
+                )
+                for i, group in enumerate(self.groups)
+            )
+            trace = self._trace(epoch, k, means, resets, samples)
+            out.append((stats, trace, int(sum(r[k].sum() for r in resets))))
+        self._reset_accumulators()
+        return out
+
+    def _trace(self, epoch: int, k: int, means, resets, samples) -> CgnTrace:
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in ("step", "layer", "filter", "cgn", "reset")}
+
+        def add(step: int, i: int, cgn: np.ndarray, reset: np.ndarray) -> None:
+            f = len(cgn)
+            parts["step"].append(np.full(f, step, dtype=np.int64))
+            parts["layer"].append(np.full(f, self.groups[i].name, dtype=object))
+            parts["filter"].append(np.arange(f, dtype=np.int32))
+            parts["cgn"].append(cgn.astype(np.float32))
+            parts["reset"].append(reset.astype(np.int32))
+
+        for i in range(len(self.groups)):
+            add(-1, i, means[i][k], resets[i][k])
+        for step, cgns, masks in samples:
+            for i, cgn in enumerate(cgns):
+                reset = masks[i][k] if i < len(masks) else np.zeros(cgn.shape[1], dtype=np.int32)
+                add(step, i, cgn[k], reset)
+        columns = {c: np.concatenate(v) for c, v in parts.items()}
+        return CgnTrace(epoch=np.full(len(columns["cgn"]), epoch, dtype=np.int32), **columns)

@@ -1,0 +1,177 @@
+"""Typed, validated configuration of one trial.
+
+Every knob lives here so a trial is fully described by one JSON document: the
+trial key (run identity) and the config hash (identity minus the seed) are
+hashes of it. New knobs must default to a no-op so old keys stay valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder"]
+ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn"]
+InitName = Literal["uniform0.01", "xavier", "kaiming"]
+SchemeName = Literal["baseline", "batchnorm", "randomout", "repr"]
+ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"]
+SCHEMES: tuple[str, ...] = ("baseline", "batchnorm", "randomout", "repr")
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    name: DatasetName = "digits"
+    data_dir: Path | None = None  # where craters/cifar10/mnist/imagefolder live; env LOTTERY_DATA_DIR
+    image_size: int | None = Field(None, ge=4, le=256)  # resize (craters: 15 as in the paper, 28 native)
+    val_fraction: float = Field(0.0, ge=0.0, lt=0.9)  # held out of train by data_seed (RePr oracle)
+    download: bool = False  # torchvision datasets only; never implicit
+    synthetic_samples: int = Field(2000, ge=20)  # size of the generated dataset
+
+
+class ModelConfig(Strict):
+    name: ModelName = "crater_cnn"
+    filters: int = Field(20, ge=1, le=4096)  # crater_cnn: filters per conv; vanilla_cnn: X in C^n(X)
+    depth: int = Field(3, ge=1, le=64)  # vanilla_cnn: n in C^n(X)
+    hidden_fc: int = Field(500, ge=0)  # crater_cnn: hidden FC width (0 = none)
+    padding: int = Field(1, ge=0, le=3)  # crater_cnn conv padding
+    init: InitName = "uniform0.01"  # the reference code's default initializer
+    batchnorm: bool = False  # BN after every conv under any scheme (the `batchnorm` scheme implies it)
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class BaselineScheme(Strict):
+    name: Literal["baseline"] = "baseline"
+
+
+class BatchNormScheme(Strict):
+    """The same model with BatchNorm after every conv (reference BN: gamma fixed at 1, eps 1e-3)."""
+
+    name: Literal["batchnorm"] = "batchnorm"
+
+
+class RandomOutScheme(Strict):
+    name: Literal["randomout"] = "randomout"
+    tau: float = Field(1e-8, ge=0.0)  # CGN threshold, in summed-loss units (see trainers/cgn.py)
+    active_fraction: float = Field(1.0, ge=0.0, le=1.0)  # P: resets allowed while epoch < P * epochs
+    reset_optimizer_state: bool = False
+    reset_bias: bool = False
+
+
+class ReprScheme(Strict):
+    name: Literal["repr"] = "repr"
+    s1: int = Field(20, ge=1)  # epochs of full training before each drop
+    s2: int = Field(10, ge=1)  # epochs of sub-network training while filters are dropped
+    n_iter: int = Field(3, ge=1)  # N drop/re-introduce cycles
+    drop_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # p, of all ranked filters (global)
+    metric: ReprMetric = "ortho"
+    include_first_layer: bool = False
+    reset_optimizer_state: bool = True
+
+
+Scheme = Annotated[
+    BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme, Field(discriminator="name")
+]
+
+
+class TrialConfig(Strict):
+    """One (scheme, hyperparameters, seed): the unit of work and of MLflow runs."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scheme: Scheme = BaselineScheme()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # 0 is not allowed; use full_batch for one step per epoch
+    full_batch: bool = False  # RandomOut Fig. 6: one update per epoch
+    seed: int = Field(0, ge=0)  # initialization and the scheme's random draws
+    data_seed: int = Field(0, ge=0)  # split and batch order; kept apart from seed on purpose
+    tau: float = Field(1e-8, ge=0.0)  # threshold for "filters below tau" counts in every scheme
+    failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
+    trace_every: int = Field(0, ge=0)  # 0: per-epoch mean CGN per filter; K: also every K steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme_from_name(cls, value: object) -> object:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TrialConfig:
+        scheme = self.scheme
+        if isinstance(scheme, ReprScheme):
+            cycle_end = scheme.n_iter * (scheme.s1 + scheme.s2)
+            if cycle_end > self.epochs:
+                raise ValueError(
+                    f"scheme.n_iter * (s1 + s2) = {cycle_end} exceeds epochs = {self.epochs}; "
+                    "raise epochs or shorten the RePr schedule"
+                )
+            if scheme.metric == "oracle" and self.data.val_fraction <= 0:
+                raise ValueError("scheme.metric 'oracle' needs data.val_fraction > 0 (a held-out split)")
+        return self
+
+    @property
+    def count_tau(self) -> float:
+        """Threshold of the "filters below tau" counts: RandomOut's own tau, so Fig. 8 counts its resets."""
+        return self.scheme.tau if isinstance(self.scheme, RandomOutScheme) else self.tau
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        return self.scheme.name == "batchnorm" or self.model.batchnorm
+
+    def with_seed(self, seed: int) -> TrialConfig:
+        return self.model_copy(update={"seed": seed})
+
+    def identity(self, *, include_seed: bool = True) -> dict:
+        """The fields that define the result; data_dir and device are where/how, not what."""
+        doc = self.model_dump(mode="json", exclude_defaults=True, exclude={"device": True})
+        doc.setdefault("data", {}).pop("data_dir", None)
+        doc.get("data", {}).pop("download", None)
+        doc["scheme"] = self.scheme.model_dump(mode="json", exclude_defaults=True) | {
+            "name": self.scheme.name
+        }
+        doc.pop("seed", None)
+        if include_seed:
+            doc["seed"] = self.seed  # always present: a default-valued seed must still name its trial
+        return doc
+
+    def scheme_hparams(self) -> dict:
+        return self.scheme.model_dump(mode="json", exclude={"name"})
+
+    def hparam_label(self) -> str:
+        """Short label of the scheme's non-default hyperparameters ("" for none)."""
+        changed = self.scheme.model_dump(mode="json", exclude={"name"}, exclude_defaults=True)
+        return " ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changed.items())
+        )
+
+    def pair_key(self) -> str:
+        """Identity minus seed and scheme: trials with equal pair_key and seed are paired across schemes."""
+        doc = self.identity(include_seed=False)
+        doc.pop("scheme", None)
+        return _short_hash(doc)
+
+    def trial_key(self) -> str:
+        return _short_hash(self.identity(include_seed=True))
+
+    def config_hash(self) -> str:
+        return _short_hash(self.identity(include_seed=False))
+
+
+def _short_hash(doc: dict) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

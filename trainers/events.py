@@ -1,0 +1,127 @@
+"""What a training run emits, and the sink protocol that receives it.
+
+Trainers never import Ray or MLflow: they push plain records into a sink the
+caller provides. The orchestrator's sink writes the trial directory first and
+MLflow second; tests use `MemorySink`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerEpochStats:
+    """Per conv layer, one epoch. CGN in summed-loss units (see trainers/cgn.py)."""
+
+    layer: str
+    n_filters: int
+    cgn_mean: float  # mean over steps and filters
+    cgn_min: float  # min over steps and filters
+    below_tau: int  # (step, filter) checks with CGN < tau: what RandomOut resets, or would
+    resets: int  # filters re-initialized this epoch (RandomOut resets, RePr re-introductions)
+    dropped: int  # filters masked out at the end of the epoch (RePr)
+    ortho_sum: float  # sum over filters of RePr's O_l^f at the end of the epoch
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    seed: int
+    epoch: int  # 0-based, completed
+    steps: int  # optimizer steps so far in the trial
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    wall_s: float  # wall time of this epoch (training + evaluation)
+    layers: tuple[LayerEpochStats, ...]
+
+    def flat(self) -> dict[str, Any]:
+        """One wide row: totals over layers plus a column per layer and statistic."""
+        row: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "layers"}
+        n = sum(s.n_filters for s in self.layers)
+        row["cgn_mean"] = sum(s.cgn_mean * s.n_filters for s in self.layers) / max(n, 1)
+        row["cgn_min"] = min((s.cgn_min for s in self.layers), default=float("nan"))
+        for key in ("below_tau", "resets", "dropped"):
+            row[key] = sum(getattr(s, key) for s in self.layers)
+        row["ortho_sum"] = sum(s.ortho_sum for s in self.layers)
+        return row
+
+
+@dataclass(frozen=True)
+class CgnTrace:
+    """Per-filter CGN rows for one epoch, columnar (epoch, step, layer, filter, cgn, reset).
+
+    step = -1 marks the per-epoch mean row of a filter; other rows are every-K-step samples.
+    reset = how many times the filter was re-initialized in that epoch (or at that step).
+    """
+
+    epoch: np.ndarray
+    step: np.ndarray
+    layer: np.ndarray
+    filter: np.ndarray
+    cgn: np.ndarray
+    reset: np.ndarray
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("epoch", "step", "layer", "filter", "cgn", "reset")}
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    seed: int
+    epochs_done: int
+    final_test_acc: float
+    final_train_acc: float
+    best_test_acc: float
+    final_test_loss: float
+    chance: float  # 1 / number of classes
+    failure_margin: float
+    failed: bool  # final_test_acc <= chance + failure_margin, or diverged
+    diverged: bool  # a non-finite training loss stopped the run
+    total_resets: int
+    reinit_fallbacks: int  # RePr re-inits that fell back to the initializer (null space too small)
+    wall_s: float  # wall time of the whole pack this seed trained in
+    pack_size: int = 1  # seeds trained at once with this one (1 = alone)
+    failure_rule: str = field(default="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def failure_rule_text(margin: float) -> str:
+    return f"failed if final test accuracy <= chance + {margin:g} (or the loss diverged)"
+
+
+class Sink(Protocol):
+    def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None: ...
+
+    def on_checkpoint(self, epoch: int, state: dict[str, Any]) -> None: ...
+
+    def on_result(self, result: TrialResult) -> None: ...
+
+
+class MemorySink:
+    """Keeps everything in lists: for tests and for in-process callers."""
+
+    def __init__(self, keep_checkpoints: bool = False) -> None:
+        self.epochs: list[EpochRecord] = []
+        self.traces: list[CgnTrace] = []
+        self.results: list[TrialResult] = []
+        self.checkpoints: list[tuple[int, dict[str, Any]]] = []
+        self._keep_checkpoints = keep_checkpoints
+
+    def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
+        self.epochs.append(record)
+        self.traces.append(trace)
+
+    def on_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
+        if self._keep_checkpoints:
+            self.checkpoints.append((epoch, copy.deepcopy(state)))
+
+    def on_result(self, result: TrialResult) -> None:
+        self.results.append(result)

@@ -1,0 +1,232 @@
+"""The CNNs under study, with weights drawn only from the caller's generator.
+
+Models are built on the meta device and every tensor is then drawn from the given generator, so the
+seed alone fixes the weights (bit-identical across builds) and building a model never advances the
+global RNG that other code may depend on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainers.config import ModelConfig
+
+BN_EPS = 1e-3  # old MXNet BatchNorm default, as in the reference code
+BN_MOMENTUM = 0.1  # PyTorch's convention for MXNet's moving-average momentum 0.9
+
+_INITIALIZERS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "uniform0.01": lambda t, g: nn.init.uniform_(t, -0.01, 0.01, generator=g),
+    "xavier": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
+    "kaiming": lambda t, g: nn.init.kaiming_normal_(t, mode="fan_in", nonlinearity="relu", generator=g),
+}
+
+
+@dataclass
+class FilterLayer:
+    """A conv layer whose filters the schemes score and reset.
+
+    `act` is this layer's own ReLU instance, so a forward hook on it sees exactly this layer's output.
+    """
+
+    name: str
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d | None
+    act: nn.Module
+
+
+class ConvUnit(nn.Module):
+    """MXNet's ConvFactory: conv (with bias) -> [BatchNorm] -> ReLU."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int = 0, batchnorm: bool
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding)
+        self.bn = nn.BatchNorm2d(cout, eps=BN_EPS, momentum=BN_MOMENTUM) if batchnorm else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.act(x)
+
+
+class FilterNet(nn.Sequential):
+    """A feed-forward net of ConvUnits and friends; a unit's module path is its layer name."""
+
+    def filter_layers(self) -> list[FilterLayer]:
+        return [
+            FilterLayer(name, module.conv, module.bn, module.act)
+            for name, module in self.named_modules()
+            if isinstance(module, ConvUnit)
+        ]
+
+
+class Concat(nn.ModuleDict):
+    """Inception branches: each sees the same input, outputs are stacked along channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.values()], dim=1)
+
+
+def _simple(cin: int, n1x1: int, n3x3: int, batchnorm: bool) -> Concat:
+    return Concat(
+        {
+            "1x1": ConvUnit(cin, n1x1, 1, batchnorm=batchnorm),
+            "3x3": ConvUnit(cin, n3x3, 3, padding=1, batchnorm=batchnorm),
+        }
+    )
+
+
+def _downsample(cin: int, n3x3: int, batchnorm: bool) -> Concat:
+    """Stride-2 conv beside a stride-2 max-pool.
+
+    MXNet rounded pooled sizes up (28 -> 14 -> 7, like the conv). One -inf row/column on the far side
+    plus ceil_mode gives the same windows for even sizes and, unlike MXNet, the conv's size for odd ones.
+    """
+    pool = nn.Sequential(
+        nn.ConstantPad2d((0, 1, 0, 1), float("-inf")), nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    )
+    return Concat({"3x3s2": ConvUnit(cin, n3x3, 3, stride=2, padding=1, batchnorm=batchnorm), "pool": pool})
+
+
+def _crater_cnn(
+    cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: int, batchnorm: bool
+) -> FilterNet:
+    side = image_size + 2 * (2 * cfg.padding - 3)  # two 4x4 stride-1 convs
+    if side < 1:
+        raise ValueError(
+            f"model.padding: crater_cnn with padding {cfg.padding} leaves nothing of a "
+            f"{image_size}x{image_size} input; raise data.image_size or model.padding"
+        )
+    layers = OrderedDict(
+        conv1=ConvUnit(in_channels, cfg.filters, 4, padding=cfg.padding, batchnorm=batchnorm),
+        conv2=ConvUnit(cfg.filters, cfg.filters, 4, padding=cfg.padding, batchnorm=batchnorm),
+        flatten=nn.Flatten(),
+    )
+    width = cfg.filters * side * side
+    if cfg.hidden_fc:
+        layers["hidden"] = nn.Linear(width, cfg.hidden_fc)  # no nonlinearity, as in the reference symbol
+        width = cfg.hidden_fc
+    layers["fc"] = nn.Linear(width, num_classes)
+    return FilterNet(layers)
+
+
+def _inception28(
+    cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: int, batchnorm: bool
+) -> FilterNet:
+    """MXNet's inception-bn-28-small; global pooling makes it work for any input size."""
+    bn = batchnorm
+    return FilterNet(
+        OrderedDict(
+            conv1=ConvUnit(in_channels, 96, 3, padding=1, batchnorm=bn),
+            in3a=_simple(96, 32, 32, bn),
+            in3b=_simple(64, 32, 48, bn),
+            in3c=_downsample(80, 80, bn),
+            in4a=_simple(160, 112, 48, bn),
+            in4b=_simple(160, 96, 64, bn),
+            in4c=_simple(160, 80, 80, bn),
+            in4d=_simple(160, 48, 96, bn),
+            in4e=_downsample(144, 96, bn),
+            in5a=_simple(240, 176, 160, bn),
+            in5b=_simple(336, 176, 160, bn),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(336, num_classes),
+        )
+    )
+
+
+def _vanilla_cnn(
+    cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: int, batchnorm: bool
+) -> FilterNet:
+    """RePr's C^n(X): n x (3x3 conv, pad 1, X filters) then one FC; no pooling."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i in range(1, cfg.depth + 1):
+        cin = in_channels if i == 1 else cfg.filters
+        layers[f"conv{i}"] = ConvUnit(cin, cfg.filters, 3, padding=1, batchnorm=batchnorm)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(cfg.filters * image_size * image_size, num_classes)
+    return FilterNet(layers)
+
+
+MODELS: dict[str, Callable[..., FilterNet]] = {
+    "crater_cnn": _crater_cnn,
+    "inception28": _inception28,
+    "vanilla_cnn": _vanilla_cnn,
+}
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    batchnorm: bool,
+    generator: torch.Generator,
+) -> FilterNet:
+    builder = MODELS.get(cfg.name)
+    if builder is None:
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
+    _initializer(cfg.init)  # fail before building
+    with torch.device("meta"):
+        model = builder(
+            cfg, in_channels=in_channels, image_size=image_size, num_classes=num_classes, batchnorm=batchnorm
+        )
+    model.to_empty(device="cpu")
+    _initialize(model, cfg.init, generator)
+    return model
+
+
+def draw_conv_weight(conv: nn.Conv2d, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A fresh weight for `conv` from the named initializer (RandomOut's reset draw)."""
+    return _draw(conv.weight, init, generator)
+
+
+def draw_filters(
+    shape: tuple[int, ...], init: str, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """A fresh [F, C, k, k] draw; fans come from this one-seed shape, so packs draw as single seeds do."""
+    fresh = torch.empty(shape, device=generator.device)
+    return _initializer(init)(fresh, generator).to(device)
+
+
+def _initializer(init: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    if init not in _INITIALIZERS:
+        raise ValueError(
+            f"model.init: unknown initializer {init!r}; choose one of {', '.join(_INITIALIZERS)}"
+        )
+    return _INITIALIZERS[init]
+
+
+def _draw(like: torch.Tensor, init: str, generator: torch.Generator) -> torch.Tensor:
+    """Drawn on the generator's device (a generator only draws there), then moved to `like`'s."""
+    fresh = torch.empty(like.shape, dtype=like.dtype, device=generator.device)
+    return _initializer(init)(fresh, generator).to(like.device)
+
+
+@torch.no_grad()
+def _initialize(model: nn.Module, init: str, generator: torch.Generator) -> None:
+    """Fill every tensor of a model materialised by `to_empty` (whose memory is garbage until then)."""
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.weight.copy_(_draw(module.weight, init, generator))
+            module.bias.zero_()
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.weight.fill_(1.0).requires_grad_(False)  # gamma fixed at 1, as MXNet's fix_gamma
+            module.bias.zero_()
+        else:
+            continue
+        done.update(id(p) for p in module.parameters(recurse=False))
+    missing = [name for name, p in model.named_parameters() if id(p) not in done]
+    if missing:
+        raise TypeError(f"no initializer for parameters {missing}")

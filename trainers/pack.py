@@ -1,0 +1,114 @@
+"""Seed packs: K seeds of one configuration trained at once as one network.
+
+A pack is built from K ordinary models (each drawn from its own seed's
+generator, so a seed's initial weights are bit-identical to its single-seed
+weights) by stacking their parameters. All seeds of a configuration share the
+data seed, hence the same batches, so the input is shared too:
+  first conv   one conv with K*F output channels over the shared input
+  later convs  one grouped conv, groups = K (seed k only sees its own channels)
+  linear       one batched matmul over [K, B, D]
+Nothing couples the seeds: the loss is the *sum* of the per-seed mean losses
+(so each seed gets exactly its own gradient), the optimizers are elementwise,
+and every scheme edit is a per-(seed, filter) mask. This replaces vmap, whose
+per-call overhead is what a tiny CNN's step time is made of.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.models import ConvUnit, FilterNet
+
+PACKABLE = ("crater_cnn", "vanilla_cnn")
+# The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, batch 32, 2-core CPU;
+# numbers in bench/RESULTS.md). Packing pays when one seed's step is per-operation overhead:
+#   no hidden FC, 1-4 filters: packs of 64 gave 5-21x; with the 500-wide hidden FC (whose weights
+#   make a pack memory-bound): 1 filter 6.9x at 32, 4 filters 2.2x at 8 (and less at 32+);
+#   20 filters: a pack is 0.6-0.8x, so wide layers run one seed per process.
+AUTO_PACK_NO_HIDDEN = ((4, 64),)  # (at most this many filters per conv, seeds per pack)
+AUTO_PACK = ((2, 32), (4, 8))
+
+
+def auto_pack_size(model_name: str, filters: int, batchnorm: bool, hidden_fc: int = 0) -> int:
+    """Seeds per pack for `pack_size: auto`: 1 unless the model packs and is narrow."""
+    if model_name not in PACKABLE or batchnorm:
+        return 1
+    rule = AUTO_PACK_NO_HIDDEN if model_name == "crater_cnn" and hidden_fc == 0 else AUTO_PACK
+    return next((size for widest, size in rule if filters <= widest), 1)
+
+
+class PackedConv(nn.Module):
+    def __init__(self, units: list[ConvUnit], first: bool) -> None:
+        super().__init__()
+        conv = units[0].conv
+        self.seeds = len(units)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.groups = 1 if first else self.seeds
+        self.weight = nn.Parameter(torch.cat([u.conv.weight.detach() for u in units]))
+        self.bias = nn.Parameter(torch.cat([u.conv.bias.detach() for u in units]))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, groups=self.groups))
+
+
+class PackedFlatten(nn.Module):
+    def __init__(self, seeds: int) -> None:
+        super().__init__()
+        self.seeds = seeds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, K*F, h, w] -> [K, B, F*h*w]: per seed, the same order as nn.Flatten on [B, F, h, w].
+        return x.reshape(x.shape[0], self.seeds, -1).transpose(0, 1)
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # [K, O, D]
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears]).unsqueeze(1))  # [K, 1, O]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
+
+
+class PackedNet(nn.Sequential):
+    """K seeds of a conv/flatten/linear FilterNet without BatchNorm; returns logits [K, B, classes]."""
+
+    def __init__(self, models: list[FilterNet]) -> None:
+        seeds = len(models)
+        modules: dict[str, nn.Module] = {}
+        first = True
+        for name, module in models[0].named_children():
+            parts = [dict(m.named_children())[name] for m in models]
+            if isinstance(module, ConvUnit):
+                if module.bn is not None:
+                    raise ValueError("pack_size: BatchNorm models train one seed per process")
+                modules[name] = PackedConv(parts, first)
+                first = False
+            elif isinstance(module, nn.Flatten):
+                modules[name] = PackedFlatten(seeds)
+            elif isinstance(module, nn.Linear):
+                modules[name] = PackedLinear(parts)
+            else:
+                raise ValueError(f"pack_size: cannot pack layer {name!r} ({type(module).__name__})")
+        super().__init__(OrderedDict(modules))
+        self.seeds = seeds
+
+    def unpack(self, index: int, into: FilterNet) -> FilterNet:
+        """Seed `index`'s weights as an ordinary model (for checks and export)."""
+        with torch.no_grad():
+            for name, module in self.named_children():
+                target = dict(into.named_children())[name]
+                if isinstance(module, PackedConv):
+                    f = module.weight.shape[0] // self.seeds
+                    target.conv.weight.copy_(module.weight[index * f : (index + 1) * f])
+                    target.conv.bias.copy_(module.bias[index * f : (index + 1) * f])
+                elif isinstance(module, PackedLinear):
+                    target.weight.copy_(module.weight[index])
+                    target.bias.copy_(module.bias[index, 0])
+        return into

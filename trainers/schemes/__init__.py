@@ -1,0 +1,36 @@
+"""Scheme registry: config -> callback object. Unknown names fail loudly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from trainers.config import RandomOutScheme, ReprScheme
+from trainers.schemes.base import Scheme, TrainContext
+from trainers.schemes.randomout import RandomOut
+from trainers.schemes.repr import RePr
+
+REGISTRY: dict[str, Callable[..., Scheme]] = {
+    "baseline": lambda cfg: Scheme(),
+    "batchnorm": lambda cfg: Scheme(),  # the model differs (BN after every conv), not the loop
+    "randomout": lambda cfg: RandomOut(cfg),
+    "repr": lambda cfg: RePr(cfg),
+}
+
+
+def build_scheme(cfg: object) -> Scheme:
+    name = getattr(cfg, "name", None)
+    if name not in REGISTRY:
+        raise ValueError(f"scheme: unknown scheme {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name](cfg)
+
+
+__all__ = [
+    "REGISTRY",
+    "RandomOut",
+    "RandomOutScheme",
+    "RePr",
+    "ReprScheme",
+    "Scheme",
+    "TrainContext",
+    "build_scheme",
+]

@@ -1,0 +1,78 @@
+"""The callback interface every scheme implements.
+
+The training loop is the same for every scheme; a scheme only reacts at a few
+points (after backward, after the optimizer step, at epoch end, on resume).
+It sees each conv layer as a `FilterGroup` of [K, F] filters (K seeds of a
+pack, K = 1 alone) and edits them with masks, so nothing per step needs a host
+sync and one seed's edits never touch another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainers.cgn import CgnMonitor
+from trainers.config import TrialConfig
+from trainers.data import LoadedData
+from trainers.filters import FilterGroup
+from trainers.models import draw_filters
+
+
+@dataclass
+class TrainContext:
+    """What a scheme may look at and change; built once per trial (or pack) by the loop."""
+
+    config: TrialConfig
+    model: torch.nn.Module
+    groups: list[FilterGroup]
+    optimizer: torch.optim.Optimizer
+    monitor: CgnMonitor
+    data: LoadedData | None
+    generators: list[torch.Generator]  # one per seed: the scheme's own draws, seeded from that seed
+    epoch: int = 0
+    step: int = 0
+    alive: list[bool] = field(default_factory=list)  # False once a seed's loss diverged
+
+    def __post_init__(self) -> None:
+        if not self.alive:
+            self.alive = [True] * len(self.generators)
+
+    def fresh_filters(self, group: FilterGroup) -> torch.Tensor:
+        """One initializer draw of the layer per seed, from that seed's generator: [K, F, C, k, k]."""
+        device = group.weight.device
+        draws = [draw_filters(group.single_shape, self.config.model.init, g, device) for g in self.generators]
+        return draws[0].unsqueeze(0) if len(draws) == 1 else torch.stack(draws)
+
+
+class Scheme:
+    """No-op scheme: `baseline` and `batchnorm` (the model itself differs) use it as is."""
+
+    def __init__(self) -> None:
+        self.reinit_fallbacks: list[int] = []
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once after the model and optimizer exist (and after a resume)."""
+        if len(self.reinit_fallbacks) != len(ctx.generators):
+            self.reinit_fallbacks = [0] * len(ctx.generators)
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Gradients are ready, the optimizer has not stepped."""
+
+    def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
+        """The optimizer has stepped; `cgns` are this minibatch's per-layer [K, F] CGN tensors."""
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
+        """Epoch `epoch` (0-based) is complete and has been evaluated."""
+
+    def dropped_counts(self) -> list[list[int]] | None:
+        """Filters currently masked out, [layer][seed], or None when the scheme never masks."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reinit_fallbacks": list(self.reinit_fallbacks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reinit_fallbacks = list(state.get("reinit_fallbacks", []))

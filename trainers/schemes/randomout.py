@@ -1,0 +1,40 @@
+"""RandomOut (Cohen, Lo, Ding 2016): re-draw filters whose CGN falls below tau.
+
+As in the reference code, the check runs after every minibatch on the
+gradient of the batch just processed, after the optimizer step. A fresh
+layer-shaped draw is made every active step (per seed, from that seed's
+generator) and merged with `torch.where`, so the random stream, and the
+result, does not depend on how many filters died or on the pack a seed is in,
+and no host sync is needed to find out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.config import RandomOutScheme
+from trainers.filters import where_rows, zero_optimizer_rows
+from trainers.schemes.base import Scheme, TrainContext
+
+
+class RandomOut(Scheme):
+    def __init__(self, cfg: RandomOutScheme) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def is_active(self, ctx: TrainContext) -> bool:
+        """Resets are allowed in the first P fraction of epochs (late resets may damage the net)."""
+        return ctx.epoch < self.cfg.active_fraction * ctx.config.epochs
+
+    @torch.no_grad()
+    def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
+        if not self.is_active(ctx):
+            return
+        for i, (group, cgn) in enumerate(zip(ctx.groups, cgns, strict=True)):
+            dead = cgn < self.cfg.tau  # [K, F]
+            where_rows(group, group.weight, dead, ctx.fresh_filters(group))
+            if self.cfg.reset_bias and group.bias is not None:
+                where_rows(group, group.bias, dead, 0.0)
+            if self.cfg.reset_optimizer_state:
+                zero_optimizer_rows(ctx.optimizer, group, dead)
+            ctx.monitor.record_resets(i, dead, step=ctx.step)
