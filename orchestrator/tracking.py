@@ -24,7 +24,6 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -77,7 +76,11 @@ def refuse_password(uri: str, source: str) -> str:
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri)
+    """A client bound to one store, leaving the process-wide URI alone.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, so a second sweep in the same
+    process, or any subprocess it starts, would log into the first sweep's store.
+    """
     return MlflowClient(tracking_uri=tracking_uri)
 
 
