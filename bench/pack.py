@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer widths and packs (for CI smoke runs)")
     args = parser.parse_args()
     device = device_arg(args.device)
-    peak = matmul_peak_flops(device)
+    peaks = [matmul_peak_flops(device)]  # measured again after every width; the highest is the roof
     data = crater_slice(device, n=1024)
     widths = [(1, 500, 32), (4, 500, 32), (1, 0, 32), (4, 0, 32), (20, 500, 128)]
     packs = [8, 32] if args.quick else [8, 32, 64, 128]
@@ -83,7 +83,6 @@ def main() -> None:
         widths = widths[:2] + widths[-1:]
     rows = []
     print(machine())
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s")
     for filters, hidden, batch in widths:
         cfg = trial(filters, hidden, batch)
         single = seed_steps_per_s(cfg, data, seeds=4, pack=1, device=device)
@@ -94,7 +93,6 @@ def main() -> None:
             "batch": batch,
             "single_seed_steps_per_s": single,
             "single_gflops": single * flops1 / 1e9,
-            "single_peak_fraction": single * flops1 / peak,
             "packs": {},
         }
         for k in packs:
@@ -107,12 +105,29 @@ def main() -> None:
         best = max(row["packs"].items(), key=lambda kv: kv[1]["ratio"])
         print(
             f"filters={filters:>2} fc={hidden:>3} batch={batch:>3}: one seed {single:7.0f} seed-steps/s "
-            f"({row['single_gflops']:.1f} GFLOP/s, {100 * row['single_peak_fraction']:.0f}% of peak); "
+            f"({row['single_gflops']:.1f} GFLOP/s); "
             + ", ".join(f"pack {k}: {v['ratio']:.2f}x" for k, v in row["packs"].items())
             + f"; best pack {best[0]}"
         )
         rows.append(row)
-    save("pack", {"device": str(device), "matmul_peak_gflops": peak / 1e9, "rows": rows})
+        peaks.append(matmul_peak_flops(device))
+    peak = max(peaks)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements through the run)")
+    for row in rows:
+        row["single_peak_fraction"] = row["single_gflops"] * 1e9 / peak
+        print(
+            f"filters={row['filters']:>2} fc={row['hidden_fc']:>3}: one seed reaches "
+            f"{100 * row['single_peak_fraction']:.0f}% of the matmul peak"
+        )
+    save(
+        "pack",
+        {
+            "device": str(device),
+            "matmul_peak_gflops": peak / 1e9,
+            "matmul_peaks_gflops": [p / 1e9 for p in peaks],
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

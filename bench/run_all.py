@@ -30,7 +30,8 @@ def pct(x: float) -> str:
 def pack_section(d: dict) -> list[str]:
     sizes = list(d["rows"][0]["packs"])
     lines = [
-        f"Matmul peak measured: {d['matmul_peak_gflops']:.1f} GFLOP/s ({d['device']}).",
+        f"Matmul peak measured: {d['matmul_peak_gflops']:.1f} GFLOP/s ({d['device']}), the best of "
+        f"{len(d.get('matmul_peaks_gflops', [0]))} measurements taken through the run.",
         "",
         "| filters | hidden FC | batch | one seed (seed-steps/s) | % of peak | "
         + " | ".join(f"pack {k}" for k in sizes)

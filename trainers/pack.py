@@ -26,9 +26,9 @@ from trainers.models import ConvUnit, FilterNet
 PACKABLE = ("crater_cnn", "vanilla_cnn")
 # The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, batch 32, 2-core CPU;
 # numbers in bench/RESULTS.md). Packing pays when one seed's step is per-operation overhead:
-#   no hidden FC, 1-4 filters: packs of 64 gave 5-21x; with the 500-wide hidden FC (whose weights
-#   make a pack memory-bound): 1 filter 6.9x at 32, 4 filters 2.2x at 8 (and less at 32+);
-#   20 filters: a pack is 0.6-0.8x, so wide layers run one seed per process.
+#   no hidden FC, 1-4 filters: packs of 64 gave 3.8-21x; with the 500-wide hidden FC (whose weights
+#   make a pack memory-bound): 1 filter 3.9-6.9x at 32, 4 filters 1.7-2.7x at 8 (less at 32+);
+#   20 filters: a pack is 0.6-1.07x, so wide layers run one seed per process. (Ranges: three runs.)
 AUTO_PACK_NO_HIDDEN = ((4, 64),)  # (at most this many filters per conv, seeds per pack)
 AUTO_PACK = ((2, 32), (4, 8))
 
