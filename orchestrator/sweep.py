@@ -11,7 +11,10 @@ Layout under `<storage>/<name>/` (the sweep directory):
 Running the same spec again resumes: Tune restores its experiment (finished trials are
 never re-run; unfinished and errored ones continue from their last checkpoint), a trial
 directory with a result is reported without training, and MLflow logging is idempotent
-by trial key. A spec whose trials differ from the recorded plan is refused.
+by trial key. A spec whose trials differ from the recorded plan is refused. If Tune's saved
+state is unreadable (a driver killed while Tune was writing it), that state is moved aside to
+`tune.unreadable-<time>/` and Tune starts afresh: nothing is lost, because finished trials are
+read from their directories and unfinished ones resume from their own checkpoints.
 
 On a Ray cluster, submit the driver as a job (the job's RAY_ADDRESS attaches it to the cluster):
   lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/submit.py)
@@ -37,9 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +208,7 @@ def run_sweep(
     # Lists every never-started trial after an interrupt; our counts come from the trial directories.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     with ray_session(address):
-        tuner = _tuner(plan, sweep_dir, keys)
+        tuner = _tuner(plan, sweep_dir, keys, console)
         tuner.fit()
 
     counts = count_trials(sweep_dir, keys)
@@ -306,7 +311,54 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str]) -> Tuner:
+def unreadable_tune_state(path: Path) -> str | None:
+    """Why Tune could not restore the experiment at `path`, or None if it can.
+
+    Tune writes its experiment state in place and copies it into the experiment directory, so a
+    driver killed at that moment can leave the newest file cut short. Tune then logs the error,
+    carries on from an empty state and fails later with an unrelated KeyError. Checked here, the
+    same files Tune restores from: the newest of each kind.
+    """
+    import ray.cloudpickle as cloudpickle
+
+    loaders = {
+        "experiment_state-*.json": json.loads,
+        "basic-variant-state-*.json": cloudpickle.loads,
+        "callback-states-*.pkl": cloudpickle.loads,
+    }
+    for pattern, load in loaders.items():
+        files = sorted(path.glob(pattern))
+        if not files:
+            continue
+        try:
+            load(files[-1].read_bytes())
+        except Exception as exc:
+            return f"{files[-1].name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return None
+
+
+def _restorable(path: Path, console: Console) -> bool:
+    """Whether to `Tuner.restore`; an unreadable state is moved aside (kept, never deleted) first."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(path)):
+        return False
+    problem = unreadable_tune_state(path)
+    if problem is None:
+        return True
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    console.print(
+        f"[yellow]Tune's saved state is unreadable ({problem}); moved it to {aside} and starting Tune "
+        "afresh: finished trials are read from their directories, unfinished ones resume from "
+        "their own checkpoints[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return False
+
+
+def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) -> Tuner:
     from ray import tune
 
     from orchestrator.progress import ProgressCallback
@@ -326,9 +378,9 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str]) -> Tuner:
         tune.with_parameters(run_planned_trial, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    path = str(sweep_dir / TUNE_DIR)
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    path = sweep_dir / TUNE_DIR
+    if _restorable(path, console):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     names = tuple(unit_name(i, unit, plan, keys) for i, unit in enumerate(plan.units))
     return tune.Tuner(
         trainable,

@@ -8,6 +8,7 @@ processes it finds by a private RAY_TMPDIR in their environment and kills by PID
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from orchestrator.aggregate import aggregate
 from orchestrator.spec import load_plan
@@ -114,6 +116,27 @@ def test_small_sweep_logs_one_finished_child_per_trial_and_reruns_nothing(tmp_pa
     assert again.counts == outcome.counts and parent_again.info.run_id == parent.info.run_id
     assert sorted(r.info.run_id for r in children_again) == sorted(r.info.run_id for r in children)
     assert all(len(read_attempts(sweep_dir / "trials" / t.trial_key())) == 1 for t in plan.trials)
+
+
+def test_a_cut_short_tune_state_is_set_aside_and_the_sweep_finishes_without_rerunning(tmp_path, local_ray):
+    spec = write_spec(tmp_path, "cut", pack_size=1)
+    plan = load_plan(spec)
+    keys = [t.trial_key() for t in plan.trials]
+    sweep_dir = run_sweep(plan, root=tmp_path).sweep_dir
+    # What a driver killed while Tune writes its state leaves behind: the newest state file cut short
+    # (seen after a SIGKILL), here with one trial that had not finished yet.
+    state = max((sweep_dir / "tune").glob("experiment_state-*.json"))
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (sweep_dir / "trials" / keys[0] / "result.json").unlink()
+
+    console = Console(file=io.StringIO(), width=300)
+    again = run_sweep(load_plan(spec), root=tmp_path, console=console)
+    said = console.file.getvalue()
+    assert "Tune's saved state is unreadable" in said and state.name in said, said
+    assert (again.counts["finished"], again.counts["errored"], again.counts["unfinished"]) == (4, 0, 0)
+    assert [p.name for p in sweep_dir.glob("tune.unreadable-*/experiment_state-*.json")] == [state.name]
+    assert [len(read_attempts(sweep_dir / "trials" / k)) for k in keys] == [2, 1, 1, 1]  # only the unfinished
+    assert sorted(r.data.tags["trial_key"] for r in child_runs(sweep_dir)[2]) == sorted(keys)
 
 
 def test_raising_trial_resumes_from_its_checkpoint_and_diverging_or_broken_trials_do_not_stop_the_sweep(
