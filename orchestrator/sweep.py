@@ -5,7 +5,7 @@ Layout under `<storage>/<name>/` (the sweep directory):
   trials.json  the planned trials in order (what aggregation treats as the denominator)
   sweep.json   tracking URI, experiment id and parent run id (reused on resume)
   trials/<trial_key>/  each trial's durable directory (orchestrator.trial_dir)
-  tune/        Tune's experiment state and checkpoints (what `Tuner.restore` reads)
+  tune/        Tune's experiment state and per-epoch marker checkpoints (what `Tuner.restore` reads)
   mlflow.db, mlartifacts/  the default embedded tracking store
 
 Running the same spec again resumes: Tune restores its experiment (finished trials are
@@ -395,7 +395,8 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
             name=TUNE_DIR,
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Keep every (epoch-marker) checkpoint: see orchestrator/tune_trial.py for why none is deleted.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
                 ProgressCallback(spec.name, len(plan.units)),
                 TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),

@@ -3,12 +3,19 @@
 The driver passes the whole expanded plan (JSON documents) and its units through
 `tune.with_parameters`, and Tune's only search dimension is `unit`, so Tune's grid order
 never decides which configuration runs. Trial directories are the source of truth: finished
-seeds are never retrained; an unfinished unit resumes from Tune's checkpoint (what Tune
-restores after a retry or a driver restart) or, failing that, from its own checkpoint (in
-the trial directory for a lone seed, in `packs/<pack_key>/` for a pack).
+seeds are never retrained; an unfinished unit resumes from its own checkpoint (in the trial
+directory for a lone seed, in `packs/<pack_key>/` for a pack), written atomically every epoch.
+
+The checkpoint reported to Tune every epoch holds only that epoch (`epoch.json`), and Tune
+keeps all of them. Tune deletes checkpoints beyond `num_to_keep` as soon as a newer one is
+registered but saves its experiment state asynchronously, so a driver killed in between
+leaves a state that points at a deleted checkpoint and the trial can never be restored.
+Marker checkpoints cost a few bytes each, so none needs deleting; the model state is written
+once per epoch instead of twice.
 
 Every attempt appends a line to `<trial_dir>/attempts.jsonl` (pid, start time, the epoch
-it resumed from and from which checkpoint), so a retry is visible on disk.
+it resumed from, from which checkpoint, and the epoch of the checkpoint Tune restored), so a
+retry is visible on disk.
 
 Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
 passes it here; that trial raises once, right after epoch `<epoch>` has been reported with
@@ -37,7 +44,7 @@ from trainers.data import LoadedData, load_data
 from trainers.events import EpochRecord
 from trainers.loop import pick_device
 
-STATE_FILE = "state.pt"
+EPOCH_FILE = "epoch.json"
 ATTEMPTS = "attempts.jsonl"
 FAULT_MARKER = ".fault_injected"
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
@@ -73,7 +80,7 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     torch.set_num_threads(context.threads)
     resume, epoch, source = _resume_state(pack_dir)
     for trial_dir in trial_dirs:
-        _record_attempt(trial_dir, epoch, source)
+        _record_attempt(trial_dir, epoch, source, _tune_checkpoint_epoch())
     fault_epoch = next(
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )
@@ -84,8 +91,9 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
         last.update(epoch=record.epoch, train_loss=record.train_loss, test_acc=record.test_acc)
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
+        # The state itself was just written to the unit's own checkpoint; Tune's marks the epoch.
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
+            (Path(tmp) / EPOCH_FILE).write_text(json.dumps({"epoch": int(state["progress"]["epoch"])}))
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
         if epoch == fault_epoch:
             _inject_fault_once(pack_dir, epoch)
@@ -105,24 +113,33 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def _resume_state(pack_dir: Path) -> tuple[dict[str, Any] | None, int, str | None]:
-    """The newer of Tune's checkpoint and the unit's own (it is written just before Tune's)."""
-    found: list[tuple[dict[str, Any], str]] = []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            found.append((torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True), "tune"))
+    """The unit's own checkpoint: (state, epoch to start from, "trial_dir"), or a fresh start."""
     own = pack_dir / CHECKPOINT
-    if own.exists():
-        found.append((torch.load(own, map_location="cpu", weights_only=True), "trial_dir"))
-    if not found:
+    if not own.exists():
         return None, 0, None
-    state, source = max(found, key=lambda item: item[0]["progress"]["epoch"])
-    return state, int(state["progress"]["epoch"]), source
+    state = torch.load(own, map_location="cpu", weights_only=True)
+    return state, int(state["progress"]["epoch"]), "trial_dir"
 
 
-def _record_attempt(trial_dir: Path, epoch: int, source: str | None) -> None:
+def _tune_checkpoint_epoch() -> int | None:
+    """The epoch marked by the checkpoint Tune restored (a retry or a restored driver), if any."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        marker = Path(path) / EPOCH_FILE
+        return int(json.loads(marker.read_text())["epoch"]) if marker.exists() else None
+
+
+def _record_attempt(trial_dir: Path, epoch: int, source: str | None, tune_epoch: int | None) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
-    line = {"pid": os.getpid(), "started": time.time(), "resumed_from_epoch": epoch, "checkpoint": source}
+    line = {
+        "pid": os.getpid(),
+        "started": time.time(),
+        "resumed_from_epoch": epoch,
+        "checkpoint": source,
+        "tune_checkpoint_epoch": tune_epoch,
+    }
     with open(trial_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps(line) + "\n")
 

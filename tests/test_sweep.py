@@ -109,6 +109,12 @@ def test_small_sweep_logs_one_finished_child_per_trial_and_reruns_nothing(tmp_pa
         assert (run.data.tags["scheme"], run.data.tags["seed"]) == (trial.scheme.name, str(trial.seed))
         assert run.data.metrics["epochs_done"] == 3
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.json", "trials.json"}
+    # Tune keeps one small epoch marker per epoch and deletes none: a deleted checkpoint that a
+    # stale experiment state still names could never be restored after a driver kill.
+    for unit_dir in (sweep_dir / "tune").glob("0*"):
+        markers = sorted(unit_dir.glob("checkpoint_*/*"))
+        assert [m.name for m in markers] == ["epoch.json"] * 3, unit_dir
+        assert [json.loads(m.read_text())["epoch"] for m in markers] == [1, 2, 3]
 
     # The same command again restores the finished experiment: nothing trains, nothing is re-logged.
     again = run_sweep(load_plan(spec), root=tmp_path)
@@ -162,7 +168,8 @@ def test_raising_trial_resumes_from_its_checkpoint_and_diverging_or_broken_trial
     assert (outcome.counts["finished"], outcome.counts["errored"], outcome.counts["unfinished"]) == (4, 2, 0)
 
     attempts = read_attempts(sweep_dir / "trials" / flaky)
-    assert [(a["resumed_from_epoch"], a["checkpoint"]) for a in attempts] == [(0, None), (2, "tune")]
+    resumed = [(a["resumed_from_epoch"], a["checkpoint"], a["tune_checkpoint_epoch"]) for a in attempts]
+    assert resumed == [(0, None, None), (2, "trial_dir", 2)]  # Tune restored the epoch-2 checkpoint
     assert json.loads((sweep_dir / "trials" / flaky / "result.json").read_text())["epochs_done"] == 3
 
     diverged = [
