@@ -35,7 +35,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
+def run_times(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         sync(device)
@@ -43,7 +43,11 @@ def median_time(fn: Callable[[], object], device: torch.device, repeat: int = 3)
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
+    return statistics.median(run_times(fn, device, repeat))
 
 
 def matmul_peak_flops(device: torch.device, n: int = 2048, repeat: int = 7) -> float:
@@ -54,7 +58,7 @@ def matmul_peak_flops(device: torch.device, n: int = 2048, repeat: int = 7) -> f
     """
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    seconds = min(median_time(lambda: a @ b, device, repeat=1) for _ in range(repeat))
+    seconds = min(run_times(lambda: a @ b, device, repeat))
     return 2 * n**3 / seconds
 
 

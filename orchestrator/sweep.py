@@ -320,14 +320,17 @@ def unreadable_tune_state(path: Path) -> str | None:
     same files Tune restores from: the newest of each kind.
     """
     import ray.cloudpickle as cloudpickle
+    from ray.tune.callback import CallbackList
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     loaders = {
-        "experiment_state-*.json": json.loads,
-        "basic-variant-state-*.json": cloudpickle.loads,
-        "callback-states-*.pkl": cloudpickle.loads,
+        TuneController.CKPT_FILE_TMPL: json.loads,
+        BasicVariantGenerator.CKPT_FILE_TMPL: cloudpickle.loads,
+        CallbackList.CKPT_FILE_TMPL: cloudpickle.loads,
     }
-    for pattern, load in loaders.items():
-        files = sorted(path.glob(pattern))
+    for template, load in loaders.items():
+        files = sorted(path.glob(template.format("*")))
         if not files:
             continue
         try:

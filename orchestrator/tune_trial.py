@@ -79,8 +79,9 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
         return
     torch.set_num_threads(context.threads)
     resume, epoch, source = _resume_state(pack_dir)
+    tune_epoch = _tune_checkpoint_epoch()
     for trial_dir in trial_dirs:
-        _record_attempt(trial_dir, epoch, source, _tune_checkpoint_epoch())
+        _record_attempt(trial_dir, epoch, source, tune_epoch)
     fault_epoch = next(
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )
