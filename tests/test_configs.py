@@ -16,6 +16,8 @@ EXPECTED_TRIALS = {
     "crater_tau_p_grid.yaml": (11 * 4 + 1) * 50,
     "crater_width.yaml": 10 * 2 * 50,
     "repr_c3_32.yaml": (8 + 1) * 20,
+    "resnet20_cifar10.yaml": 2 * 10,
+    "crater_width_study.yaml": 6 * 2 * 30,
 }
 
 
@@ -52,10 +54,34 @@ def test_paper_specs_match_their_papers_settings():
     grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
     assert {t.scheme.tau for t in grid if t.scheme.name == "randomout"} == {10.0**-k for k in range(4, 15)}
     assert all(t.epochs == 150 and t.data.image_size == 15 for t in grid)
+    # The RandomOut specs feed the reference's input scale, so the paper's tau means what it meant there.
+    for name in (
+        "inception28_cifar10.yaml",
+        "crater_width.yaml",
+        "crater_tau_p_grid.yaml",
+        "crater_width_study.yaml",
+    ):
+        assert {t.data.normalize for t in load_plan(CONFIGS / name).trials} == {"mean_image"}, name
+    study = load_plan(CONFIGS / "crater_width_study.yaml").trials
+    assert {t.model.filters for t in study} == set(range(1, 7)) and len(
+        load_plan(CONFIGS / "crater_width_study.yaml").spec.seeds
+    ) >= 30
     repr_trials = load_plan(CONFIGS / "repr_c3_32.yaml").trials
     metrics = {t.scheme.metric for t in repr_trials if t.scheme.name == "repr"}
     assert metrics == {"ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"}
     assert all(t.data.val_fraction > 0 and t.optim.lr == 0.01 and t.epochs == 100 for t in repr_trials)
+    resnet = load_plan(CONFIGS / "resnet20_cifar10.yaml").trials
+    assert {(t.scheme.name, getattr(t.scheme, "metric", None)) for t in resnet} == {
+        ("baseline", None),
+        ("repr", "ortho"),
+    }
+    assert all(
+        (t.model.name, t.model.init, t.data.augment, t.optim.lr, t.optim.momentum, t.optim.weight_decay)
+        == ("resnet20", "kaiming", "crop_flip", 0.1, 0.9, 1e-4)
+        and t.epochs == 150
+        and t.batch_size == 128
+        for t in resnet
+    )
 
 
 def test_kuberay_rayjob_runs_a_spec_of_this_repo_on_the_compose_image_with_token_auth():

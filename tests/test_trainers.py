@@ -322,13 +322,15 @@ def test_a_diverging_trial_is_recorded_as_failed(digits):
     result = sink.results[0]
     assert result.diverged and result.failed
     assert result.epochs_done < 5
-    assert "chance" in result.failure_rule
+    assert "majority-class accuracy" in result.failure_rule
 
 
-def test_failure_rule_uses_chance_plus_margin(digits):
+def test_failure_rule_uses_majority_share_plus_margin(digits):
     result = run(config(epochs=1, failure_margin=0.0), digits).results[0]
-    assert result.chance == pytest.approx(0.1)
-    assert result.failed == (result.final_test_acc <= 0.1)
+    majority = torch.bincount(digits.y_test).max().item() / len(digits.y_test)
+    assert result.chance == pytest.approx(majority) and majority > 0.1  # the digits split is not balanced
+    assert result.failed == (result.final_test_acc <= majority)
+    assert f"majority-class accuracy {majority:.3f} + 0" in result.failure_rule
 
 
 def test_trial_identity_hashes():

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder"]
-ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn"]
+ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn", "resnet20"]
 InitName = Literal["uniform0.01", "xavier", "kaiming"]
 SchemeName = Literal["baseline", "batchnorm", "randomout", "repr"]
 ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"]
@@ -35,6 +35,12 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.0, ge=0.0, lt=0.9)  # held out of train by data_seed (RePr oracle)
     download: bool = False  # torchvision datasets only; never implicit
     synthetic_samples: int = Field(2000, ge=20)  # size of the generated dataset
+    # standard: (x - train mean) / train std per channel. mean_image: the RandomOut reference's input,
+    # the train split's per-pixel mean image subtracted on the pixel scale, no division, so CGN and
+    # the paper's tau keep the reference's scale (see trainers/data.py).
+    normalize: Literal["standard", "mean_image"] = "standard"
+    # Training minibatches only, drawn from data_seed so schemes stay paired (trainers/augment.py).
+    augment: Literal["none", "crop_flip"] = "none"
 
 
 class ModelConfig(Strict):
@@ -77,7 +83,10 @@ class ReprScheme(Strict):
     s1: int = Field(20, ge=1)  # epochs of full training before each drop
     s2: int = Field(10, ge=1)  # epochs of sub-network training while filters are dropped
     n_iter: int = Field(3, ge=1)  # N drop/re-introduce cycles
-    drop_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # p, of all ranked filters (global)
+    drop_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # p, ranked globally
+    # p counts the eligible filters (first layer excluded unless include_first_layer) or all of them;
+    # only eligible filters are dropped either way.
+    drop_fraction_of: Literal["eligible", "all"] = "eligible"
     metric: ReprMetric = "ortho"
     include_first_layer: bool = False
     reset_optimizer_state: bool = True
@@ -100,7 +109,9 @@ class TrialConfig(Strict):
     full_batch: bool = False  # RandomOut Fig. 6: one update per epoch
     seed: int = Field(0, ge=0)  # initialization and the scheme's random draws
     data_seed: int = Field(0, ge=0)  # split and batch order; kept apart from seed on purpose
-    tau: float = Field(1e-8, ge=0.0)  # threshold for "filters below tau" counts in every scheme
+    # The CGN threshold of the "below tau" counts. A randomout trial has one threshold for its resets
+    # and its counts, and it lives in scheme.tau: `_one_tau` routes a tau given in the other place.
+    tau: float = Field(1e-8, ge=0.0)
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
     trace_every: int = Field(0, ge=0)  # 0: per-epoch mean CGN per filter; K: also every K steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -109,6 +120,27 @@ class TrialConfig(Strict):
     @classmethod
     def _scheme_from_name(cls, value: object) -> object:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_tau(cls, doc: object) -> object:
+        """Each trial holds its threshold in exactly one field: scheme.tau for randomout (which resets
+        at it), the trial's `tau` otherwise. A trial-level `tau` on a randomout trial (`lottery train
+        --scheme randomout --tau X`) moves into scheme.tau; given in both places with different values
+        it is an error rather than a silent choice."""
+        if not isinstance(doc, dict) or "tau" not in doc:
+            return doc
+        scheme = doc.get("scheme")
+        scheme = {"name": scheme} if isinstance(scheme, str) else scheme
+        if not isinstance(scheme, dict) or scheme.get("name") != "randomout":
+            return doc
+        doc, scheme = dict(doc), dict(scheme)
+        value = doc.pop("tau")
+        if "tau" in scheme and scheme["tau"] != value:
+            raise ValueError(f"tau: given twice ({value} and {scheme['tau']}); set it once, as scheme.tau")
+        scheme["tau"] = value
+        doc["scheme"] = scheme
+        return doc
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrialConfig:
@@ -126,12 +158,13 @@ class TrialConfig(Strict):
 
     @property
     def count_tau(self) -> float:
-        """Threshold of the "filters below tau" counts: RandomOut's own tau, so Fig. 8 counts its resets."""
+        """The trial's one CGN threshold: RandomOut's reset tau (so Fig. 8 counts its resets), else `tau`."""
         return self.scheme.tau if isinstance(self.scheme, RandomOutScheme) else self.tau
 
     @property
     def uses_batchnorm(self) -> bool:
-        return self.scheme.name == "batchnorm" or self.model.batchnorm
+        """resnet20 always has BN (part of the architecture), so it is true there under every scheme."""
+        return self.scheme.name == "batchnorm" or self.model.batchnorm or self.model.name == "resnet20"
 
     def with_seed(self, seed: int) -> TrialConfig:
         return self.model_copy(update={"seed": seed})

@@ -79,7 +79,7 @@ class TrialResult:
     final_train_acc: float
     best_test_acc: float
     final_test_loss: float
-    chance: float  # 1 / number of classes
+    chance: float  # accuracy of the best constant predictor on the test split (majority-class share)
     failure_margin: float
     failed: bool  # final_test_acc <= chance + failure_margin, or diverged
     diverged: bool  # a non-finite training loss stopped the run
@@ -88,13 +88,18 @@ class TrialResult:
     wall_s: float  # wall time of the whole pack this seed trained in
     pack_size: int = 1  # seeds trained at once with this one (1 = alone)
     failure_rule: str = field(default="")
+    # Provenance outside the trial key that still changes exact numbers (summation order, kernels).
+    device: str = ""  # e.g. "cpu", "cuda:0"
+    threads: int = 0  # torch intra-op threads of the process that trained it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def failure_rule_text(margin: float) -> str:
-    return f"failed if final test accuracy <= chance + {margin:g} (or the loss diverged)"
+def failure_rule_text(margin: float, chance: float | None = None) -> str:
+    """The rule as a sentence, stored with every result and printed on every figure."""
+    level = "majority-class accuracy" if chance is None else f"majority-class accuracy {chance:.3f}"
+    return f"failed if final test accuracy <= {level} + {margin:g} (or the loss diverged)"
 
 
 class Sink(Protocol):

@@ -78,6 +78,14 @@ def optimizer_row_states(optimizer: torch.optim.Optimizer, param: torch.Tensor) 
 
 
 def zero_optimizer_rows(optimizer: torch.optim.Optimizer, group: FilterGroup, mask: torch.Tensor) -> None:
+    """Restart the optimizer state of the masked (seed, filter) rows as a fresh optimizer's.
+
+    Adam needs its step count restarted too (bias correction), which `RowAdam.reset_rows` does; for
+    SGD, zero momentum is exactly a fresh start."""
+    reset_rows = getattr(optimizer, "reset_rows", None)
     for param in group.params():
+        if reset_rows is not None:
+            reset_rows(param, mask.reshape(-1))
+            continue
         for state in optimizer_row_states(optimizer, param):
             where_rows(group, state, mask, 0.0)

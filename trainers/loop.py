@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainers.augment import crop_flip, draw_epoch
 from trainers.cgn import CgnMonitor
 from trainers.config import TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
-from trainers.filters import filter_groups
+from trainers.filters import FilterGroup, filter_groups
 from trainers.models import build_model
+from trainers.optim import RowAdam
 from trainers.pack import PACKABLE, PackedNet
 from trainers.ranking import ortho_scores, pack_logits, pack_loss
 from trainers.schemes import Scheme, TrainContext, build_scheme
@@ -78,33 +80,79 @@ def train(
     return results
 
 
-def train_one(
-    config: TrialConfig, sink: Sink, *, data: LoadedData, device: torch.device, resume: dict | None = None
-) -> TrialResult:
-    return train_pack(config, [config.seed], sink, data=data, device=device, resume=resume)[0]
+@dataclass
+class SeedProgress:
+    """One seed's running totals inside a pack: a new per-seed quantity is one field here."""
+
+    seed: int
+    epochs_done: int = 0
+    best_test_acc: float = 0.0
+    total_resets: int = 0
+    train_acc: float = math.nan  # of the last epoch
+    test_acc: float = math.nan
+    test_loss: float = math.nan
+    diverged: bool = False
 
 
 @dataclass
 class _Progress:
-    """Everything besides model/optimizer/scheme that a checkpoint must carry; lists are per seed."""
+    """Everything besides model/optimizer/scheme that a checkpoint must carry."""
 
-    seeds: list[int]
+    seeds: list[SeedProgress]
     epoch: int = 0  # epochs completed
     steps: int = 0
     wall_s: float = 0.0
-    epochs_done: list[int] = field(default_factory=list)
-    best_test_acc: list[float] = field(default_factory=list)
-    total_resets: list[int] = field(default_factory=list)
-    last: list[tuple[float, float, float]] = field(default_factory=list)  # train acc, test acc, test loss
-    diverged: list[bool] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        k = len(self.seeds)
-        self.epochs_done = self.epochs_done or [0] * k
-        self.best_test_acc = self.best_test_acc or [0.0] * k
-        self.total_resets = self.total_resets or [0] * k
-        self.last = self.last or [(math.nan, math.nan, math.nan)] * k
-        self.diverged = self.diverged or [False] * k
+    @classmethod
+    def start(cls, seeds: list[int]) -> _Progress:
+        return cls([SeedProgress(seed) for seed in seeds])
+
+    def seed_list(self) -> list[int]:
+        return [s.seed for s in self.seeds]
+
+    def state(self) -> dict[str, Any]:
+        """Plain lists and numbers, so a checkpoint loads with torch.load(weights_only=True)."""
+        return {
+            "seeds": self.seed_list(),
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "wall_s": self.wall_s,
+            "per_seed": [asdict(s) for s in self.seeds],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Progress:
+        if "per_seed" in state:
+            seeds = [SeedProgress(**s) for s in state["per_seed"]]
+        else:  # checkpoints written before per-seed records: parallel lists
+            seeds = [
+                SeedProgress(
+                    seed,
+                    state["epochs_done"][k],
+                    state["best_test_acc"][k],
+                    state["total_resets"][k],
+                    *state["last"][k],
+                    state["diverged"][k],
+                )
+                for k, seed in enumerate(state["seeds"])
+            ]
+        return cls(seeds, state["epoch"], state["steps"], state["wall_s"])
+
+
+@dataclass(frozen=True)
+class _EpochSums:
+    """One seed's device-side sums of an epoch, after the one host copy."""
+
+    train_loss: float
+    train_correct: float
+    test_loss: float
+    test_correct: float
+
+    @classmethod
+    def to_host(cls, sums: dict[str, torch.Tensor]) -> list[_EpochSums]:
+        """[K] device tensors, one per field, to one record per seed in a single transfer."""
+        columns = torch.stack([sums[name].float() for name in cls.__dataclass_fields__]).tolist()
+        return [cls(*values) for values in zip(*columns, strict=True)]
 
 
 def _make_optimizer(config: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -112,7 +160,7 @@ def _make_optimizer(config: TrialConfig, model: torch.nn.Module) -> torch.optim.
     params = [p for p in model.parameters() if p.requires_grad]
     o = config.optim
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return RowAdam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -166,12 +214,12 @@ def train_pack(
     data_gen = torch.Generator().manual_seed(config.data_seed)
     scheme_gens = [torch.Generator(device=device).manual_seed(derive_seeds(s)[1]) for s in seeds]
     ctx = TrainContext(config, model, groups, optimizer, monitor, data, scheme_gens)
-    progress = _Progress(seeds)
+    progress = _Progress.start(seeds)
     if resume is not None:
         if resume["progress"]["seeds"] != seeds:
             raise ValueError(f"resume: checkpoint is for seeds {resume['progress']['seeds']}, not {seeds}")
-        _restore(resume, model, optimizer, scheme, data_gen, scheme_gens, progress)
-    ctx.alive = [not d for d in progress.diverged]
+        progress = _restore(resume, model, optimizer, scheme, data_gen, scheme_gens)
+    ctx.alive = [not s.diverged for s in progress.seeds]
     scheme.setup(ctx)
 
     results: dict[int, TrialResult] = {}
@@ -184,53 +232,75 @@ def train_pack(
         ctx.epoch = epoch
         loss_sum, correct = _train_epoch(ctx, scheme, data, data_gen, batch, progress)
         test_loss, test_correct = evaluate(model, data.x_test, data.y_test)
-        host = torch.stack([loss_sum, correct.float(), test_loss, test_correct.float()]).tolist()
+        sums = _EpochSums.to_host(
+            {
+                "train_loss": loss_sum,
+                "train_correct": correct,
+                "test_loss": test_loss,
+                "test_correct": test_correct,
+            }
+        )
         was_alive = list(ctx.alive)
-        for k in range(len(seeds)):
-            if was_alive[k] and not math.isfinite(host[0][k]):
+        for k, seed_progress in enumerate(progress.seeds):
+            if was_alive[k] and not math.isfinite(sums[k].train_loss):
                 ctx.alive[k] = False  # its own NaNs touch no other seed; it just stops being reported
-                progress.diverged[k] = True
+                seed_progress.diverged = True
         if any(ctx.alive):
             # Drops and re-introductions belong to the epoch that ends here.
             scheme.on_epoch_end(ctx, epoch)
-        ortho = [ortho_scores(g.rows(g.weight)).sum(dim=1).tolist() for g in groups]
-        dropped = scheme.dropped_counts() or [[0] * len(seeds) for _ in groups]
+        masks = scheme.dropped_masks()
+        ortho = [_live_ortho_sums(g, masks[i] if masks else None) for i, g in enumerate(groups)]
+        dropped = [m.sum(dim=1).tolist() for m in masks] if masks else [[0] * len(seeds) for _ in groups]
         per_seed = monitor.epoch_end(epoch, dropped, ortho)
         epoch_wall = time.perf_counter() - started
         progress.epoch, progress.wall_s = epoch + 1, progress.wall_s + epoch_wall
-        for k, seed in enumerate(seeds):
+        for k, seed_progress in enumerate(progress.seeds):
             if not was_alive[k]:
                 continue
             stats, trace, resets = per_seed[k]
-            train_acc, test_acc = host[1][k] / n_train, host[3][k] / n_test
-            test_loss_k = host[2][k] / n_test
-            progress.epochs_done[k] = epoch + 1
-            progress.total_resets[k] += resets
-            progress.last[k] = (train_acc, test_acc, test_loss_k)
-            progress.best_test_acc[k] = max(progress.best_test_acc[k], test_acc)
+            seed_progress.epochs_done = epoch + 1
+            seed_progress.total_resets += resets
+            seed_progress.train_acc = sums[k].train_correct / n_train
+            seed_progress.test_acc = sums[k].test_correct / n_test
+            seed_progress.test_loss = sums[k].test_loss / n_test
+            seed_progress.best_test_acc = max(seed_progress.best_test_acc, seed_progress.test_acc)
             record = EpochRecord(
-                seed=seed,
+                seed=seed_progress.seed,
                 epoch=epoch,
                 steps=progress.steps,
-                train_loss=host[0][k] / n_train,
-                train_acc=train_acc,
-                test_loss=test_loss_k,
-                test_acc=test_acc,
+                train_loss=sums[k].train_loss / n_train,
+                train_acc=seed_progress.train_acc,
+                test_loss=seed_progress.test_loss,
+                test_acc=seed_progress.test_acc,
                 wall_s=epoch_wall,
                 layers=stats,
             )
             sink.on_epoch(record, trace)
-            if progress.diverged[k]:
-                results[k] = _result(config, seed, k, data, progress, scheme)
+            if seed_progress.diverged:
+                results[k] = _result(config, k, data, progress, scheme, device)
                 sink.on_result(results[k])
         if any(ctx.alive):
             sink.on_checkpoint(epoch, _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress))
 
-    for k, seed in enumerate(seeds):
+    for k in range(len(seeds)):
         if k not in results:
-            results[k] = _result(config, seed, k, data, progress, scheme)
+            results[k] = _result(config, k, data, progress, scheme, device)
             sink.on_result(results[k])
     return [results[k] for k in range(len(seeds))]
+
+
+def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[float]:
+    """Per seed, the sum of RePr's O^f over the live filters, each scored against live filters only
+    (J = live count), as the paper's Fig. 7 reports it. A dropped (zero) filter would otherwise add
+    |0 - 1| / J from its own diagonal."""
+    rows = group.rows(group.weight)
+    if dropped is None or not bool(dropped.any()):
+        return ortho_scores(rows).sum(dim=1).tolist()
+    out = []
+    for k in range(group.seeds):
+        live = ~dropped[k]
+        out.append(float(ortho_scores(rows[k][live].unsqueeze(0)).sum()) if bool(live.any()) else 0.0)
+    return out
 
 
 def _train_epoch(
@@ -245,6 +315,7 @@ def _train_epoch(
     device = data.x_train.device
     n_train = len(data.x_train)
     order = torch.randperm(n_train, generator=data_gen).to(device)
+    draws = draw_epoch(ctx.config.data.augment, n_train, data_gen, device)  # None (no draw) for "none"
     loss_sum = torch.zeros(len(ctx.generators), device=device)
     correct = torch.zeros(len(ctx.generators), device=device, dtype=torch.long)
     model.train()
@@ -252,6 +323,8 @@ def _train_epoch(
         idx = order[start : start + batch]
         size = min(batch, n_train - start)
         x, y = data.x_train[idx], data.y_train[idx]
+        if draws is not None:
+            x = crop_flip(x, draws[start : start + batch])
         logits = pack_logits(model, x)
         loss, per_seed = pack_loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -268,27 +341,33 @@ def _train_epoch(
 
 
 def _result(
-    config: TrialConfig, seed: int, k: int, data: LoadedData, progress: _Progress, scheme: Scheme
+    config: TrialConfig,
+    k: int,
+    data: LoadedData,
+    progress: _Progress,
+    scheme: Scheme,
+    device: torch.device,
 ) -> TrialResult:
-    chance = 1.0 / data.num_classes
-    train_acc, test_acc, test_loss = progress.last[k]
-    diverged = progress.diverged[k]
+    seed = progress.seeds[k]
+    chance = data.chance
     return TrialResult(
-        seed=seed,
-        epochs_done=progress.epochs_done[k],
-        final_test_acc=test_acc,
-        final_train_acc=train_acc,
-        best_test_acc=progress.best_test_acc[k],
-        final_test_loss=test_loss,
+        seed=seed.seed,
+        epochs_done=seed.epochs_done,
+        final_test_acc=seed.test_acc,
+        final_train_acc=seed.train_acc,
+        best_test_acc=seed.best_test_acc,
+        final_test_loss=seed.test_loss,
         chance=chance,
         failure_margin=config.failure_margin,
-        failed=diverged or not (test_acc > chance + config.failure_margin),
-        diverged=diverged,
-        total_resets=progress.total_resets[k],
+        failed=seed.diverged or not (seed.test_acc > chance + config.failure_margin),
+        diverged=seed.diverged,
+        total_resets=seed.total_resets,
         reinit_fallbacks=scheme.reinit_fallbacks[k] if scheme.reinit_fallbacks else 0,
         wall_s=progress.wall_s,
         pack_size=len(progress.seeds),
-        failure_rule=failure_rule_text(config.failure_margin),
+        failure_rule=failure_rule_text(config.failure_margin, chance),
+        device=str(device),
+        threads=torch.get_num_threads(),
     )
 
 
@@ -300,16 +379,15 @@ def _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress: _Progre
         "scheme": scheme.state_dict(),
         "data_gen": data_gen.get_state(),
         "scheme_gens": [g.get_state() for g in scheme_gens],
-        "progress": vars(progress).copy(),
+        "progress": progress.state(),
     }
 
 
-def _restore(state, model, optimizer, scheme, data_gen, scheme_gens, progress: _Progress) -> None:
+def _restore(state, model, optimizer, scheme, data_gen, scheme_gens) -> _Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheme.load_state_dict(state["scheme"])
     data_gen.set_state(state["data_gen"])
     for gen, saved in zip(scheme_gens, state["scheme_gens"], strict=True):
         gen.set_state(saved)
-    for key, value in state["progress"].items():
-        setattr(progress, key, value)
+    return _Progress.from_state(state["progress"])

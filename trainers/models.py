@@ -40,15 +40,28 @@ class FilterLayer:
 
 
 class ConvUnit(nn.Module):
-    """MXNet's ConvFactory: conv (with bias) -> [BatchNorm] -> ReLU."""
+    """MXNet's ConvFactory: conv (with bias) -> [BatchNorm] -> ReLU.
+
+    ResNet units pass bias=False (BN follows) and, where a residual sum comes next, an identity
+    `act`: the schemes' hooks on `act` must see this conv's own output, not the sum.
+    """
 
     def __init__(
-        self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int = 0, batchnorm: bool
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        batchnorm: bool,
+        bias: bool = True,
+        act: nn.Module | None = None,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS, momentum=BN_MOMENTUM) if batchnorm else None
-        self.act = nn.ReLU()
+        self.act = nn.ReLU() if act is None else act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -156,10 +169,67 @@ def _vanilla_cnn(
     return FilterNet(layers)
 
 
+class BasicBlock(nn.Module):
+    """He et al.'s basic block: ReLU(BN(conv(ReLU(BN(conv(x))))) + shortcut(x)).
+
+    conv2 ends in its own identity `act` (its BN output, before the sum), and the ReLU after the sum
+    is `relu`, a separate module: a FilterLayer's act sees only its own layer. The shortcut is a
+    1x1 conv + BN where the shape changes (option B), else the identity. Submodules are registered
+    in forward order (conv1, conv2, shortcut), so hooks fire in `filter_layers()` order.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        unit = dict(batchnorm=True, bias=False)
+        self.conv1 = ConvUnit(cin, cout, 3, stride=stride, padding=1, **unit)
+        self.conv2 = ConvUnit(cout, cout, 3, padding=1, act=nn.Identity(), **unit)
+        projects = stride != 1 or cin != cout
+        self.shortcut = ConvUnit(cin, cout, 1, stride=stride, act=nn.Identity(), **unit) if projects else None
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.conv1(x))
+        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+RESNET20_WIDTHS = (16, 32, 64)
+RESNET20_BLOCKS = 3  # per stage: 6n + 2 = 20 layers with n = 3
+
+
+def _resnet20(
+    cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: int, batchnorm: bool
+) -> FilterNet:
+    """The CIFAR ResNet-20 of He et al. 2016 (§4.2), with 1x1 projection shortcuts (option B).
+
+    3x3 conv 16, three stages of 3 basic blocks (16, 32, 64 filters; stride 2 at the first block of
+    stages 2 and 3), global average pool, FC: 19 3x3 convs + 2 shortcut convs, 784 filters. BN
+    follows every conv whatever `batchnorm` says (it is part of the architecture; the config reports
+    it through `TrialConfig.uses_batchnorm`), with this project's BN convention (gamma fixed at 1,
+    eps 1e-3; He et al. learn gamma). Convs have no bias, as BN follows. Global pooling makes it work
+    for any input size. `cfg.filters`, `depth`, `hidden_fc` and `padding` do not apply.
+    """
+    width = RESNET20_WIDTHS[0]
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv1=ConvUnit(in_channels, width, 3, padding=1, batchnorm=True, bias=False)
+    )
+    for s, cout in enumerate(RESNET20_WIDTHS, start=1):
+        blocks = OrderedDict()
+        for b in range(1, RESNET20_BLOCKS + 1):
+            stride = 2 if s > 1 and b == 1 else 1
+            blocks[f"block{b}"] = BasicBlock(width, cout, stride)
+            width = cout
+        layers[f"stage{s}"] = nn.Sequential(blocks)
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(width, num_classes)
+    return FilterNet(layers)
+
+
 MODELS: dict[str, Callable[..., FilterNet]] = {
     "crater_cnn": _crater_cnn,
     "inception28": _inception28,
     "vanilla_cnn": _vanilla_cnn,
+    "resnet20": _resnet20,
 }
 
 
@@ -219,7 +289,8 @@ def _initialize(model: nn.Module, init: str, generator: torch.Generator) -> None
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             module.weight.copy_(_draw(module.weight, init, generator))
-            module.bias.zero_()
+            if module.bias is not None:  # ResNet convs have none (BN follows)
+                module.bias.zero_()
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
             module.weight.fill_(1.0).requires_grad_(False)  # gamma fixed at 1, as MXNet's fix_gamma

@@ -165,11 +165,14 @@ def score_filters(
 
 
 def global_drop_masks(
-    scores: list[torch.Tensor], eligible: list[bool], fraction: float
+    scores: list[torch.Tensor], eligible: list[bool], fraction: float, *, of_all: bool = False
 ) -> list[torch.Tensor]:
-    """Drop the top `fraction` of all eligible filters of one seed, ranked globally.
+    """Drop the top-scored filters of one seed, ranked globally over the eligible layers.
 
-    scores are per-layer [F] tensors of one seed; every layer keeps at least one filter.
+    How many: `fraction` of the eligible filters, or with `of_all` of every filter, the excluded
+    first layer included (C3(32) at p = 0.3: 19 of the 64 eligible, or 29 of all 96; either way only
+    eligible filters are dropped). scores are per-layer [F] tensors of one seed; every layer keeps at
+    least one filter.
     """
     device = scores[0].device
     masks = [torch.zeros(len(s), dtype=torch.bool, device=device) for s in scores]
@@ -179,7 +182,7 @@ def global_drop_masks(
     flat = torch.cat([s for _, s in pool])
     owner = torch.cat([torch.full((len(s),), i) for i, s in pool]).tolist()
     index = torch.cat([torch.arange(len(s)) for _, s in pool]).tolist()
-    n_drop = int(round(fraction * len(flat)))
+    n_drop = int(round(fraction * (sum(len(s) for s in scores) if of_all else len(flat))))
     order = torch.sort(flat, descending=True, stable=True).indices.tolist()
     left = {i: len(s) for i, s in pool}
     for k in order:

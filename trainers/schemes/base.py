@@ -67,8 +67,8 @@ class Scheme:
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
         """Epoch `epoch` (0-based) is complete and has been evaluated."""
 
-    def dropped_counts(self) -> list[list[int]] | None:
-        """Filters currently masked out, [layer][seed], or None when the scheme never masks."""
+    def dropped_masks(self) -> list[torch.Tensor] | None:
+        """Filters currently masked out, per layer [K, F] (True = dropped), or None when none are."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

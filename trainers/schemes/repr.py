@@ -6,8 +6,9 @@ orthogonal to the kept ones and to their own old values; repeat N times, then
 train the full net to the end.
 
 While dropped, a filter is masked in the forward pass by holding its weight,
-bias and BatchNorm beta at zero (so its output is exactly zero, with or without
-BN), and its optimizer state is frozen at its value at the drop. Both are
+bias, BatchNorm beta and BatchNorm running mean at zero (so its output is
+exactly zero, with or without BN, in train and in eval mode), and its optimizer
+state is frozen at its value at the drop. Both are
 restored with `torch.where` after every step, so "dropped filters do not
 change during S2" holds exactly and no host sync is needed. On
 re-introduction the paper's advice is followed: Adam moments (and SGD
@@ -51,8 +52,8 @@ class RePr(Scheme):
     def eligible(self, ctx: TrainContext) -> list[bool]:
         return [self.cfg.include_first_layer or i > 0 for i in range(len(ctx.groups))]
 
-    def dropped_counts(self) -> list[list[int]] | None:
-        return None if self.drop is None else [m.sum(dim=1).tolist() for m in self.drop]
+    def dropped_masks(self) -> list[torch.Tensor] | None:
+        return self.drop
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
         done = epoch + 1
@@ -69,7 +70,12 @@ class RePr(Scheme):
             )
         eligible = self.eligible(ctx)
         per_seed = [
-            global_drop_masks([s[k] for s in scores], eligible, self.cfg.drop_fraction)
+            global_drop_masks(
+                [s[k] for s in scores],
+                eligible,
+                self.cfg.drop_fraction,
+                of_all=self.cfg.drop_fraction_of == "all",
+            )
             if ctx.alive[k]
             else None
             for k in range(len(ctx.generators))
@@ -96,7 +102,11 @@ class RePr(Scheme):
     def _apply_mask(self, ctx: TrainContext) -> None:
         assert self.drop is not None
         for group, mask, frozen in zip(ctx.groups, self.drop, self.frozen_state, strict=True):
-            held = [group.weight, group.bias, group.bn.bias if group.bn is not None else None]
+            # The BN running mean too: in eval mode BN outputs (0 - running_mean) / sqrt(var + eps) + beta,
+            # which is zero only when the mean is (with zero weight and bias, a train-mode batch's is).
+            bn = group.bn
+            held = [group.weight, group.bias, bn.bias if bn is not None else None]
+            held += [bn.running_mean] if bn is not None and bn.running_mean is not None else []
             for t in held:
                 if t is not None:
                     where_rows(group, t, mask, 0.0)
