@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import save  # noqa: E402
+from orchestrator.run.trial import pack_key, run_trials  # noqa: E402
 from orchestrator.spec import load_plan  # noqa: E402
-from orchestrator.trial import pack_key, run_trials  # noqa: E402
 from trainers.data import load_data  # noqa: E402
 from trainers.loop import pick_device  # noqa: E402
 

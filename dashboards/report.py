@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.figures import Rendered, all_figures, arm_label, failure_rule
-from orchestrator.stats import BASELINE
+from dashboards.stats import BASELINE
 
 ALPHA = 0.05
 

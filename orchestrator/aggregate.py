@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from orchestrator.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
 from trainers.events import failure_rule_text
 
 # metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
@@ -63,7 +63,7 @@ _RESULT_FIELDS = (
 class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
-    summary: pd.DataFrame  # orchestrator.stats.SUMMARY_COLUMNS
+    summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
 
 
 def _read_json(path: Path) -> Any:

@@ -66,7 +66,7 @@ def train(
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
 ) -> None:
     """Train one trial: results to a trial directory first, then one MLflow run."""
-    from orchestrator.single import build_trial_config, run_single
+    from orchestrator.run.single import build_trial_config, run_single
 
     flags = {
         "scheme.name": scheme,
@@ -99,9 +99,9 @@ def sweep(
     ] = None,
 ) -> None:
     """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
+    from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
+    from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.spec import load_plan
-    from orchestrator.sweep import check_local_data, cluster_address, run_sweep
-    from orchestrator.sweep import dry_run as show_plan
 
     plan = load_plan(spec)  # every trial validated before anything is created
     if dry_run:
@@ -129,8 +129,8 @@ def aggregate(
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import format_summary_table
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import attach_to_parent
+    from orchestrator.run.sweep import resolve_sweep_dir
+    from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = resolve_sweep_dir(sweep, results_root())
     result = aggregate_sweep(sweep_dir)
@@ -145,8 +145,8 @@ def report(
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import attach_to_parent
+    from orchestrator.run.sweep import resolve_sweep_dir
+    from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = resolve_sweep_dir(sweep, results_root())
     try:
@@ -164,8 +164,8 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import ui_argv
+    from orchestrator.run.sweep import resolve_sweep_dir
+    from orchestrator.tracking.sweep import ui_argv
 
     argv = ui_argv(resolve_sweep_dir(sweep, results_root()), port)
     console.print(" ".join(argv))
@@ -183,9 +183,9 @@ def sync(
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import one_line
-    from orchestrator.sync import sync_sweep
+    from orchestrator.run.sweep import resolve_sweep_dir
+    from orchestrator.tracking.sweep import one_line
+    from orchestrator.tracking.sync import sync_sweep
 
     sweep_dir = resolve_sweep_dir(sweep, results_root())
     try:
@@ -216,8 +216,8 @@ def submit(
     address: RayAddress,
 ) -> None:
     """Validate a sweep here, then run `lottery sweep SPEC` on a Ray cluster as a job; prints the job id."""
+    from orchestrator.run.submit import submit_sweep
     from orchestrator.spec import load_plan
-    from orchestrator.submit import submit_sweep
 
     plan = load_plan(spec)  # a mistake costs nothing on the cluster
     job_id = submit_sweep(spec, plan, address, os.environ)
@@ -231,7 +231,7 @@ def status(
     job_id: Annotated[str, typer.Argument(help="Job id printed by submit.")], address: RayAddress
 ) -> None:
     """Print a job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    from orchestrator.submit import job_status
+    from orchestrator.run.submit import job_status
 
     state, message = job_status(job_id, address)
     print(f"{job_id}: {state}" + (f" ({message})" if message else ""))
@@ -247,7 +247,7 @@ def logs(
     ] = False,
 ) -> None:
     """Print a job's driver output (the sweep's progress lines)."""
-    from orchestrator.submit import print_logs
+    from orchestrator.run.submit import print_logs
 
     state = print_logs(job_id, address, follow=follow)
     if follow:

@@ -88,7 +88,7 @@ def read_result(trial_dir: Path) -> dict[str, Any] | None:
 
 class TrialDirSink:
     """One seed's records into its trial directory (checkpoints belong to the trial's pack:
-    see orchestrator/trial.py, where a lone seed's pack directory is its trial directory)."""
+    see orchestrator/run/trial.py, where a lone seed's pack directory is its trial directory)."""
 
     def __init__(self, trial_dir: Path, config: TrialConfig, sweep: str) -> None:
         self.dir = trial_dir

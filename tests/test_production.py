@@ -33,13 +33,13 @@ import pytest
 import yaml
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from mlflow.tracking import MlflowClient
+from server import stop_process_group
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.server import stop_process_group
+from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
-from orchestrator.sweep_tracking import SweepRecord
-from orchestrator.tune_trial import read_attempts
+from orchestrator.tracking.sweep import SweepRecord
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import pytest
 from sweepfactory import FakeTrial, lottery_trials, write_sweep
 
 from dashboards.report import build_report
+from dashboards.stats import SUMMARY_COLUMNS, TRIAL_COLUMNS
 from orchestrator.aggregate import AggregateResult, aggregate
-from orchestrator.stats import SUMMARY_COLUMNS, TRIAL_COLUMNS
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARMS = [("baseline", {}), ("batchnorm", {}), ("repr", {})] + [

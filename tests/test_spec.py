@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import UserError
+from orchestrator.run.sweep import record_plan
 from orchestrator.spec import SweepSpec, expand, load_plan
-from orchestrator.sweep import record_plan
 
 BASE = {
     "data": {"name": "synthetic", "synthetic_samples": 200},

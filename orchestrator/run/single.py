@@ -32,7 +32,7 @@ def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list
 def run_single(
     config: TrialConfig, *, root: Path, tracking_uri: str | None, experiment: str, log: bool = True
 ) -> dict[str, Any]:
-    from orchestrator.trial import run_trial
+    from orchestrator.run.trial import run_trial
     from trainers.data import load_data
     from trainers.loop import pick_device
 
@@ -63,7 +63,7 @@ def run_single(
 
 
 def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> None:
-    from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
+    from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 
     uri = tracking_uri or default_tracking_uri(root)
     try:

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, TextIO
 
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
-from orchestrator.tracking import refuse_password
+from orchestrator.tracking.runs import refuse_password
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Ray also honours .gitignore (which covers .venv, runs and .env); these hold even if that is turned off.
 EXCLUDES = [".venv", "runs", ".git", ".env", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 PASSED_VARIABLES = ("MLFLOW_TRACKING_URI",)

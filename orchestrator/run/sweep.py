@@ -4,7 +4,7 @@ Layout under `<storage>/<name>/` (the sweep directory):
   spec.json    the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)
   trials.json  the planned trials in order (what aggregation treats as the denominator)
   sweep.json   tracking URI, experiment id and parent run id (reused on resume)
-  trials/<trial_key>/  each trial's durable directory (orchestrator.trial_dir)
+  trials/<trial_key>/  each trial's durable directory (orchestrator.layout)
   tune/        Tune's experiment state and per-epoch marker checkpoints (what `Tuner.restore` reads)
   mlflow.db, mlartifacts/  the default embedded tracking store
 
@@ -17,7 +17,7 @@ state is unreadable (a driver killed while Tune was writing it), that state is m
 read from their directories and unfinished ones resume from their own checkpoints.
 
 On a Ray cluster, submit the driver as a job (the job's RAY_ADDRESS attaches it to the cluster):
-  lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/submit.py)
+  lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/run/submit.py)
 which validates the spec here first and uploads this checkout as the job's working_dir. Trials write
 `<storage_path>/<name>/` on the node that runs them, so storage_path must be storage every node
 mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
@@ -54,13 +54,13 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import UserError
+from orchestrator.layout import ERROR, RESULT, atomic_write_json, read_json
 from orchestrator.spec import SweepPlan
-from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
 
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
     from ray.tune import Tuner
 
-    from orchestrator.sweep_tracking import SweepRecord
+    from orchestrator.tracking.sweep import SweepRecord
 
 TUNE_DIR = "tune"
 SPEC_FILE, PLAN_FILE = "spec.json", "trials.json"
@@ -182,8 +182,8 @@ def run_sweep(
     address: str | None = None,
     console: Console | None = None,
 ) -> SweepOutcome:
-    from orchestrator.progress import OneLineErrors
-    from orchestrator.tracking import default_tracking_uri, refuse_password
+    from orchestrator.run.progress import OneLineErrors
+    from orchestrator.tracking.runs import default_tracking_uri, refuse_password
 
     console = console or Console(stderr=True)
     sweep_dir = sweep_dir_for(plan, root)
@@ -253,7 +253,7 @@ def _open_tracking(
     plan: SweepPlan, sweep_dir: Path, uri: str, keys: list[str], console: Console
 ) -> SweepRecord | None:
     """Experiment and parent run first, then catch up on finished trials that have no run yet."""
-    from orchestrator.sweep_tracking import one_line, open_sweep, reconcile
+    from orchestrator.tracking.sweep import one_line, open_sweep, reconcile
 
     try:
         record = open_sweep(plan, sweep_dir, uri)
@@ -275,7 +275,7 @@ def _close_tracking(
     console: Console,
 ) -> bool:
     """Log what the callback could not, then close the parent run; False if the store failed us."""
-    from orchestrator.sweep_tracking import close_sweep, one_line, reconcile
+    from orchestrator.tracking.sweep import close_sweep, one_line, reconcile
 
     try:
         reconcile(record, sweep_dir, keys, errored=True)
@@ -364,9 +364,9 @@ def _restorable(path: Path, console: Console) -> bool:
 def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) -> Tuner:
     from ray import tune
 
-    from orchestrator.progress import ProgressCallback
-    from orchestrator.sweep_tracking import TrackingCallback
-    from orchestrator.tune_trial import FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.run.progress import ProgressCallback
+    from orchestrator.run.trainable import FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.tracking.sweep import TrackingCallback
 
     spec = plan.spec
     context = TrialContext(
@@ -398,7 +398,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
             name=TUNE_DIR,
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Keep every (epoch-marker) checkpoint: see orchestrator/tune_trial.py for why none is deleted.
+            # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
                 ProgressCallback(spec.name, len(plan.units)),

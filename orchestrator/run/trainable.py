@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from ray import tune
 
-from orchestrator.trial import pack_key, run_trials
-from orchestrator.trial_dir import CHECKPOINT, TrialDirSink, read_result
+from orchestrator.layout import CHECKPOINT, TrialDirSink, read_result
+from orchestrator.run.trial import pack_key, run_trials
 from trainers.config import DataConfig, TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import EpochRecord

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.trial_dir import CHECKPOINT, TrialDirSink, read_result
+from orchestrator.layout import CHECKPOINT, TrialDirSink, read_result
 from trainers.config import TrialConfig
 from trainers.data import LoadedData
 from trainers.events import CgnTrace, EpochRecord, TrialResult

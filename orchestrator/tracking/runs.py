@@ -29,7 +29,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.trial_dir import CONFIG, ERROR, LAYERS, METRICS, RESULT, TRACE, read_json  # noqa: E402
+from orchestrator.layout import CONFIG, ERROR, LAYERS, METRICS, RESULT, TRACE, read_json  # noqa: E402
 
 EPOCH_METRICS = (
     "train_loss",

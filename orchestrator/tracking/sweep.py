@@ -9,7 +9,7 @@ Logging happens in the driver, from the trial directories, never in the trials:
   * `reconcile` replays any trial directory that has no complete run yet: at start-up (a
     driver killed between a trial's result and its run) and at the end (an outage).
 A tracking failure is reported and skipped: the results are on disk, and `reconcile` (on the
-next invocation) or `lottery sync` (orchestrator/sync.py) catches up.
+next invocation) or `lottery sync` (orchestrator/tracking/sync.py) catches up.
 
 `<sweep_dir>/sweep.json` remembers the tracking URI, experiment and parent run, so a
 resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the store.
@@ -34,9 +34,9 @@ from ray.tune import Callback
 from rich.console import Console
 
 from orchestrator.errors import UserError
+from orchestrator.layout import ERROR, RESULT, atomic_write_json, read_json
 from orchestrator.spec import SweepPlan
-from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
-from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
+from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 
 SWEEP_FILE = "sweep.json"
 LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")

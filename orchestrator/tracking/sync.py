@@ -21,11 +21,11 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from orchestrator.errors import UserError
+from orchestrator.layout import read_json
+from orchestrator.run.sweep import PLAN_FILE, SPEC_FILE, count_trials
 from orchestrator.spec import SweepPlan, SweepSpec, expand
-from orchestrator.sweep import PLAN_FILE, SPEC_FILE, count_trials
-from orchestrator.sweep_tracking import SweepRecord, close_sweep, open_sweep, reconcile
-from orchestrator.tracking import client_for, default_tracking_uri, refuse_password
-from orchestrator.trial_dir import read_json
+from orchestrator.tracking.runs import client_for, default_tracking_uri, refuse_password
+from orchestrator.tracking.sweep import SweepRecord, close_sweep, open_sweep, reconcile
 
 PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
 
