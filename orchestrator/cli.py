@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from orchestrator import layout
 from orchestrator.errors import UserError, user_errors
 
 app = typer.Typer(
@@ -28,11 +29,6 @@ def table_console() -> Console:
 @app.callback()
 def _root() -> None:
     """Seed sweeps of CNN training schemes, tracked in MLflow. RAY_AUTH_MODE: see README."""
-
-
-def results_root() -> Path:
-    """Where results live unless told otherwise: $LOTTERY_HOME or ./runs."""
-    return Path(os.environ.get("LOTTERY_HOME", "runs"))
 
 
 @app.command()
@@ -82,7 +78,11 @@ def train(
     }
     trial = build_trial_config(config, flags, set_ or [])
     run_single(
-        trial, root=out or results_root(), tracking_uri=tracking_uri, experiment=experiment, log=not no_mlflow
+        trial,
+        root=out or layout.results_root(),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        log=not no_mlflow,
     )
 
 
@@ -105,11 +105,11 @@ def sweep(
 
     plan = load_plan(spec)  # every trial validated before anything is created
     if dry_run:
-        show_plan(plan, results_root(), table_console())
+        show_plan(plan, layout.results_root(), table_console())
         return
     if cluster_address(plan, address) is None:
         check_local_data(plan)
-    outcome = run_sweep(plan, root=results_root(), resume=resume, address=address, console=console)
+    outcome = run_sweep(plan, root=layout.results_root(), resume=resume, address=address, console=console)
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
@@ -129,13 +129,13 @@ def aggregate(
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import format_summary_table
-    from orchestrator.run.sweep import resolve_sweep_dir
     from orchestrator.tracking.sweep import attach_to_parent
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
-    attach_to_parent(sweep_dir, sorted((sweep_dir / "aggregate").glob("*.parquet")), "aggregate", console)
+    tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
+    attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
 
 
 @app.command()
@@ -145,15 +145,15 @@ def report(
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
-    from orchestrator.run.sweep import resolve_sweep_dir
+    from orchestrator.aggregate import read_aggregate
     from orchestrator.tracking.sweep import attach_to_parent
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
-    try:
-        html = build_report(sweep_dir)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-    attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], "report", console)
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    tables = read_aggregate(sweep_dir)  # the report reads nothing else
+    html = build_report(
+        tables.trials, tables.epochs, tables.summary, layout.report_dir(sweep_dir), name=sweep_dir.name
+    )
+    attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)
     print(html)
 
 
@@ -164,10 +164,9 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
-    from orchestrator.run.sweep import resolve_sweep_dir
     from orchestrator.tracking.sweep import ui_argv
 
-    argv = ui_argv(resolve_sweep_dir(sweep, results_root()), port)
+    argv = ui_argv(layout.resolve_sweep_dir(sweep, layout.results_root()), port)
     console.print(" ".join(argv))
     os.execv(argv[0], argv)
 
@@ -183,11 +182,10 @@ def sync(
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.run.sweep import resolve_sweep_dir
     from orchestrator.tracking.sweep import one_line
     from orchestrator.tracking.sync import sync_sweep
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     try:
         report = sync_sweep(sweep_dir, tracking_uri)
     except MlflowException as exc:
