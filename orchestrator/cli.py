@@ -11,6 +11,7 @@ from rich.console import Console
 
 from orchestrator import layout
 from orchestrator.errors import UserError, user_errors
+from trainers.schemes import SCHEMES
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +38,7 @@ def train(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Trial YAML (TrialConfig fields).")
     ] = None,
-    scheme: Annotated[str | None, typer.Option(help="baseline | batchnorm | randomout | repr")] = None,
+    scheme: Annotated[str | None, typer.Option(help=" | ".join(SCHEMES))] = None,
     model: Annotated[str | None, typer.Option(help="crater_cnn | inception28 | vanilla_cnn")] = None,
     dataset: Annotated[
         str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")

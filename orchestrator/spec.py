@@ -29,9 +29,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import UserError
-from trainers.config import SCHEMES, TrialConfig
+from trainers.config import TrialConfig
 from trainers.loop import can_pack
 from trainers.pack import auto_pack_size
+from trainers.schemes import SCHEMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BASE_RESERVED = {
