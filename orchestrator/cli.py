@@ -177,7 +177,8 @@ def ui(
 def sync(
     sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow URI for this run of sync (default: the one in sweep.json).")
+        str | None,
+        typer.Option(help=f"MLflow URI for this run of sync (default: the one in {layout.RECORD})."),
     ] = None,
 ) -> None:
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""

@@ -105,6 +105,7 @@ def _chromium(args: list[str], page: Path, profile: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.integration  # Chromium
 def test_report_renders_every_figure(full_sweep: tuple[Path, AggregateResult], tmp_path: Path) -> None:
     sweep_dir, _ = full_sweep
     page = report_of(sweep_dir, tmp_path / "report")

@@ -31,6 +31,8 @@ from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "data": {"name": "digits"},
