@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test lint demo bench clean chromium
+.PHONY: install check test lint demo bench clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The fast loop: lint and every test that starts no Ray, MLflow server, PostgreSQL or Chromium.
+check: install lint
+	$(BIN)/python -m pytest -q -m "not integration"
+
+# Everything, as CI runs it (.ci/run).
 test: install chromium lint
 	$(BIN)/python -m pytest -q
 

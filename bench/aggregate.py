@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sweepfactory import lottery_trials, write_sweep  # noqa: E402
 
 from bench.common import save  # noqa: E402
+from dashboards.stats import TRIAL_COLUMNS, summarise  # noqa: E402
 from orchestrator.aggregate import load_epochs, load_trials  # noqa: E402
-from orchestrator.stats import TRIAL_COLUMNS, summarise  # noqa: E402
 
 ARMS = [("baseline", {}), ("batchnorm", {}), ("repr", {})] + [
     ("randomout", {"tau": 10.0**-e, "active_fraction": p})

@@ -18,7 +18,6 @@ by +-20-40% between runs; compare the ratio, not the seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,14 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import save  # noqa: E402
+from orchestrator import layout  # noqa: E402
+from orchestrator.run.trial import pack_key, run_trials  # noqa: E402
 from orchestrator.spec import load_plan  # noqa: E402
-from orchestrator.trial import pack_key, run_trials  # noqa: E402
 from trainers.data import load_data  # noqa: E402
 from trainers.loop import pick_device  # noqa: E402
 
 
 def trial_seconds(sweep_dir: Path) -> float:
-    return sum(json.loads(p.read_text())["wall_s"] for p in sweep_dir.glob("trials/*/result.json"))
+    results = (layout.read_result(d) for d in layout.trials_root(sweep_dir).iterdir())
+    return sum(r["wall_s"] for r in results if r is not None)
 
 
 def plain_loop(spec: Path, out: Path) -> tuple[float, float]:
@@ -55,10 +56,9 @@ def plain_loop(spec: Path, out: Path) -> tuple[float, float]:
         key = (first.data.model_dump_json(), first.data_seed)
         if key not in cache:
             cache[key] = load_data(first.data, first.data_seed, pick_device(first.device))
-        dirs = [out / "trials" / t.trial_key() for t in members]
-        run_trials(
-            members, dirs, sweep=plan.spec.name, pack_dir=out / "packs" / pack_key(members), data=cache[key]
-        )
+        dirs = [layout.trial_dir(out, t.trial_key()) for t in members]
+        unit_dir = layout.pack_dir(out, pack_key(members))
+        run_trials(members, dirs, sweep=plan.spec.name, pack_dir=unit_dir, data=cache[key])
     return time.perf_counter() - start, trial_seconds(out)
 
 

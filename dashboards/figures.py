@@ -1,6 +1,6 @@
 """The RandomOut paper's figures, drawn from the aggregated tables only.
 
-Each builder takes the `trials` / `epochs` tables (see orchestrator.stats / orchestrator.aggregate)
+Each builder takes the `trials` / `epochs` tables (see dashboards.stats / orchestrator.aggregate)
 and returns a `Rendered`: either a matplotlib Figure with a caption that states n, the failure
 rule and the interval shown, or the reason the figure could not be drawn. Figures are plain
 `Figure` objects (Agg canvas, no pyplot state), so building a report never opens a window.
@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from orchestrator.stats import BASELINE, paired_gains
+from dashboards.stats import BASELINE, paired_gains
 
 IQR_BAND = "line = median over seeds, band = interquartile range (25th-75th percentile)"
 

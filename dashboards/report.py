@@ -1,4 +1,4 @@
-"""One self-contained HTML report of a sweep, built from `<sweep_dir>/aggregate/*.parquet`.
+"""One self-contained HTML report of a sweep, built from its aggregated tables (trials, epochs, summary).
 
 Self-contained means one file to mail or archive: figures are embedded as base64 PNG data
 URIs, there is no external CSS or script. The page states n, the failure rule and every
@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.figures import Rendered, all_figures, arm_label, failure_rule
-from orchestrator.stats import BASELINE
+from dashboards.stats import BASELINE
 
 ALPHA = 0.05
 
@@ -140,26 +140,17 @@ def _skipped_html(skipped: list[Rendered]) -> str:
     return f"<ul id=skipped>{items}</ul>"
 
 
-def _read_tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    agg = sweep_dir / "aggregate"
-    paths = [agg / f"{name}.parquet" for name in ("trials", "epochs", "summary")]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{agg} lacks {missing}: run `lottery aggregate {sweep_dir}` first")
-    trials, epochs, summary = (pd.read_parquet(p) for p in paths)
-    return trials, epochs, summary
-
-
-def build_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
+def build_report(
+    trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path, *, name: str
+) -> Path:
     """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
 
-    Reads only the aggregated tables (default out_dir: `<sweep_dir>/report`).
+    The tables are the aggregated ones (dashboards.stats: TRIAL_COLUMNS, SUMMARY_COLUMNS; the
+    epochs table of orchestrator.aggregate). The page is titled by the trials' sweep, else `name`.
     """
-    sweep_dir = Path(sweep_dir)
-    out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials, epochs, summary = _read_tables(sweep_dir)
-    sweep = str(trials["sweep"].dropna().iloc[0]) if trials["sweep"].notna().any() else sweep_dir.name
+    sweep = str(trials["sweep"].dropna().iloc[0]) if trials["sweep"].notna().any() else name
     rendered = all_figures(trials, epochs, summary)
     figures = []
     for r in rendered:

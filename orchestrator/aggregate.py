@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from orchestrator.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from orchestrator import layout
+from orchestrator.errors import UserError
 from trainers.events import failure_rule_text
 
 # metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
@@ -63,18 +65,12 @@ _RESULT_FIELDS = (
 class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
-    summary: pd.DataFrame  # orchestrator.stats.SUMMARY_COLUMNS
-
-
-def _read_json(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return json.load(f)
+    summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
 
 
 def _planned(sweep_dir: Path, on_disk: set[str]) -> list[dict[str, Any]]:
     """The plan from trials.json, followed by any trial directory the plan does not list."""
-    plan_path = sweep_dir / "trials.json"
-    plan: list[dict[str, Any]] = _read_json(plan_path) if plan_path.exists() else []
+    plan: list[dict[str, Any]] = layout.read_plan(sweep_dir) if layout.plan_file(sweep_dir).exists() else []
     listed = {p["trial_key"] for p in plan}
     return plan + [{"trial_key": k} for k in sorted(on_disk - listed)]
 
@@ -84,21 +80,20 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
     if trial_dir is None:
         row["status"] = "pending"
         return row
-    files = set(os.listdir(trial_dir))
-    if "config.json" in files:
-        config = _read_json(trial_dir / "config.json")
+    status = layout.trial_status(trial_dir)
+    if (trial_dir / layout.CONFIG).exists():
+        config = layout.read_json(trial_dir / layout.CONFIG)
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
-    if "result.json" in files:
-        result = _read_json(trial_dir / "result.json")
-        row.update({k: result[k] for k in _RESULT_FIELDS if k in result})
+    if status.result is not None:
+        row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
         row["status"] = "finished"
         return row
-    row["status"] = "errored" if "error.txt" in files else "incomplete"
-    if "metrics.parquet" in files:  # how far it got; the footer alone is cheap to read
-        row["epochs_done"] = pq.read_metadata(trial_dir / "metrics.parquet").num_rows
+    row["status"] = "errored" if status.errored else "incomplete"
+    if (trial_dir / layout.METRICS).exists():  # how far it got; the footer alone is cheap to read
+        row["epochs_done"] = pq.read_metadata(trial_dir / layout.METRICS).num_rows
     return row
 
 
@@ -115,8 +110,8 @@ def _typed_trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def load_trials(sweep_dir: Path) -> pd.DataFrame:
     """One row per planned (or found) trial with its status and final result (TRIAL_COLUMNS)."""
     sweep_dir = Path(sweep_dir)
-    spec = _read_json(sweep_dir / "spec.json")
-    trials_root = sweep_dir / "trials"
+    spec = layout.read_spec(sweep_dir)
+    trials_root = layout.trials_root(sweep_dir)
     on_disk = {e.name for e in os.scandir(trials_root) if e.is_dir()} if trials_root.is_dir() else set()
     margin = float(spec["failure_margin"])
     defaults = {
@@ -126,12 +121,14 @@ def load_trials(sweep_dir: Path) -> pd.DataFrame:
         "hparam_label": "",
     }
     rows = [
-        _trial_row(p, trials_root / p["trial_key"] if p["trial_key"] in on_disk else None, defaults)
+        _trial_row(
+            p, layout.trial_dir(sweep_dir, p["trial_key"]) if p["trial_key"] in on_disk else None, defaults
+        )
         for p in _planned(sweep_dir, on_disk)
     ]
     frame = _typed_trials(rows)
     if frame["trial_key"].duplicated().any():
-        raise ValueError(f"{sweep_dir}: trials.json lists a trial_key more than once")
+        raise ValueError(f"{sweep_dir}: {layout.PLAN} lists a trial_key more than once")
     return frame
 
 
@@ -148,7 +145,7 @@ def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataF
         if status == "pending":
             continue
         try:  # ParquetFile.read skips the dataset machinery of pq.read_table: ~2x faster per small file
-            table = pq.ParquetFile(sweep_dir / "trials" / str(key) / "metrics.parquet").read()
+            table = pq.ParquetFile(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS).read()
         except FileNotFoundError:
             continue
         tables.append(table.select([c for c in METRIC_COLUMNS if c in table.column_names]))
@@ -167,11 +164,21 @@ def aggregate(sweep_dir: Path) -> AggregateResult:
     sweep_dir = Path(sweep_dir)
     trials = load_trials(sweep_dir)
     result = AggregateResult(trials=trials, epochs=load_epochs(sweep_dir, trials), summary=summarise(trials))
-    out = sweep_dir / "aggregate"
-    out.mkdir(exist_ok=True)
-    for name in ("trials", "epochs", "summary"):
-        getattr(result, name).to_parquet(out / f"{name}.parquet", index=False)
+    layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
+    for table in fields(AggregateResult):
+        getattr(result, table.name).to_parquet(layout.aggregate_table(sweep_dir, table.name), index=False)
     return result
+
+
+def read_aggregate(sweep_dir: Path) -> AggregateResult:
+    """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
+    paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
+    missing = [path.name for path in paths.values() if not path.exists()]
+    if missing:
+        raise UserError(
+            f"{layout.aggregate_dir(sweep_dir)} lacks {missing}: run `lottery aggregate {sweep_dir}` first"
+        )
+    return AggregateResult(**{name: pd.read_parquet(path) for name, path in paths.items()})
 
 
 def _pct(x: float, digits: int = 1) -> str:

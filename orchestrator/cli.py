@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from orchestrator import layout
 from orchestrator.errors import UserError, user_errors
+from trainers.schemes import SCHEMES
 
 app = typer.Typer(
     add_completion=False,
@@ -30,18 +32,13 @@ def _root() -> None:
     """Seed sweeps of CNN training schemes, tracked in MLflow. RAY_AUTH_MODE: see README."""
 
 
-def results_root() -> Path:
-    """Where results live unless told otherwise: $LOTTERY_HOME or ./runs."""
-    return Path(os.environ.get("LOTTERY_HOME", "runs"))
-
-
 @app.command()
 @user_errors
 def train(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Trial YAML (TrialConfig fields).")
     ] = None,
-    scheme: Annotated[str | None, typer.Option(help="baseline | batchnorm | randomout | repr")] = None,
+    scheme: Annotated[str | None, typer.Option(help=" | ".join(SCHEMES))] = None,
     model: Annotated[str | None, typer.Option(help="crater_cnn | inception28 | vanilla_cnn")] = None,
     dataset: Annotated[
         str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")
@@ -66,7 +63,7 @@ def train(
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
 ) -> None:
     """Train one trial: results to a trial directory first, then one MLflow run."""
-    from orchestrator.single import build_trial_config, run_single
+    from orchestrator.run.single import build_trial_config, run_single
 
     flags = {
         "scheme.name": scheme,
@@ -82,7 +79,11 @@ def train(
     }
     trial = build_trial_config(config, flags, set_ or [])
     run_single(
-        trial, root=out or results_root(), tracking_uri=tracking_uri, experiment=experiment, log=not no_mlflow
+        trial,
+        root=out or layout.results_root(),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        log=not no_mlflow,
     )
 
 
@@ -99,17 +100,17 @@ def sweep(
     ] = None,
 ) -> None:
     """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
+    from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
+    from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.spec import load_plan
-    from orchestrator.sweep import check_local_data, cluster_address, run_sweep
-    from orchestrator.sweep import dry_run as show_plan
 
     plan = load_plan(spec)  # every trial validated before anything is created
     if dry_run:
-        show_plan(plan, results_root(), table_console())
+        show_plan(plan, layout.results_root(), table_console())
         return
     if cluster_address(plan, address) is None:
         check_local_data(plan)
-    outcome = run_sweep(plan, root=results_root(), resume=resume, address=address, console=console)
+    outcome = run_sweep(plan, root=layout.results_root(), resume=resume, address=address, console=console)
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
@@ -129,13 +130,13 @@ def aggregate(
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import format_summary_table
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import attach_to_parent
+    from orchestrator.tracking.sweep import attach_to_parent
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
-    attach_to_parent(sweep_dir, sorted((sweep_dir / "aggregate").glob("*.parquet")), "aggregate", console)
+    tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
+    attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
 
 
 @app.command()
@@ -145,15 +146,15 @@ def report(
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import attach_to_parent
+    from orchestrator.aggregate import read_aggregate
+    from orchestrator.tracking.sweep import attach_to_parent
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
-    try:
-        html = build_report(sweep_dir)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-    attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], "report", console)
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    tables = read_aggregate(sweep_dir)  # the report reads nothing else
+    html = build_report(
+        tables.trials, tables.epochs, tables.summary, layout.report_dir(sweep_dir), name=sweep_dir.name
+    )
+    attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)
     print(html)
 
 
@@ -164,10 +165,9 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import ui_argv
+    from orchestrator.tracking.sweep import ui_argv
 
-    argv = ui_argv(resolve_sweep_dir(sweep, results_root()), port)
+    argv = ui_argv(layout.resolve_sweep_dir(sweep, layout.results_root()), port)
     console.print(" ".join(argv))
     os.execv(argv[0], argv)
 
@@ -177,17 +177,17 @@ def ui(
 def sync(
     sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow URI for this run of sync (default: the one in sweep.json).")
+        str | None,
+        typer.Option(help=f"MLflow URI for this run of sync (default: the one in {layout.RECORD})."),
     ] = None,
 ) -> None:
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.sweep import resolve_sweep_dir
-    from orchestrator.sweep_tracking import one_line
-    from orchestrator.sync import sync_sweep
+    from orchestrator.tracking.sweep import one_line
+    from orchestrator.tracking.sync import sync_sweep
 
-    sweep_dir = resolve_sweep_dir(sweep, results_root())
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     try:
         report = sync_sweep(sweep_dir, tracking_uri)
     except MlflowException as exc:
@@ -216,8 +216,8 @@ def submit(
     address: RayAddress,
 ) -> None:
     """Validate a sweep here, then run `lottery sweep SPEC` on a Ray cluster as a job; prints the job id."""
+    from orchestrator.run.submit import submit_sweep
     from orchestrator.spec import load_plan
-    from orchestrator.submit import submit_sweep
 
     plan = load_plan(spec)  # a mistake costs nothing on the cluster
     job_id = submit_sweep(spec, plan, address, os.environ)
@@ -231,7 +231,7 @@ def status(
     job_id: Annotated[str, typer.Argument(help="Job id printed by submit.")], address: RayAddress
 ) -> None:
     """Print a job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    from orchestrator.submit import job_status
+    from orchestrator.run.submit import job_status
 
     state, message = job_status(job_id, address)
     print(f"{job_id}: {state}" + (f" ({message})" if message else ""))
@@ -247,7 +247,7 @@ def logs(
     ] = False,
 ) -> None:
     """Print a job's driver output (the sweep's progress lines)."""
-    from orchestrator.submit import print_logs
+    from orchestrator.run.submit import print_logs
 
     state = print_logs(job_id, address, follow=follow)
     if follow:

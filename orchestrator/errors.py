@@ -10,8 +10,6 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from trainers.config import SCHEMES
-
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_EXIT = 2
 
@@ -21,6 +19,8 @@ class UserError(Exception):
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    from trainers.schemes import SCHEMES  # torch: only once a config has failed to validate
+
     first = error.errors()[0]
     loc = [str(part) for part in first["loc"] if not str(part).startswith("function-after")]
     # A discriminated union adds its tag to the path (scheme.randomout.tau): users wrote scheme.tau.

@@ -1,4 +1,4 @@
-"""A sweep spec (YAML) and its expansion into an explicit, ordered list of trials.
+"""A sweep spec (YAML) and its expansion into an explicit, ordered list of trials; safe YAML loading.
 
 The spec names a base trial (a TrialConfig document without seed), the seeds, and the
 schemes with their hyperparameter grids. Expansion order is fixed and documented:
@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import UserError
-from orchestrator.yamlio import load_yaml, set_dotted
-from trainers.config import SCHEMES, TrialConfig
+from trainers.config import TrialConfig
 from trainers.loop import can_pack
 from trainers.pack import auto_pack_size
+from trainers.schemes import SCHEMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BASE_RESERVED = {
@@ -40,7 +41,6 @@ BASE_RESERVED = {
     "failure_margin": "set failure_margin at the top level",
 }
 MAX_SEEDS = 100_000
-PLAN_FIELDS = ("trial_key", "config_hash", "pair_key", "scheme", "hparam_label", "seed")
 
 
 class _Strict(BaseModel):
@@ -198,6 +198,53 @@ def plan_row(trial: TrialConfig) -> dict[str, Any]:
         "hparam_label": trial.hparam_label(),
         "seed": trial.seed,
     }
+
+
+# Loading: safe YAML in, nested dicts out (specs and `lottery train`'s trial YAML), and dotted
+# `key=value` overrides for the command line.
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config: no such file {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        doc = yaml.safe_load(text)
+    except OSError as exc:
+        raise UserError(f"config: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config: {path} is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UserError(f"config: {path} nests collections too deeply") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"config: {path} must hold a mapping of fields, not a {type(doc).__name__}")
+    return doc
+
+
+def set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = doc
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "scheme":
+            child = {"name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set model.filters=4` style overrides; values are parsed as YAML scalars (1e-8, true, 4)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set scheme.tau=1e-8")
+        set_dotted(doc, key.strip(), yaml.safe_load(raw))
+    return doc
 
 
 def load_spec(path: Path) -> SweepSpec:

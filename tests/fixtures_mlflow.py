@@ -1,7 +1,7 @@
 """Fixtures for a real PostgreSQL database and the MLflow server as docker-compose.yml defines it.
 
 Registered in conftest.py. The server is started from the compose service's own command and
-environment (orchestrator/server.py), so these tests exercise the deployed configuration, with only
+environment (tests/server.py), so these tests exercise the deployed configuration, with only
 the values `TEST_DIFFERENCES` lists swapped for local ones. Nothing here skips: a missing PostgreSQL
 fails loudly, because a skipped integration suite looks green.
 """
@@ -21,8 +21,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from psycopg2 import sql
-
-from orchestrator.server import TEST_DIFFERENCES, server_argv, server_env, start_server
+from server import TEST_DIFFERENCES, server_argv, server_env, start_server
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432

@@ -126,7 +126,7 @@ def test_malformed_yaml_exits_2_without_a_traceback(tmp_path):
 
 
 def test_trial_yaml_is_loaded_and_flags_override_it(tmp_path):
-    from orchestrator.single import build_trial_config
+    from orchestrator.run.single import build_trial_config
 
     path = tmp_path / "trial.yaml"
     path.write_text("scheme: {name: randomout, tau: 1.0e-6}\nmodel: {filters: 3}\nepochs: 7\n")

@@ -16,8 +16,7 @@ import jsonschema
 import pytest
 import yaml
 from packaging.requirements import Requirement
-
-from orchestrator.server import (
+from server import (
     AUTH_FLAGS,
     COMPOSE_FILE,
     TEST_DIFFERENCES,

@@ -20,8 +20,7 @@ import mlflow
 import pytest
 from fixtures_mlflow import PostgresDatabase, compose_mlflow_server
 from mlflow.entities import Metric, Param
-
-from orchestrator.server import stop_process_group
+from server import stop_process_group
 
 pytestmark = pytest.mark.integration
 

@@ -33,13 +33,11 @@ import pytest
 import yaml
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
+from server import stop_process_group
 
-from orchestrator.cli import app
-from orchestrator.server import stop_process_group
+from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
-from orchestrator.sweep_tracking import SweepRecord
-from orchestrator.tune_trial import read_attempts
+from orchestrator.tracking.sweep import SweepRecord
 
 pytestmark = pytest.mark.integration
 
@@ -559,35 +557,3 @@ def test_submitted_sweep_runs_on_a_ray_head_and_logs_to_mlflow(mlflow_server: st
         (home / "cluster-smoke" / "trials" / tags(run)["trial_key"] / "result.json").exists()
         for run in children
     )
-
-
-@pytest.mark.parametrize(
-    ("spec", "environment", "expected"),
-    [
-        ("tests/malformed_specs/unknown_scheme.yaml", {}, "unknown scheme 'dropout'"),
-        (SMOKE_SPEC, {"LOTTERY_HOME": "runs"}, "storage_path: a cluster job needs an absolute path"),
-        (
-            SMOKE_SPEC,
-            {"MLFLOW_TRACKING_URI": "http://admin:pw@mlflow:5000"},
-            "MLFLOW_TRACKING_URI: the tracking URI carries a password",
-        ),
-    ],
-    ids=["bad-spec", "relative-storage", "password-in-uri"],
-)
-def test_submit_refuses_before_contacting_the_cluster(
-    spec: str, environment: dict[str, str], expected: str, tmp_path: Path
-) -> None:
-    """Nothing listens on the address: every refusal here happens before any request is made."""
-    env = {"LOTTERY_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": None, "RAY_ADDRESS": None} | environment
-    result = CliRunner().invoke(app, ["submit", str(ROOT / spec), "--address", "http://127.0.0.1:9"], env=env)
-
-    assert result.exit_code == 2 and result.stdout == "", result.output
-    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
-
-
-def test_submit_refuses_a_spec_outside_the_checkout(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "outside")
-    env = {"LOTTERY_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": None}
-    result = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:9"], env=env)
-
-    assert result.exit_code == 2 and "is outside" in result.stderr, result.output

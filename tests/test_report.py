@@ -11,8 +11,8 @@ import pytest
 from sweepfactory import FakeTrial, lottery_trials, write_sweep
 
 from dashboards.report import build_report
-from orchestrator.aggregate import AggregateResult, aggregate
-from orchestrator.stats import SUMMARY_COLUMNS, TRIAL_COLUMNS
+from dashboards.stats import SUMMARY_COLUMNS, TRIAL_COLUMNS
+from orchestrator.aggregate import AggregateResult, aggregate, read_aggregate
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARMS = [("baseline", {}), ("batchnorm", {}), ("repr", {})] + [
@@ -44,6 +44,12 @@ def _with_unfinished(trials: list[FakeTrial]) -> list[FakeTrial]:
             )
         out.append(t)
     return out
+
+
+def report_of(sweep_dir: Path, out_dir: Path) -> Path:
+    """As `lottery report` builds it: from the aggregated tables read back from disk."""
+    tables = read_aggregate(sweep_dir)
+    return build_report(tables.trials, tables.epochs, tables.summary, out_dir, name=sweep_dir.name)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +105,10 @@ def _chromium(args: list[str], page: Path, profile: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.integration  # Chromium
 def test_report_renders_every_figure(full_sweep: tuple[Path, AggregateResult], tmp_path: Path) -> None:
     sweep_dir, _ = full_sweep
-    page = build_report(sweep_dir, tmp_path / "report")
+    page = report_of(sweep_dir, tmp_path / "report")
     assert page == tmp_path / "report" / "report.html"
     assert sorted(p.stem for p in page.parent.glob("*.png")) == sorted(FIGURES)
     text = page.read_text()
@@ -131,7 +138,7 @@ def test_report_names_skipped_figures_and_null_results(tmp_path: Path) -> None:
     p = result.summary.set_index("scheme").loc["batchnorm", "wilcoxon_p"]
     assert p >= 0.05
 
-    text = build_report(sweep_dir).read_text()
+    text = report_of(sweep_dir, sweep_dir / "report").read_text()
     assert f"no significant effect (p={p:.2g}; median gain +0.00 pts over 8 paired seeds)" in text
     skipped = text.split("<ul id=skipped>")[1].split("</ul>")[0]
     assert "needs RandomOut trials with at least 2 tau or 2 P values" in skipped

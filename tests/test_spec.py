@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import UserError
+from orchestrator.run.sweep import record_plan
 from orchestrator.spec import SweepSpec, expand, load_plan
-from orchestrator.sweep import record_plan
 
 BASE = {
     "data": {"name": "synthetic", "synthetic_samples": 200},
@@ -208,6 +208,17 @@ def test_unknown_sweep_is_one_line(command, tmp_path, monkeypatch):
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path))
     result = CliRunner().invoke(app, [command, "nosuch"])
     assert result.exit_code == 2 and result.stderr.startswith("error: sweep: no sweep 'nosuch'")
+
+
+def test_report_before_aggregate_is_one_line_naming_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
+    record_plan(expand(SweepSpec.model_validate(spec_doc())), tmp_path / "home" / "unit")
+    result = CliRunner().invoke(app, ["report", "unit"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "lacks ['trials.parquet'" in lines[0]
+    assert f"run `lottery aggregate {tmp_path / 'home' / 'unit'}` first" in " ".join(result.stderr.split())
+    assert sorted(p.name for p in (tmp_path / "home" / "unit").iterdir()) == ["spec.json", "trials.json"]
 
 
 def test_seed_packs_group_consecutive_seeds_of_one_configuration():

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from orchestrator.stats import (
+from dashboards.stats import (
     SUMMARY_COLUMNS,
     TRIAL_COLUMNS,
     bootstrap_std_ci,

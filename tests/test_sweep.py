@@ -26,10 +26,12 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.aggregate import aggregate
+from orchestrator.run.sweep import run_sweep
+from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
-from orchestrator.sweep import run_sweep
-from orchestrator.sweep_tracking import SweepRecord
-from orchestrator.tune_trial import FAULT_ENV, read_attempts
+from orchestrator.tracking.sweep import SweepRecord
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {

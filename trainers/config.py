@@ -17,9 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder"]
 ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn", "resnet20"]
 InitName = Literal["uniform0.01", "xavier", "kaiming"]
-SchemeName = Literal["baseline", "batchnorm", "randomout", "repr"]
 ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"]
-SCHEMES: tuple[str, ...] = ("baseline", "batchnorm", "randomout", "repr")
 
 
 class Strict(BaseModel):

@@ -9,12 +9,15 @@ from trainers.schemes.base import Scheme, TrainContext
 from trainers.schemes.randomout import RandomOut
 from trainers.schemes.repr import RePr
 
+# The one list of scheme names: a new scheme is its config class (in trainers/config.py's Scheme union),
+# its module here and one line below. The CLI and spec validation take the names from SCHEMES.
 REGISTRY: dict[str, Callable[..., Scheme]] = {
     "baseline": lambda cfg: Scheme(),
     "batchnorm": lambda cfg: Scheme(),  # the model differs (BN after every conv), not the loop
     "randomout": lambda cfg: RandomOut(cfg),
     "repr": lambda cfg: RePr(cfg),
 }
+SCHEMES: tuple[str, ...] = tuple(REGISTRY)
 
 
 def build_scheme(cfg: object) -> Scheme:
@@ -26,6 +29,7 @@ def build_scheme(cfg: object) -> Scheme:
 
 __all__ = [
     "REGISTRY",
+    "SCHEMES",
     "RandomOut",
     "RandomOutScheme",
     "RePr",

@@ -28,8 +28,8 @@ import pandas as pd  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.trial_dir import CONFIG, ERROR, LAYERS, METRICS, RESULT, TRACE, read_json  # noqa: E402
 
 EPOCH_METRICS = (
     "train_loss",
@@ -58,7 +58,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the c
 
 def default_tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI if set, else an embedded sqlite store beside the results."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.tracking_db(root).resolve()}"
 
 
 def refuse_password(uri: str, source: str) -> str:
@@ -118,7 +118,7 @@ def _batched(items: list, size: int) -> Iterable[list]:
 
 
 def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
-    path = trial_dir / METRICS
+    path = trial_dir / layout.METRICS
     if not path.exists():
         return []
     frame = pd.read_parquet(path)
@@ -145,12 +145,12 @@ def log_trial(
     A run left unfinished by an interrupted earlier attempt is deleted and logged again in
     full, so each trial key ends with exactly one run carrying its whole metric history.
     """
-    meta = read_json(trial_dir / CONFIG)
-    result = read_json(trial_dir / RESULT) if (trial_dir / RESULT).exists() else None
-    errored = result is None and (trial_dir / ERROR).exists()
-    if result is None and not errored:
+    meta = layout.read_json(trial_dir / layout.CONFIG)
+    trial = layout.trial_status(trial_dir)
+    if not (trial.finished or trial.errored):
         return None
-    status = "FINISHED" if result is not None else "FAILED"
+    result = trial.result
+    status = "FINISHED" if trial.finished else "FAILED"
     for run in find_runs(client, experiment_id, trial_key=meta["trial_key"]):
         if run.info.status == status and run.data.tags.get("logged") == "complete":
             return run.info.run_id
@@ -189,7 +189,7 @@ def log_trial(
         metrics.append(Metric("failed", float(result["failed"]), last, 0))
     for chunk in _batched(metrics, BATCH):
         client.log_batch(run_id, metrics=chunk)
-    for name in (CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR):
+    for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():
             client.log_artifact(run_id, str(trial_dir / name))
     client.log_batch(run_id, tags=[RunTag("logged", "complete")])

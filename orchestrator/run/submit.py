@@ -28,16 +28,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
-from orchestrator.tracking import refuse_password
+from orchestrator.tracking.runs import refuse_password
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Ray also honours .gitignore (which covers .venv, runs and .env); these hold even if that is turned off.
-EXCLUDES = [".venv", "runs", ".git", ".env", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+EXCLUDES = [".venv", layout.RESULTS_ROOT, ".git", ".env", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 PASSED_VARIABLES = ("MLFLOW_TRACKING_URI",)
 PASSED_PREFIXES = ("LOTTERY_",)
 SECRET_MARKERS = ("PASSWORD", "TOKEN", "SECRET", "KEY")  # never forwarded, even under a LOTTERY_ name
@@ -78,7 +79,7 @@ def job_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def check_storage(plan: SweepPlan, environ: Mapping[str, str]) -> None:
     """Results must outlive the job's temporary working directory: an absolute storage path."""
-    storage = plan.spec.storage_path or Path(environ.get("LOTTERY_HOME", "runs"))
+    storage = plan.spec.storage_path or layout.results_root(environ)
     if not storage.is_absolute():
         raise UserError(
             f"storage_path: a cluster job needs an absolute path that every node mounts (got '{storage}'); "

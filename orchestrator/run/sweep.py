@@ -1,12 +1,6 @@
 """`lottery sweep`: run a sweep spec's trials with Ray Tune, resumable, tracked in MLflow.
 
-Layout under `<storage>/<name>/` (the sweep directory):
-  spec.json    the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)
-  trials.json  the planned trials in order (what aggregation treats as the denominator)
-  sweep.json   tracking URI, experiment id and parent run id (reused on resume)
-  trials/<trial_key>/  each trial's durable directory (orchestrator.trial_dir)
-  tune/        Tune's experiment state and per-epoch marker checkpoints (what `Tuner.restore` reads)
-  mlflow.db, mlartifacts/  the default embedded tracking store
+Everything lands in the sweep directory `<storage>/<name>/` (its layout: orchestrator/layout.py).
 
 Running the same spec again resumes: Tune restores its experiment (finished trials are
 never re-run; unfinished and errored ones continue from their last checkpoint), a trial
@@ -17,7 +11,7 @@ state is unreadable (a driver killed while Tune was writing it), that state is m
 read from their directories and unfinished ones resume from their own checkpoints.
 
 On a Ray cluster, submit the driver as a job (the job's RAY_ADDRESS attaches it to the cluster):
-  lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/submit.py)
+  lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/run/submit.py)
 which validates the spec here first and uploads this checkout as the job's working_dir. Trials write
 `<storage_path>/<name>/` on the node that runs them, so storage_path must be storage every node
 mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
@@ -44,7 +38,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,17 +46,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
-from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
 
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
     from ray.tune import Tuner
 
-    from orchestrator.sweep_tracking import SweepRecord
+    from orchestrator.tracking.sweep import SweepRecord
 
-TUNE_DIR = "tune"
-SPEC_FILE, PLAN_FILE = "spec.json", "trials.json"
 BUNDLED_DATASETS = ("digits", "synthetic")  # generated or shipped: nothing on disk to check
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
 DRIVER_ENV = {
@@ -158,9 +149,9 @@ def _seed_text(seeds: Any) -> str:
 
 def record_plan(plan: SweepPlan, sweep_dir: Path) -> bool:
     """Write spec.json/trials.json, or check them against an earlier run; True if resuming."""
-    spec_path = sweep_dir / SPEC_FILE
+    spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
-        old = read_json(spec_path)
+        old = layout.read_json(spec_path)
         if old.get("fingerprint") != plan.fingerprint:
             raise UserError(
                 f"sweep '{plan.spec.name}': {sweep_dir} holds a different plan "
@@ -169,9 +160,9 @@ def record_plan(plan: SweepPlan, sweep_dir: Path) -> bool:
                 "rename the sweep or remove that directory"
             )
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(spec_path, plan.spec_document())
-    atomic_write_json(sweep_dir / PLAN_FILE, plan.rows())
-    return (sweep_dir / TUNE_DIR).exists()
+    layout.atomic_write_json(spec_path, plan.spec_document())
+    layout.atomic_write_json(layout.plan_file(sweep_dir), plan.rows())
+    return layout.tune_dir(sweep_dir).exists()
 
 
 def run_sweep(
@@ -182,12 +173,12 @@ def run_sweep(
     address: str | None = None,
     console: Console | None = None,
 ) -> SweepOutcome:
-    from orchestrator.progress import OneLineErrors
-    from orchestrator.tracking import default_tracking_uri, refuse_password
+    from orchestrator.run.progress import OneLineErrors
+    from orchestrator.tracking.runs import default_tracking_uri, refuse_password
 
     console = console or Console(stderr=True)
     sweep_dir = sweep_dir_for(plan, root)
-    if resume and not (sweep_dir / SPEC_FILE).exists():
+    if resume and not layout.spec_file(sweep_dir).exists():
         raise UserError(f"--resume: no sweep '{plan.spec.name}' at {sweep_dir} to resume")
     uri = refuse_password(
         plan.spec.tracking_uri or default_tracking_uri(sweep_dir),
@@ -211,12 +202,13 @@ def run_sweep(
         tuner = _tuner(plan, sweep_dir, keys, console)
         tuner.fit()
 
-    counts = count_trials(sweep_dir, keys)
+    counts = layout.count_trials(sweep_dir, keys)
     outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
     if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
+        trials = layout.trials_root(sweep_dir)
         console.print(
             f"[yellow]tracking: some trials may be missing from MLflow at {uri}; their results are safe in "
-            f"{sweep_dir / 'trials'}. Once the server is reachable, run: lottery sync {sweep_dir}[/]",
+            f"{trials}. Once the server is reachable, run: lottery sync {sweep_dir}[/]",
             highlight=False,
             soft_wrap=True,  # one line, so the command can be copied whole
         )
@@ -253,7 +245,7 @@ def _open_tracking(
     plan: SweepPlan, sweep_dir: Path, uri: str, keys: list[str], console: Console
 ) -> SweepRecord | None:
     """Experiment and parent run first, then catch up on finished trials that have no run yet."""
-    from orchestrator.sweep_tracking import one_line, open_sweep, reconcile
+    from orchestrator.tracking.sweep import one_line, open_sweep, reconcile
 
     try:
         record = open_sweep(plan, sweep_dir, uri)
@@ -275,7 +267,7 @@ def _close_tracking(
     console: Console,
 ) -> bool:
     """Log what the callback could not, then close the parent run; False if the store failed us."""
-    from orchestrator.sweep_tracking import close_sweep, one_line, reconcile
+    from orchestrator.tracking.sweep import close_sweep, one_line, reconcile
 
     try:
         reconcile(record, sweep_dir, keys, errored=True)
@@ -349,7 +341,7 @@ def _restorable(path: Path, console: Console) -> bool:
     problem = unreadable_tune_state(path)
     if problem is None:
         return True
-    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = layout.unreadable_aside(path)
     path.rename(aside)
     console.print(
         f"[yellow]Tune's saved state is unreadable ({problem}); moved it to {aside} and starting Tune "
@@ -364,9 +356,9 @@ def _restorable(path: Path, console: Console) -> bool:
 def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) -> Tuner:
     from ray import tune
 
-    from orchestrator.progress import ProgressCallback
-    from orchestrator.sweep_tracking import TrackingCallback
-    from orchestrator.tune_trial import FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.run.progress import ProgressCallback
+    from orchestrator.run.trainable import FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.tracking.sweep import TrackingCallback
 
     spec = plan.spec
     context = TrialContext(
@@ -381,7 +373,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         tune.with_parameters(run_planned_trial, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    path = sweep_dir / TUNE_DIR
+    path = layout.tune_dir(sweep_dir)
     if _restorable(path, console):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     names = tuple(unit_name(i, unit, plan, keys) for i, unit in enumerate(plan.units))
@@ -395,10 +387,10 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
             trial_dirname_creator=functools.partial(trial_name, names=names),
         ),
         run_config=tune.RunConfig(
-            name=TUNE_DIR,
+            name=layout.TUNE,  # Tune's experiment directory: storage_path / name = layout.tune_dir
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Keep every (epoch-marker) checkpoint: see orchestrator/tune_trial.py for why none is deleted.
+            # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
                 ProgressCallback(spec.name, len(plan.units)),
@@ -419,28 +411,3 @@ def unit_name(index: int, unit: tuple[int, ...], plan: SweepPlan, keys: list[str
 def trial_name(trial: Any, names: tuple[str, ...]) -> str:
     """Tune's name and directory for a unit (see unit_name)."""
     return names[trial.config["unit"]]
-
-
-def count_trials(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
-    """From the trial directories (the source of truth), not from Tune's view."""
-    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "unfinished": 0}
-    for key in keys:
-        trial_dir = sweep_dir / "trials" / key
-        if (trial_dir / RESULT).exists():
-            counts["finished"] += 1
-            counts["failed"] += int(bool(read_json(trial_dir / RESULT)["failed"]))
-        elif (trial_dir / ERROR).exists():
-            counts["errored"] += 1
-        else:
-            counts["unfinished"] += 1
-    return counts
-
-
-def resolve_sweep_dir(name_or_path: str, root: Path) -> Path:
-    """A sweep by name under the storage root, or by path; one clear error otherwise."""
-    for candidate in (Path(name_or_path), root / name_or_path):
-        if (candidate / SPEC_FILE).is_file():
-            return candidate.resolve()
-    raise UserError(
-        f"sweep: no sweep '{name_or_path}' (no {SPEC_FILE} in {name_or_path} or {root / name_or_path})"
-    )

@@ -4,20 +4,39 @@ A trial directory with result.json is never trained again; an unfinished one res
 the newest checkpoint. A pack keeps one checkpoint for all its seeds in its own directory
 (`<sweep_dir>/packs/<pack_key>/`) and writes each seed's records into that seed's own trial
 directory, so aggregation, MLflow and `lottery sync` see one trial per seed either way.
+Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, never duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from orchestrator.trial_dir import CHECKPOINT, TrialDirSink, read_result
+from orchestrator.layout import (
+    CHECKPOINT,
+    CONFIG,
+    ERROR,
+    LAYERS,
+    METRICS,
+    RESULT,
+    TRACE,
+    TRACE_PARTS,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_table,
+    read_result,
+    trace_part,
+    trace_parts,
+    trial_status,
+)
 from trainers.config import TrialConfig
 from trainers.data import LoadedData
 from trainers.events import CgnTrace, EpochRecord, TrialResult
@@ -25,6 +44,76 @@ from trainers.loop import train
 
 EpochHook = Callable[[EpochRecord], None]
 CheckpointHook = Callable[[int, dict[str, Any]], None]
+
+
+def trial_meta(config: TrialConfig, sweep: str) -> dict[str, Any]:
+    """config.json: everything aggregation needs to group and pair trials without re-parsing configs."""
+    return {
+        "trial_key": config.trial_key(),
+        "config_hash": config.config_hash(),
+        "pair_key": config.pair_key(),
+        "sweep": sweep,
+        "scheme": config.scheme.name,
+        "hparams": config.scheme_hparams(),
+        "hparam_label": config.hparam_label(),
+        "seed": config.seed,
+        "data_seed": config.data_seed,
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "filters": config.model.filters,
+        "epochs": config.epochs,
+        "trial": config.model_dump(mode="json"),
+    }
+
+
+class TrialDirSink:
+    """One seed's records into its trial directory (checkpoints belong to the trial's pack: see
+    PackSink, where a lone seed's pack directory is its trial directory)."""
+
+    def __init__(self, trial_dir: Path, config: TrialConfig, sweep: str) -> None:
+        self.dir = trial_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
+        self.config = config
+        atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep))
+        self._metrics = self._load_rows(METRICS)
+        self._layers = self._load_rows(LAYERS)
+
+    def _load_rows(self, name: str) -> list[dict[str, Any]]:
+        path = self.dir / name
+        return pq.read_table(path).to_pylist() if path.exists() else []
+
+    def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
+        epoch = record.epoch
+        self._metrics = [r for r in self._metrics if r["epoch"] < epoch] + [record.flat()]
+        layer_rows = [{"epoch": epoch, **asdict(s)} for s in record.layers]
+        self._layers = [r for r in self._layers if r["epoch"] < epoch] + layer_rows
+        atomic_write_table(trace_part(self.dir, epoch), pa.table(trace.columns()))
+        atomic_write_table(self.dir / METRICS, pa.Table.from_pylist(self._metrics))
+        atomic_write_table(self.dir / LAYERS, pa.Table.from_pylist(self._layers))
+
+    def on_result(self, result: TrialResult) -> None:
+        self._consolidate_trace(result.epochs_done)
+        doc = result.to_dict() | {
+            "trial_key": self.config.trial_key(),
+            "config_hash": self.config.config_hash(),
+            "scheme": self.config.scheme.name,
+        }
+        atomic_write_json(self.dir / RESULT, doc)
+        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        (self.dir / ERROR).unlink(missing_ok=True)
+
+    def on_error(self, message: str) -> None:
+        (self.dir / ERROR).write_text(message)
+
+    def _consolidate_trace(self, epochs_done: int) -> None:
+        parts = trace_parts(self.dir)
+        keep = [path for epoch, path in parts if epoch < epochs_done]
+        if keep:
+            atomic_write_table(self.dir / TRACE, pa.concat_tables(pq.read_table(p) for p in keep))
+        for _, path in parts:
+            path.unlink()
+        (self.dir / TRACE_PARTS).rmdir()
 
 
 class PackSink:
@@ -48,7 +137,7 @@ class PackSink:
 
     def _live(self, seed: int) -> TrialDirSink | None:
         sink = self.sinks[seed]
-        return None if read_result(sink.dir) is not None else sink
+        return None if trial_status(sink.dir).finished else sink
 
     def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
         sink = self._live(record.seed)
@@ -59,9 +148,7 @@ class PackSink:
 
     def on_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
         self.pack_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.pack_dir / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.pack_dir / CHECKPOINT)
+        atomic_write(self.pack_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
         if self._checkpoint_hook:
             self._checkpoint_hook(epoch, state)
 
@@ -111,7 +198,7 @@ def run_trials(
     if state is not None:
         seeds = list(state["progress"]["seeds"])
     else:
-        seeds = [c.seed for c, d in zip(configs, trial_dirs, strict=True) if read_result(d) is None]
+        seeds = [c.seed for c, d in zip(configs, trial_dirs, strict=True) if not trial_status(d).finished]
     if seeds:
         sink = PackSink(sinks, pack_dir, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
         try:

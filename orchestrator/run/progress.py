@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-FINAL_KEY = "epochs_done"  # only a trial's last report (tune_trial._result_metrics) carries it
+FINAL_KEY = "epochs_done"  # only a trial's last report (trainable._result_metrics) carries it
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Logging happens in the driver, from the trial directories, never in the trials:
   * `reconcile` replays any trial directory that has no complete run yet: at start-up (a
     driver killed between a trial's result and its run) and at the end (an outage).
 A tracking failure is reported and skipped: the results are on disk, and `reconcile` (on the
-next invocation) or `lottery sync` (orchestrator/sync.py) catches up.
+next invocation) or `lottery sync` (orchestrator/tracking/sync.py) catches up.
 
 `<sweep_dir>/sweep.json` remembers the tracking URI, experiment and parent run, so a
 resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the store.
@@ -33,12 +33,11 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from rich.console import Console
 
+from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
-from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
-from orchestrator.trial_dir import ERROR, RESULT, atomic_write_json, read_json
+from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 
-SWEEP_FILE = "sweep.json"
 LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 PAGE = 1000
 OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long (see TrackingCallback)
@@ -54,26 +53,26 @@ class SweepRecord:
     parent_run_id: str
 
     def save(self, sweep_dir: Path) -> None:
-        atomic_write_json(sweep_dir / SWEEP_FILE, asdict(self))
+        layout.atomic_write_json(layout.record_file(sweep_dir), asdict(self))
 
     @classmethod
     def load(cls, sweep_dir: Path) -> SweepRecord | None:
-        path = sweep_dir / SWEEP_FILE
-        return cls(**read_json(path)) if path.exists() else None
+        path = layout.record_file(sweep_dir)
+        return cls(**layout.read_json(path)) if path.exists() else None
 
 
 def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str) -> SweepRecord:
     """Create (or reopen) the experiment and the parent run before any trial starts."""
     spec = plan.spec
     client = client_for(tracking_uri)
-    experiment_id = ensure_experiment(client, spec.name, sweep_dir / "mlartifacts")
+    experiment_id = ensure_experiment(client, spec.name, layout.artifacts_dir(sweep_dir))
     previous = SweepRecord.load(sweep_dir)
     parent = _reusable_parent(client, previous, tracking_uri)
     if parent is None:
         run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan))
         parent = run.info.run_id
-        client.log_artifact(parent, str(sweep_dir / "spec.json"))
-        client.log_artifact(parent, str(sweep_dir / "trials.json"))
+        client.log_artifact(parent, str(layout.spec_file(sweep_dir)))
+        client.log_artifact(parent, str(layout.plan_file(sweep_dir)))
     else:
         client.update_run(parent, status="RUNNING")
     record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
@@ -161,10 +160,10 @@ def tracking_gaps(
     logged = logged_trials(client_for(record.tracking_uri), record.experiment_id, record.parent_run_id)
     missing, present, unfinished = [], 0, 0
     for key in trial_keys:
-        trial_dir = sweep_dir / "trials" / key
-        if (trial_dir / RESULT).exists():
+        trial = layout.trial_status(layout.trial_dir(sweep_dir, key))
+        if trial.finished:
             wanted = "FINISHED"
-        elif errored and (trial_dir / ERROR).exists():
+        elif errored and trial.errored:
             wanted = "FAILED"
         else:
             unfinished += 1
@@ -185,7 +184,7 @@ def reconcile(record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, er
     client = client_for(record.tracking_uri)
     for key in gaps.missing:
         log_trial(
-            client, record.experiment_id, sweep_dir / "trials" / key, parent_run_id=record.parent_run_id
+            client, record.experiment_id, layout.trial_dir(sweep_dir, key), parent_run_id=record.parent_run_id
         )
     return gaps
 
@@ -207,7 +206,7 @@ def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, con
     """Attach files (aggregate tables, the report) to the sweep's parent run; a warning if that fails."""
     record = SweepRecord.load(sweep_dir)
     if record is None:
-        console.print(f"[yellow]tracking: {sweep_dir / SWEEP_FILE} is missing; nothing attached[/]")
+        console.print(f"[yellow]tracking: {layout.record_file(sweep_dir)} is missing; nothing attached[/]")
         return
     try:
         client = client_for(record.tracking_uri)
@@ -304,7 +303,7 @@ class TrackingCallback(Callback):
             log_trial(
                 self._client,
                 self._record.experiment_id,
-                self.sweep_dir / "trials" / key,
+                layout.trial_dir(self.sweep_dir, key),
                 parent_run_id=self._record.parent_run_id,
             )
         except Exception as exc:  # an outage must not stop the sweep; reconcile or `lottery sync` catch up

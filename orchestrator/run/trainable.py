@@ -37,16 +37,13 @@ from typing import Any
 import torch
 from ray import tune
 
-from orchestrator.trial import pack_key, run_trials
-from orchestrator.trial_dir import CHECKPOINT, TrialDirSink, read_result
+from orchestrator import layout
+from orchestrator.run.trial import TrialDirSink, load_checkpoint, pack_key, run_trials
 from trainers.config import DataConfig, TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import EpochRecord
 from trainers.loop import pick_device
 
-EPOCH_FILE = "epoch.json"
-ATTEMPTS = "attempts.jsonl"
-FAULT_MARKER = ".fault_injected"
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
 RESULT_KEYS = ("final_test_acc", "best_test_acc", "failed", "diverged", "epochs_done", "total_resets")
 
@@ -71,17 +68,17 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune entry point: `config` is `{"unit": i}`."""
     members = [TrialConfig.model_validate(context.plan[i]) for i in context.units[config["unit"]]]
     sweep_dir = Path(context.sweep_dir)
-    trial_dirs = [sweep_dir / "trials" / t.trial_key() for t in members]
-    pack_dir = trial_dirs[0] if len(members) == 1 else sweep_dir / "packs" / pack_key(members)
-    done = [read_result(d) for d in trial_dirs]
-    if all(d is not None for d in done):  # finished in an earlier attempt or driver: report, never retrain
-        tune.report(_result_metrics(done))
+    trial_dirs = [layout.trial_dir(sweep_dir, t.trial_key()) for t in members]
+    unit_dir = trial_dirs[0] if len(members) == 1 else layout.pack_dir(sweep_dir, pack_key(members))
+    done = [layout.trial_status(d) for d in trial_dirs]
+    if all(s.finished for s in done):  # finished in an earlier attempt or driver: report, never retrain
+        tune.report(_result_metrics([s.result for s in done]))
         return
     torch.set_num_threads(context.threads)
-    resume, epoch, source = _resume_state(pack_dir)
+    resume, epoch, source = _resume_state(unit_dir)
     tune_epoch = _tune_checkpoint_epoch()
-    for trial_dir in trial_dirs:
-        _record_attempt(trial_dir, epoch, source, tune_epoch)
+    for directory in trial_dirs:
+        _record_attempt(directory, epoch, source, tune_epoch)
     fault_epoch = next(
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )
@@ -94,17 +91,17 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # The state itself was just written to the unit's own checkpoint; Tune's marks the epoch.
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / EPOCH_FILE).write_text(json.dumps({"epoch": int(state["progress"]["epoch"])}))
+            (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps({"epoch": int(state["progress"]["epoch"])}))
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
         if epoch == fault_epoch:
-            _inject_fault_once(pack_dir, epoch)
+            _inject_fault_once(unit_dir, epoch)
 
     data = _load_data_or_record(members, trial_dirs, context.sweep)
     results = run_trials(
         members,
         trial_dirs,
         sweep=context.sweep,
-        pack_dir=pack_dir,
+        pack_dir=unit_dir,
         data=data,
         resume=resume,
         on_epoch=on_epoch,
@@ -113,12 +110,11 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     tune.report(_result_metrics(results))
 
 
-def _resume_state(pack_dir: Path) -> tuple[dict[str, Any] | None, int, str | None]:
+def _resume_state(unit_dir: Path) -> tuple[dict[str, Any] | None, int, str | None]:
     """The unit's own checkpoint: (state, epoch to start from, "trial_dir"), or a fresh start."""
-    own = pack_dir / CHECKPOINT
-    if not own.exists():
+    state = load_checkpoint(unit_dir)
+    if state is None:
         return None, 0, None
-    state = torch.load(own, map_location="cpu", weights_only=True)
     return state, int(state["progress"]["epoch"]), "trial_dir"
 
 
@@ -128,7 +124,7 @@ def _tune_checkpoint_epoch() -> int | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:
-        marker = Path(path) / EPOCH_FILE
+        marker = Path(path) / layout.EPOCH_MARK
         return int(json.loads(marker.read_text())["epoch"]) if marker.exists() else None
 
 
@@ -141,12 +137,12 @@ def _record_attempt(trial_dir: Path, epoch: int, source: str | None, tune_epoch:
         "checkpoint": source,
         "tune_checkpoint_epoch": tune_epoch,
     }
-    with open(trial_dir / ATTEMPTS, "a") as f:
+    with open(trial_dir / layout.ATTEMPTS, "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
 def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / ATTEMPTS
+    path = trial_dir / layout.ATTEMPTS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -188,7 +184,7 @@ def _fault_epoch(fault_once: str | None, trial_key: str) -> int | None:
 
 def _inject_fault_once(unit_dir: Path, epoch: int) -> None:
     unit_dir.mkdir(parents=True, exist_ok=True)
-    marker = unit_dir / FAULT_MARKER
+    marker = unit_dir / layout.FAULT_MARKER
     if marker.exists():
         return
     marker.write_text(str(epoch))

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from orchestrator.yamlio import apply_overrides, load_yaml, set_dotted
+from orchestrator import layout
+from orchestrator.spec import apply_overrides, load_yaml, set_dotted
 from trainers.config import TrialConfig
 from trainers.events import EpochRecord
 
@@ -32,13 +33,13 @@ def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list
 def run_single(
     config: TrialConfig, *, root: Path, tracking_uri: str | None, experiment: str, log: bool = True
 ) -> dict[str, Any]:
-    from orchestrator.trial import run_trial
+    from orchestrator.run.trial import run_trial
     from trainers.data import load_data
     from trainers.loop import pick_device
 
     device = pick_device(config.device)
     data = load_data(config.data, config.data_seed, device)  # a missing data dir fails here, before training
-    trial_dir = root / "train" / "trials" / config.trial_key()
+    trial_dir = layout.trial_dir(layout.train_dir(root), config.trial_key())
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
     with _progress() as bar:
@@ -51,7 +52,7 @@ def run_single(
                 description=f"epoch {record.epoch + 1}: test acc {record.test_acc:.3f}",
             )
 
-        result = run_trial(config, trial_dir, sweep="train", data=data, on_epoch=on_epoch)
+        result = run_trial(config, trial_dir, sweep=layout.TRAIN, data=data, on_epoch=on_epoch)
     verdict = "FAILED (lottery loss)" if result["failed"] else "ok"
     console.print(
         f"final test acc {result['final_test_acc']:.4f} ({verdict}; {result['failure_rule']}), "
@@ -63,12 +64,14 @@ def run_single(
 
 
 def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> None:
-    from orchestrator.tracking import client_for, default_tracking_uri, ensure_experiment, log_trial
+    from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 
     uri = tracking_uri or default_tracking_uri(root)
     try:
         client = client_for(uri)
-        run_id = log_trial(client, ensure_experiment(client, experiment, root / "mlartifacts"), trial_dir)
+        run_id = log_trial(
+            client, ensure_experiment(client, experiment, layout.artifacts_dir(root)), trial_dir
+        )
     except Exception as exc:  # an outage must not lose the result: it is already on disk
         console.print(f"[yellow]tracking unavailable ({type(exc).__name__}); results kept in {trial_dir}[/]")
         return

@@ -20,12 +20,11 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan, SweepSpec, expand
-from orchestrator.sweep import PLAN_FILE, SPEC_FILE, count_trials
-from orchestrator.sweep_tracking import SweepRecord, close_sweep, open_sweep, reconcile
-from orchestrator.tracking import client_for, default_tracking_uri, refuse_password
-from orchestrator.trial_dir import read_json
+from orchestrator.tracking.runs import client_for, default_tracking_uri, refuse_password
+from orchestrator.tracking.sweep import SweepRecord, close_sweep, open_sweep, reconcile
 
 PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
 
@@ -40,10 +39,10 @@ class SyncReport:
 
 def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None) -> SyncReport:
     """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring."""
-    keys = [row["trial_key"] for row in read_json(sweep_dir / PLAN_FILE)]
+    keys = layout.planned_keys(sweep_dir)
     record = _sweep_record(sweep_dir, tracking_uri)
     gaps = reconcile(record, sweep_dir, keys, errored=True)
-    counts = count_trials(sweep_dir, keys)
+    counts = layout.count_trials(sweep_dir, keys)
     parent = client_for(record.tracking_uri).get_run(record.parent_run_id)
     if counts["unfinished"] == 0 and parent.info.status != RunStatus.to_string(RunStatus.FINISHED):
         close_sweep(record, counts, complete=True)
@@ -69,17 +68,17 @@ def _sweep_record(sweep_dir: Path, tracking_uri: str | None) -> SweepRecord:
 
 def _planned_uri(sweep_dir: Path) -> str:
     """Where the driver would have logged: the spec's tracking_uri, $MLFLOW_TRACKING_URI or sqlite."""
-    return read_json(sweep_dir / SPEC_FILE).get("tracking_uri") or default_tracking_uri(sweep_dir)
+    return layout.read_spec(sweep_dir).get("tracking_uri") or default_tracking_uri(sweep_dir)
 
 
 def recorded_plan(sweep_dir: Path) -> SweepPlan:
     """The plan `spec.json` recorded, re-expanded; refused if it no longer yields the same trials."""
-    document = read_json(sweep_dir / SPEC_FILE)
+    document = layout.read_spec(sweep_dir)
     spec = SweepSpec.model_validate({k: v for k, v in document.items() if k not in PLAN_IDENTITY})
     plan = expand(spec)
     if plan.fingerprint != document.get("fingerprint"):
         raise UserError(
-            f"sync: {sweep_dir / SPEC_FILE} expands to other trials with this code "
+            f"sync: {layout.spec_file(sweep_dir)} expands to other trials with this code "
             f"(fingerprint {plan.fingerprint}, recorded {document.get('fingerprint')})"
         )
     return plan

@@ -1,0 +1,241 @@
+"""The sweep directory: every file and folder name in it, how files are written, and a trial's status.
+
+Everything below is named here and nowhere else; other modules ask for paths by function.
+
+Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<root>/<sweep>/`:
+  spec.json     the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)
+  trials.json   the planned trials in order (what aggregation treats as the denominator)
+  sweep.json    tracking URI, experiment id and parent run id (reused on resume)
+  trials/<trial_key>/  one trial's durable record, written before anything reaches MLflow:
+    config.json        resolved trial config plus its identities (trial_key, config_hash, pair_key)
+    metrics.parquet    one row per completed epoch (EpochRecord.flat)
+    layers.parquet     one row per (epoch, conv layer)
+    cgn_trace.parquet  per-filter CGN: epoch, step, layer, filter, cgn, reset (step -1 = epoch mean)
+    trace_parts/       the trace one file per epoch while the trial runs (joined into cgn_trace.parquet)
+    result.json        written last: its presence means the trial finished
+    error.txt          the last error, when a try failed
+    checkpoint.pt      a lone seed's latest epoch checkpoint (removed once result.json exists)
+    attempts.jsonl     one line per attempt: pid, the epoch it resumed from, the checkpoint it used
+  packs/<pack_key>/checkpoint.pt  a seed pack's checkpoint (its seeds' records are in their trial dirs)
+  tune/         Tune's experiment state and per-epoch marker checkpoints (epoch.json): what
+                `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/
+  aggregate/    <table>.parquet for the trials, epochs and summary tables (`lottery aggregate`)
+  report/       report.html and its figures (`lottery report`)
+  mlflow.db, mlartifacts/  the default embedded tracking store
+`lottery train` keeps its trials in `<root>/train/trials/<trial_key>/` and its store in `<root>/`.
+
+Every file is written to a temporary name and renamed, so a kill at any point leaves either
+the old or the new version, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.errors import UserError
+
+# Results root and sweep directory
+RESULTS_ROOT = "runs"  # default results root, relative to the working directory
+TRAIN = "train"  # `lottery train`'s sweep directory in the results root
+SPEC, PLAN, RECORD = "spec.json", "trials.json", "sweep.json"
+TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
+TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
+UNREADABLE = "unreadable"  # tune.unreadable-<time>/
+# In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
+CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
+    "config.json",
+    "metrics.parquet",
+    "layers.parquet",
+    "cgn_trace.parquet",
+    "result.json",
+    "error.txt",
+    "checkpoint.pt",
+)
+TRACE_PARTS, ATTEMPTS = "trace_parts", "attempts.jsonl"
+FAULT_MARKER = ".fault_injected"  # tests only: the injected fault has fired (orchestrator/run/trainable.py)
+EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune
+
+Status = Literal["finished", "errored", "unfinished"]
+
+
+def results_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where results live unless a spec says otherwise: $LOTTERY_HOME or ./runs."""
+    return Path(environ.get("LOTTERY_HOME", RESULTS_ROOT))
+
+
+def spec_file(sweep_dir: Path) -> Path:
+    return sweep_dir / SPEC
+
+
+def plan_file(sweep_dir: Path) -> Path:
+    return sweep_dir / PLAN
+
+
+def record_file(sweep_dir: Path) -> Path:
+    return sweep_dir / RECORD
+
+
+def trials_root(sweep_dir: Path) -> Path:
+    return sweep_dir / TRIALS
+
+
+def trial_dir(sweep_dir: Path, trial_key: str) -> Path:
+    return sweep_dir / TRIALS / trial_key
+
+
+def pack_dir(sweep_dir: Path, pack_key: str) -> Path:
+    return sweep_dir / PACKS / pack_key
+
+
+def train_dir(root: Path) -> Path:
+    """The sweep directory of `lottery train`'s single trials."""
+    return root / TRAIN
+
+
+def tune_dir(sweep_dir: Path) -> Path:
+    return sweep_dir / TUNE
+
+
+def unreadable_aside(path: Path) -> Path:
+    """Where an unreadable Tune state at `path` is kept: beside it, named by the time."""
+    return path.with_name(f"{path.name}.{UNREADABLE}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def aggregate_dir(sweep_dir: Path) -> Path:
+    return sweep_dir / AGGREGATE
+
+
+def aggregate_table(sweep_dir: Path, table: str) -> Path:
+    return sweep_dir / AGGREGATE / f"{table}.parquet"
+
+
+def report_dir(sweep_dir: Path) -> Path:
+    return sweep_dir / REPORT
+
+
+def tracking_db(root: Path) -> Path:
+    """The embedded sqlite store of a sweep directory (or of `lottery train`'s results root)."""
+    return root / TRACKING_DB
+
+
+def artifacts_dir(root: Path) -> Path:
+    return root / ARTIFACTS
+
+
+def trace_part(trial_dir: Path, epoch: int) -> Path:
+    return trial_dir / TRACE_PARTS / f"epoch={epoch:05d}.parquet"
+
+
+def trace_parts(trial_dir: Path) -> list[tuple[int, Path]]:
+    """(epoch, file) of every per-epoch trace part, in epoch order."""
+    parts = sorted((trial_dir / TRACE_PARTS).glob("epoch=*.parquet"))
+    return [(int(p.stem.split("=")[1]), p) for p in parts]
+
+
+def resolve_sweep_dir(name_or_path: str, root: Path) -> Path:
+    """A sweep by name under the storage root, or by path; one clear error otherwise."""
+    for candidate in (Path(name_or_path), root / name_or_path):
+        if spec_file(candidate).is_file():
+            return candidate.resolve()
+    raise UserError(
+        f"sweep: no sweep '{name_or_path}' (no {SPEC} in {name_or_path} or {root / name_or_path})"
+    )
+
+
+# Writing: to a temporary name beside the file, then renamed over it
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write_bytes(path, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+# Reading
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())
+
+
+def read_result(trial_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(trial_dir / RESULT)
+    except FileNotFoundError:
+        return None
+
+
+def read_spec(sweep_dir: Path) -> dict[str, Any]:
+    """spec.json: the spec with its seeds spelled out, its fingerprint and trial count."""
+    return read_json(spec_file(sweep_dir))
+
+
+def read_plan(sweep_dir: Path) -> list[dict[str, Any]]:
+    """trials.json: one row per planned trial, in plan order."""
+    return read_json(plan_file(sweep_dir))
+
+
+def planned_keys(sweep_dir: Path) -> list[str]:
+    return [row["trial_key"] for row in read_plan(sweep_dir)]
+
+
+@dataclass(frozen=True)
+class TrialStatus:
+    """What a trial directory says about its trial (see `trial_status`)."""
+
+    kind: Status
+    result: dict[str, Any] | None = None  # result.json, for a finished trial
+
+    @property
+    def finished(self) -> bool:
+        return self.kind == "finished"
+
+    @property
+    def failed(self) -> bool:
+        """Finished, and failed by the failure rule (a lottery loss; it counts in the failure rate)."""
+        return self.result is not None and bool(self.result["failed"])
+
+    @property
+    def errored(self) -> bool:
+        return self.kind == "errored"
+
+
+def trial_status(trial_dir: Path) -> TrialStatus:
+    """The one reading of a trial's state: finished (result.json, failed or not), errored (error.txt and
+    no result: its last try raised), else unfinished (never started, running or interrupted)."""
+    result = read_result(trial_dir)
+    if result is not None:
+        return TrialStatus("finished", result)
+    return TrialStatus("errored" if (trial_dir / ERROR).exists() else "unfinished")
+
+
+def count_trials(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
+    """planned, finished (failed included), failed, errored and unfinished, from the trial directories."""
+    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "unfinished": 0}
+    for key in keys:
+        status = trial_status(trial_dir(sweep_dir, key))
+        counts[status.kind] += 1
+        counts["failed"] += status.failed
+    return counts

@@ -1,0 +1,125 @@
+"""The code's boundaries: which package may import what, one owner for the sweep directory's names, one
+list of scheme names. Checked on the source and in fresh interpreters, so a stray import fails here."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from orchestrator import layout
+from trainers.config import TrialConfig
+from trainers.schemes import REGISTRY, SCHEMES
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = ROOT / "orchestrator" / "layout.py"
+PACKAGES = ("orchestrator", "dashboards", "trainers")
+NAMES = {value for key, value in vars(layout).items() if key.isupper() and isinstance(value, str)}
+FILE_NAMES = {name for name in NAMES if "." in name}  # spec.json, result.json, .fault_injected ...
+FOLDER_NAMES = NAMES - FILE_NAMES  # trials, tune, packs ...: path components, also common words
+PATH_CALLS = {"Path", "joinpath", "glob", "rglob", "with_name"}
+
+IMPORTS = textwrap.dedent(
+    """
+    import importlib, json, pkgutil, sys
+    for name in sys.argv[1:]:
+        module = importlib.import_module(name)
+        for found in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
+            if not found.name.endswith(".__main__"):
+                importlib.import_module(found.name)
+    print(json.dumps(sorted(sys.modules)))
+    """
+)
+
+
+def imported_by(*modules: str) -> set[str]:
+    """Every module a fresh interpreter holds after importing `modules` and all their submodules."""
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTS, *modules], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout))
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("trainers", {"ray", "mlflow", "orchestrator"}),  # PyTorch only
+        ("dashboards", {"orchestrator", "ray", "mlflow"}),  # figures from the aggregated tables only
+    ],
+)
+def test_a_package_imports_nothing_outside_its_boundary(package: str, forbidden: set[str]) -> None:
+    assert top_level(imported_by(package)) & forbidden == set()
+
+
+def test_tracking_and_sync_import_no_part_of_the_sweep_driver() -> None:
+    loaded = imported_by("orchestrator.tracking")
+    assert "orchestrator.tracking.sync" in loaded
+    assert {name for name in loaded if name.startswith("orchestrator.run")} == set()
+
+
+def test_layout_is_light_enough_for_every_module_to_import() -> None:
+    assert top_level(imported_by("orchestrator.layout")) & {"torch", "ray", "mlflow", "trainers"} == set()
+
+
+def spelled_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every sweep-directory name the source spells out: a file name in any string
+    (docstrings aside), a folder name where it builds a path (`x / "trials"`, `Path("tune")`)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    in_path: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            in_path |= {id(node.left), id(node.right)}
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name in PATH_CALLS:
+                in_path |= {id(arg) for arg in node.args}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in docstrings:
+            continue
+        found += [(node.lineno, name) for name in FILE_NAMES if name in node.value]
+        if node.value in FOLDER_NAMES and id(node) in in_path:
+            found.append((node.lineno, node.value))
+    return sorted(found)
+
+
+def test_the_check_sees_names_spelled_outside_layout() -> None:
+    source = 'd = root / "trials" / key\nok = (d / "result.json").exists()\nlabel = "trials"\n'
+    assert spelled_names(source) == [(1, "trials"), (2, "result.json")]
+
+
+def test_the_sweep_directorys_names_are_spelled_only_in_layout() -> None:
+    assert {"spec.json", "trials.json", "sweep.json", "trials", "tune", "packs", "result.json"} <= NAMES
+    assert len(NAMES) == len([v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)])
+    sources = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
+    assert LAYOUT in sources
+    spelled = {
+        f"{path.relative_to(ROOT)}:{line}": name
+        for path in sources
+        if path != LAYOUT
+        for line, name in spelled_names(path.read_text())
+    }
+    assert spelled == {}, "use orchestrator.layout's names and path functions"
+
+
+def test_scheme_names_have_one_source() -> None:
+    configs = get_args(TrialConfig.model_fields["scheme"].annotation)
+    assert tuple(REGISTRY) == SCHEMES
+    assert [c.model_fields["name"].default for c in configs] == list(SCHEMES)
