@@ -73,7 +73,7 @@ def train(
         "epochs": epochs,
         "seed": seed,
         "data_seed": data_seed,
-        "scheme.tau": tau,
+        "tau": tau,
         "scheme.active_fraction": active_fraction,
         "scheme.drop_fraction": drop_fraction,
     }
@@ -95,6 +95,14 @@ def sweep(
         bool, typer.Option("--dry-run", help="Print the planned trials; start nothing.")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Require an existing sweep to continue.")] = False,
+    allow_mixed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mixed",
+            help="Resume although the pack size or device differs from the finished trials' "
+            "(both change exact numbers; each result records its own).",
+        ),
+    ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
     ] = None,
@@ -110,7 +118,14 @@ def sweep(
         return
     if cluster_address(plan, address) is None:
         check_local_data(plan)
-    outcome = run_sweep(plan, root=layout.results_root(), resume=resume, address=address, console=console)
+    outcome = run_sweep(
+        plan,
+        root=layout.results_root(),
+        resume=resume,
+        address=address,
+        console=console,
+        allow_mixed=allow_mixed,
+    )
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "

@@ -50,6 +50,7 @@ SPEC, PLAN, RECORD = "spec.json", "trials.json", "sweep.json"
 TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
 UNREADABLE = "unreadable"  # tune.unreadable-<time>/
+REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
 # In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
 CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
     "config.json",
@@ -107,7 +108,13 @@ def tune_dir(sweep_dir: Path) -> Path:
 
 def unreadable_aside(path: Path) -> Path:
     """Where an unreadable Tune state at `path` is kept: beside it, named by the time."""
-    return path.with_name(f"{path.name}.{UNREADABLE}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return set_aside(path, UNREADABLE)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Where a Tune state that can no longer be restored is kept (never deleted): beside it, named
+    by why and when."""
+    return path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def aggregate_dir(sweep_dir: Path) -> Path:

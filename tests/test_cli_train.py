@@ -52,6 +52,7 @@ def test_train_on_craters_with_randomout_logs_a_run_that_reads_back(tmp_path):
     assert tags["scheme"] == "randomout" and tags["dataset"] == "craters" and tags["seed"] == "0"
     assert len(tags["trial_key"]) == 16 and tags["config_hash"] != tags["trial_key"]
     assert run.data.params["scheme.tau"] == "1e-08" and run.data.params["data.image_size"] == "15"
+    assert (tags["device"], tags["pack_size"]) == ("cpu", "1") and int(tags["threads"]) >= 1
     history = client.get_metric_history(run.info.run_id, "test_acc")
     assert [m.step for m in history] == [0, 1]
     assert 0.0 < history[-1].value <= 1.0

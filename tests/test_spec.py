@@ -245,3 +245,46 @@ def test_auto_pack_size_follows_the_measured_rule_and_changes_the_fingerprint():
     alone = expand(SweepSpec.model_validate(spec_doc(seeds={"start": 0, "count": 40}, pack_size=1)))
     assert [t.trial_key() for t in alone.trials] == [t.trial_key() for t in narrow.trials]
     assert alone.fingerprint != narrow.fingerprint, "a restored experiment keeps its own packing"
+
+
+def test_a_changed_pack_size_is_refused_unless_allow_mixed(tmp_path, monkeypatch):
+    """Packing is outside the trial key but changes a trial's exact numbers (summation order)."""
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
+    sweep_dir = tmp_path / "home" / "unit"
+    record_plan(expand(SweepSpec.model_validate(spec_doc(seeds={"start": 0, "count": 4}))), sweep_dir)
+    (sweep_dir / "tune").mkdir()
+    alone = write_spec(tmp_path / "alone.yaml", spec_doc(seeds={"start": 0, "count": 4}, pack_size=1))
+    result = CliRunner().invoke(app, ["sweep", str(alone)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: pack_size:") and "--allow-mixed" in lines[0]
+    assert (sweep_dir / "tune").is_dir(), "nothing may change on a refusal"
+
+    plan = expand(SweepSpec.model_validate(spec_doc(seeds={"start": 0, "count": 4}, pack_size=1)))
+    assert record_plan(plan, sweep_dir, allow_mixed=True) is False  # Tune starts afresh on new packs
+    assert [p.name.split("-")[0] for p in sweep_dir.iterdir() if p.name.startswith("tune")] == [
+        "tune.repacked"
+    ]
+    assert (sweep_dir / "spec.json").read_text().count(plan.fingerprint) == 1
+
+
+def test_resuming_on_another_device_is_refused_unless_allow_mixed(tmp_path, monkeypatch):
+    from orchestrator import layout
+    from orchestrator.run.sweep import check_device_provenance
+
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
+    sweep_dir = tmp_path / "home" / "unit"
+    plan = expand(SweepSpec.model_validate(spec_doc()))  # device: cpu
+    record_plan(plan, sweep_dir)
+    done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
+    done.mkdir(parents=True)
+    layout.atomic_write_json(done / "result.json", {"device": "cuda:0", "pack_size": 1, "threads": 1})
+    path = write_spec(tmp_path / "same.yaml", spec_doc())
+    result = CliRunner().invoke(app, ["sweep", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: device: finished trials") and "cuda:0" in lines[0]
+    assert "--allow-mixed" in lines[0] and not (sweep_dir / "tune").exists()
+    check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=True)  # told: no refusal
+    layout.atomic_write_json(done / "result.json", {"device": "cpu", "pack_size": 1, "threads": 1})
+    check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=False)  # same device: fine

@@ -147,12 +147,30 @@ def _seed_text(seeds: Any) -> str:
     return ",".join(map(str, seeds[:6])) + (",..." if len(seeds) > 6 else "")
 
 
-def record_plan(plan: SweepPlan, sweep_dir: Path) -> bool:
-    """Write spec.json/trials.json, or check them against an earlier run; True if resuming."""
+def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) -> bool:
+    """Write spec.json/trials.json, or check them against an earlier run; True if resuming.
+
+    The same trials packed differently are a changed provenance, not a different plan: refused
+    unless `allow_mixed`, and then Tune (whose saved units are the old packs) starts afresh.
+    """
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
-        if old.get("fingerprint") != plan.fingerprint:
+        # The same trials, in any order (packing orders the plan).
+        same_trials = sorted(layout.planned_keys(sweep_dir)) == sorted(t.trial_key() for t in plan.trials)
+        if old.get("fingerprint") != plan.fingerprint and same_trials:
+            if not allow_mixed:
+                raise UserError(
+                    f"pack_size: the trials of sweep '{plan.spec.name}' were packed as pack_size "
+                    f"{old.get('pack_size')!r} and this run packs them differently "
+                    f"({plan.spec.pack_size!r}); "
+                    "a trial's exact numbers depend on its pack, so restore that pack_size or pass "
+                    "--allow-mixed to continue with both"
+                )
+            tune_dir = layout.tune_dir(sweep_dir)
+            if tune_dir.exists():
+                tune_dir.rename(layout.set_aside(tune_dir, layout.REPACKED))
+        elif old.get("fingerprint") != plan.fingerprint:
             raise UserError(
                 f"sweep '{plan.spec.name}': {sweep_dir} holds a different plan "
                 f"({old.get('n_trials')} trials, "
@@ -165,6 +183,29 @@ def record_plan(plan: SweepPlan, sweep_dir: Path) -> bool:
     return layout.tune_dir(sweep_dir).exists()
 
 
+def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool, allow_mixed: bool) -> None:
+    """Refuse to resume on another kind of device than the finished trials used (unless `allow_mixed`):
+    the device is outside the trial key but changes its exact numbers. On a cluster, `device: auto`
+    resolves on the workers, so only an explicit device can be checked there."""
+    if allow_mixed or not layout.trials_root(sweep_dir).exists():
+        return
+    local = None
+    if embedded:
+        import torch
+
+        local = "cuda" if torch.cuda.is_available() else "cpu"
+    for trial in plan.trials:
+        wanted = trial.device if trial.device != "auto" else local
+        result = layout.read_result(layout.trial_dir(sweep_dir, trial.trial_key()))
+        used = (result or {}).get("device") or ""
+        if wanted and used and used.split(":")[0] != wanted:
+            raise UserError(
+                f"device: finished trials of sweep '{plan.spec.name}' ran on {used} and this run would "
+                f"train the rest on {wanted}; a trial's exact numbers depend on the device, so run on "
+                f"{used.split(':')[0]} or pass --allow-mixed to continue with both"
+            )
+
+
 def run_sweep(
     plan: SweepPlan,
     *,
@@ -172,6 +213,7 @@ def run_sweep(
     resume: bool = False,
     address: str | None = None,
     console: Console | None = None,
+    allow_mixed: bool = False,
 ) -> SweepOutcome:
     from orchestrator.run.progress import OneLineErrors
     from orchestrator.tracking.runs import default_tracking_uri, refuse_password
@@ -185,7 +227,8 @@ def run_sweep(
         "tracking_uri" if plan.spec.tracking_uri else "MLFLOW_TRACKING_URI",
     )
     address = cluster_address(plan, address)
-    resuming = record_plan(plan, sweep_dir)
+    check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
+    resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
     keys = [t.trial_key() for t in plan.trials]
     record = _open_tracking(plan, sweep_dir, uri, keys, console)
     for key, value in DRIVER_ENV.items():

@@ -100,6 +100,9 @@ def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
     return client.search_runs([experiment_id], filter_string=clause, max_results=1000)
 
 
+PROVENANCE = ("device", "pack_size", "threads")
+
+
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> dotted params (MLflow rejects nested values)."""
     flat: dict[str, str] = {}
@@ -173,6 +176,10 @@ def log_trial(
     if result is not None:
         run_tags |= {"failed": str(result["failed"]).lower(), "diverged": str(result["diverged"]).lower()}
         run_tags["failure_rule"] = result["failure_rule"]
+        # Outside the trial key but changes its exact numbers (older results lack them).
+        for name in PROVENANCE:
+            if result.get(name) not in (None, ""):
+                run_tags[name] = str(result[name])
     label = f" {meta['hparam_label']}" if meta["hparam_label"] else ""
     run = client.create_run(
         experiment_id, run_name=f"{meta['scheme']}{label} seed={meta['seed']}", tags=run_tags
