@@ -313,3 +313,20 @@ def test_results_record_device_threads_and_pack_size():
     train(config(epochs=1), sink, data=digits, seeds=[1, 2], pack_size=2)
     for result in sink.results:
         assert (result.device, result.threads, result.pack_size) == ("cpu", torch.get_num_threads(), 2)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        "baseline",
+        "batchnorm",
+        {"name": "randomout", "tau": 1e-12},
+        {"name": "randomout"},
+        {"name": "repr", "s1": 1, "s2": 1, "n_iter": 1},
+    ],
+)
+def test_a_saved_config_loads_back_as_itself(scheme):
+    """What the sweep stores (model_dump) is what every trial loads: it must round-trip for every scheme."""
+    cfg = config(scheme=scheme, epochs=3, tau=1e-6 if scheme == "baseline" else 1e-8)
+    again = TrialConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg and again.trial_key() == cfg.trial_key() and again.count_tau == cfg.count_tau

@@ -288,3 +288,23 @@ def test_resuming_on_another_device_is_refused_unless_allow_mixed(tmp_path, monk
     check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=True)  # told: no refusal
     layout.atomic_write_json(done / "result.json", {"device": "cpu", "pack_size": 1, "threads": 1})
     check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=False)  # same device: fine
+
+
+def test_resuming_over_results_of_an_earlier_trainer_is_refused_unless_allow_mixed(tmp_path, monkeypatch):
+    """Results without provenance fields were trained before the majority-class rule and per-filter
+    Adam steps: under the same keys their numbers mean something else."""
+    from orchestrator import layout
+    from orchestrator.run.sweep import check_device_provenance
+
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
+    sweep_dir = tmp_path / "home" / "unit"
+    plan = expand(SweepSpec.model_validate(spec_doc()))
+    record_plan(plan, sweep_dir)
+    done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
+    done.mkdir(parents=True)
+    layout.atomic_write_json(done / "result.json", {"final_test_acc": 0.9, "failed": False})
+    result = CliRunner().invoke(app, ["sweep", str(write_spec(tmp_path / "same.yaml", spec_doc()))])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "earlier filter-lottery" in lines[0] and "--allow-mixed" in lines[0]
+    check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=True)

@@ -20,6 +20,9 @@ InitName = Literal["uniform0.01", "xavier", "kaiming"]
 ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"]
 
 
+DEFAULT_TAU = 1e-8  # RandomOut's "tau = 10^-8 yielded good results" (§2)
+
+
 class Strict(BaseModel):
     """Base for every config: unknown fields are errors, not silently ignored."""
 
@@ -70,7 +73,7 @@ class BatchNormScheme(Strict):
 
 class RandomOutScheme(Strict):
     name: Literal["randomout"] = "randomout"
-    tau: float = Field(1e-8, ge=0.0)  # CGN threshold, in summed-loss units (see trainers/cgn.py)
+    tau: float = Field(DEFAULT_TAU, ge=0.0)  # CGN threshold, in summed-loss units (see trainers/cgn.py)
     active_fraction: float = Field(1.0, ge=0.0, le=1.0)  # P: resets allowed while epoch < P * epochs
     reset_optimizer_state: bool = False
     reset_bias: bool = False
@@ -109,7 +112,7 @@ class TrialConfig(Strict):
     data_seed: int = Field(0, ge=0)  # split and batch order; kept apart from seed on purpose
     # The CGN threshold of the "below tau" counts. A randomout trial has one threshold for its resets
     # and its counts, and it lives in scheme.tau: `_one_tau` routes a tau given in the other place.
-    tau: float = Field(1e-8, ge=0.0)
+    tau: float = Field(DEFAULT_TAU, ge=0.0)
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
     trace_every: int = Field(0, ge=0)  # 0: per-epoch mean CGN per filter; K: also every K steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -134,9 +137,11 @@ class TrialConfig(Strict):
             return doc
         doc, scheme = dict(doc), dict(scheme)
         value = doc.pop("tau")
-        if "tau" in scheme and scheme["tau"] != value:
+        # A saved config (model_dump) carries the default trial-level tau beside scheme.tau: not a second one.
+        if "tau" not in scheme:
+            scheme["tau"] = value
+        elif value not in (scheme["tau"], DEFAULT_TAU):
             raise ValueError(f"tau: given twice ({value} and {scheme['tau']}); set it once, as scheme.tau")
-        scheme["tau"] = value
         doc["scheme"] = scheme
         return doc
 

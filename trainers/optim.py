@@ -7,8 +7,11 @@ lr * (1 - b1) / sqrt(1 - b2) = 3.2 lr instead of lr, and stays too fast for hund
 `RowAdam` keeps a step count per row (per filter, per seed of a pack: dimension 0 of every tensor)
 once any row has been reset, so a reborn filter's updates are exactly those of a fresh Adam.
 
-Until the first reset it is the same arithmetic as `torch.optim.Adam` (single-tensor path, L2 weight
-decay), op for op, so results of trials that never reset are unchanged.
+Until the first reset it is the same arithmetic as `torch.optim.Adam`'s single-tensor path (L2 weight
+decay), op for op, so on the CPU results of trials that never reset are unchanged (on CUDA
+torch.optim.Adam defaults to its multi-tensor path, which rounds differently). RandomOut with
+`reset_optimizer_state` resets every active step (with a mask, no host sync), so it counts per row
+from its first step: the same numbers to float rounding.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class RowAdam(torch.optim.Optimizer):
                     step_size = (lr / (1 - torch.pow(beta1, t))).to(param.dtype)
                     bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt().to(param.dtype)
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                    param.sub_(exp_avg / denom * step_size)
+                    param.addcdiv_(exp_avg * -step_size, denom)
         return loss
 
     @torch.no_grad()

@@ -156,14 +156,15 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
-        # The same trials, in any order (packing orders the plan).
-        same_trials = sorted(layout.planned_keys(sweep_dir)) == sorted(t.trial_key() for t in plan.trials)
+        # The same trials, in any order (packing orders the plan); trials.json is written second.
+        planned = layout.planned_keys(sweep_dir) if layout.plan_file(sweep_dir).exists() else []
+        same_trials = sorted(planned) == sorted(t.trial_key() for t in plan.trials)
         if old.get("fingerprint") != plan.fingerprint and same_trials:
             if not allow_mixed:
                 raise UserError(
-                    f"pack_size: the trials of sweep '{plan.spec.name}' were packed as pack_size "
-                    f"{old.get('pack_size')!r} and this run packs them differently "
-                    f"({plan.spec.pack_size!r}); "
+                    f"pack_size: the trials of sweep '{plan.spec.name}' were packed (pack_size "
+                    f"{old.get('pack_size')!r}) or ordered differently from this run's "
+                    f"(pack_size {plan.spec.pack_size!r}); "
                     "a trial's exact numbers depend on its pack, so restore that pack_size or pass "
                     "--allow-mixed to continue with both"
                 )
@@ -184,9 +185,10 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
 
 
 def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool, allow_mixed: bool) -> None:
-    """Refuse to resume on another kind of device than the finished trials used (unless `allow_mixed`):
-    the device is outside the trial key but changes its exact numbers. On a cluster, `device: auto`
-    resolves on the workers, so only an explicit device can be checked there."""
+    """Refuse to resume on another kind of device than the finished trials used, or over trials of an
+    earlier trainer version (unless `allow_mixed`): both are outside the trial key but change its
+    numbers. On a cluster, `device: auto` resolves on the workers, so only an explicit device can be
+    checked there."""
     if allow_mixed or not layout.trials_root(sweep_dir).exists():
         return
     local = None
@@ -197,6 +199,13 @@ def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool,
     for trial in plan.trials:
         wanted = trial.device if trial.device != "auto" else local
         result = layout.read_result(layout.trial_dir(sweep_dir, trial.trial_key()))
+        if result is not None and "device" not in result:
+            raise UserError(
+                f"sweep '{plan.spec.name}': its finished trials were trained by an earlier filter-lottery "
+                "(before the majority-class failure rule, the reference input option and per-filter Adam "
+                "steps; their results record no device); start a new sweep name, or pass --allow-mixed "
+                "to continue with both"
+            )
         used = (result or {}).get("device") or ""
         if wanted and used and used.split(":")[0] != wanted:
             raise UserError(
