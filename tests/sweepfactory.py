@@ -154,7 +154,7 @@ def write_trial(trial_dir: Path, t: FakeTrial, sweep: str, margin: float, chance
         "total_resets": int(metrics["resets"].to_numpy().sum()),
         "reinit_fallbacks": 0,
         "wall_s": 0.5 * t.epochs,
-        "failure_rule": failure_rule_text(margin),
+        "failure_rule": failure_rule_text(margin, chance),
     }
     _write_json(trial_dir / "result.json", result)
 

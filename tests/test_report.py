@@ -113,7 +113,10 @@ def test_report_renders_every_figure(full_sweep: tuple[Path, AggregateResult], t
     assert sorted(p.stem for p in page.parent.glob("*.png")) == sorted(FIGURES)
     text = page.read_text()
     assert "src='data:image/png;base64," in text and "<link" not in text  # self-contained
-    assert "Failure rule:</b> failed if final test accuracy &lt;= chance + 0.05" in text
+    assert re.search(
+        r"Failure rule:</b> failed if final test accuracy &lt;= majority-class accuracy 0\.\d{3} \+ 0\.05",
+        text,
+    )
 
     dom = _chromium(["--dump-dom"], page, tmp_path / "profile")
     status = re.search(r'id="img-status"[^>]*data-loaded="(\d+)" data-total="(\d+)"', dom)
