@@ -11,7 +11,7 @@ from rich.console import Console
 
 from orchestrator import layout
 from orchestrator.errors import UserError, user_errors
-from trainers.schemes import SCHEMES
+from trainers.config import SCHEMES
 
 app = typer.Typer(
     add_completion=False,

@@ -19,7 +19,7 @@ class UserError(Exception):
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    from trainers.schemes import SCHEMES  # torch: only once a config has failed to validate
+    from trainers.config import SCHEMES
 
     first = error.errors()[0]
     loc = [str(part) for part in first["loc"] if not str(part).startswith("function-after")]
@@ -45,7 +45,7 @@ def fail(message: str) -> NoReturn:
 
 def user_errors(func: F) -> F:
     """Turn every known user mistake raised inside a command into `error: ...` and exit 2."""
-    from trainers.data import DataError
+    from trainers.errors import DataError
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -29,10 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import UserError
-from trainers.config import TrialConfig
-from trainers.loop import can_pack
-from trainers.pack import auto_pack_size
-from trainers.schemes import SCHEMES
+from trainers.config import SCHEMES, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BASE_RESERVED = {
@@ -292,6 +289,10 @@ def pack_units(spec: SweepSpec, trials: list[TrialConfig]) -> tuple[tuple[int, .
 
 
 def _pack_size(requested: int | str, config: TrialConfig) -> int:
+    # torch, imported once a spec has validated: a mistake in it is reported without loading torch.
+    from trainers.loop import can_pack
+    from trainers.pack import auto_pack_size
+
     if not can_pack(config):
         return 1
     if requested == "auto":

@@ -72,6 +72,24 @@ def test_layout_is_light_enough_for_every_module_to_import() -> None:
     assert top_level(imported_by("orchestrator.layout")) & {"torch", "ray", "mlflow", "trainers"} == set()
 
 
+def test_the_cli_and_a_spec_mistake_load_no_torch(tmp_path: Path) -> None:
+    """torch costs seconds per process: `lottery --help` and a one-line spec error must not wait for it."""
+    assert "torch" not in top_level(imported_by("orchestrator.cli"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseeds: [0]\nbase: {epoch: 3}\nschemes: [{name: baseline}]\n")
+    probe = (
+        "import sys\nfrom orchestrator.errors import UserError\nfrom orchestrator.spec import load_plan\n"
+        "from pydantic import ValidationError\n"
+        "from pathlib import Path\n"
+        f"try:\n    load_plan(Path({str(bad)!r}))\nexcept (UserError, ValidationError):\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
 def spelled_names(source: str) -> list[tuple[int, str]]:
     """(line, name) of every sweep-directory name the source spells out: a file name in any string
     (docstrings aside), a folder name where it builds a path (`x / "trials"`, `Path("tune")`)."""

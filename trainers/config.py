@@ -96,6 +96,11 @@ class ReprScheme(Strict):
 Scheme = Annotated[
     BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme, Field(discriminator="name")
 ]
+# The scheme names, in the union's order, without importing torch (the CLI's help and spec checks need
+# only these); trainers.schemes.REGISTRY holds an implementation for each, and a test keeps them equal.
+SCHEMES: tuple[str, ...] = tuple(
+    c.model_fields["name"].default for c in (BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme)
+)
 
 
 class TrialConfig(Strict):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainers.config import DataConfig
+from trainers.errors import DataError
 from trainers.recordio import RecordIOError, iter_records
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 SYNTHETIC_SIZE = 16
 SYNTHETIC_CLASSES = 4
-
-
-class DataError(ValueError):
-    """A data problem the user can fix: one line naming the config field and the fix."""
 
 
 @dataclass

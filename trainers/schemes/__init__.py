@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from trainers.config import RandomOutScheme, ReprScheme
+from trainers.config import SCHEMES, RandomOutScheme, ReprScheme
 from trainers.schemes.base import Scheme, TrainContext
 from trainers.schemes.randomout import RandomOut
 from trainers.schemes.repr import RePr
 
 # The one list of scheme names: a new scheme is its config class (in trainers/config.py's Scheme union),
-# its module here and one line below. The CLI and spec validation take the names from SCHEMES.
+# its module here and one line below. The CLI and spec validation take the names from
+# trainers.config.SCHEMES (no torch import), which must list the same names.
 REGISTRY: dict[str, Callable[..., Scheme]] = {
     "baseline": lambda cfg: Scheme(),
     "batchnorm": lambda cfg: Scheme(),  # the model differs (BN after every conv), not the loop
     "randomout": lambda cfg: RandomOut(cfg),
     "repr": lambda cfg: RePr(cfg),
 }
-SCHEMES: tuple[str, ...] = tuple(REGISTRY)
+assert tuple(REGISTRY) == SCHEMES, "trainers.config's Scheme union and REGISTRY must list the same schemes"
 
 
 def build_scheme(cfg: object) -> Scheme:
