@@ -8,16 +8,14 @@ are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at th
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.table import Table
 
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
@@ -68,21 +66,23 @@ class AggregateResult:
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
 
 
-def _planned(sweep_dir: Path, on_disk: set[str]) -> list[dict[str, Any]]:
+def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
     """The plan from trials.json, followed by any trial directory the plan does not list."""
     plan: list[dict[str, Any]] = layout.read_plan(sweep_dir) if layout.plan_file(sweep_dir).exists() else []
     listed = {p["trial_key"] for p in plan}
     return plan + [{"trial_key": k} for k in sorted(on_disk - listed)]
 
 
-def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[str, Any]) -> dict[str, Any]:
+def _trial_row(
+    planned: dict[str, Any], trial_dir: layout.Location | None, defaults: dict[str, Any]
+) -> dict[str, Any]:
     row: dict[str, Any] = {**defaults, **planned}
     if trial_dir is None:
         row["status"] = "pending"
         return row
     status = layout.trial_status(trial_dir)
-    if (trial_dir / layout.CONFIG).exists():
-        config = layout.read_json(trial_dir / layout.CONFIG)
+    config = _read_optional(trial_dir / layout.CONFIG)
+    if config is not None:
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
@@ -92,9 +92,17 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         row["status"] = "finished"
         return row
     row["status"] = "errored" if status.errored else "incomplete"
-    if (trial_dir / layout.METRICS).exists():  # how far it got; the footer alone is cheap to read
-        row["epochs_done"] = pq.read_metadata(trial_dir / layout.METRICS).num_rows
+    with contextlib.suppress(FileNotFoundError):  # how far it got; the footer alone is cheap to read
+        row["epochs_done"] = layout.parquet_rows(trial_dir / layout.METRICS)
     return row
+
+
+def _read_optional(path: layout.Location) -> Any:
+    """A JSON file, or None: one read, not a check and a read (each is a request on an object store)."""
+    try:
+        return layout.read_json(path)
+    except FileNotFoundError:
+        return None
 
 
 def _typed_trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -107,12 +115,11 @@ def _typed_trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.astype(TRIAL_COLUMNS)
 
 
-def load_trials(sweep_dir: Path) -> pd.DataFrame:
+def load_trials(sweep_dir: layout.Location | str) -> pd.DataFrame:
     """One row per planned (or found) trial with its status and final result (TRIAL_COLUMNS)."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = layout.location(sweep_dir)
     spec = layout.read_spec(sweep_dir)
-    trials_root = layout.trials_root(sweep_dir)
-    on_disk = {e.name for e in os.scandir(trials_root) if e.is_dir()} if trials_root.is_dir() else set()
+    on_disk = layout.trial_dirs_present(sweep_dir)
     margin = float(spec["failure_margin"])
     defaults = {
         "sweep": spec["name"],
@@ -132,20 +139,20 @@ def load_trials(sweep_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_epochs(sweep_dir: layout.Location | str, trials: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every trial's metrics.parquet stacked, with the trial's identity columns (EPOCH_COLUMNS).
 
     Files are read with pyarrow and concatenated once; identity columns are broadcast by row
     counts rather than added per file.
     """
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = layout.location(sweep_dir)
     trials = load_trials(sweep_dir) if trials is None else trials
     tables, owners = [], []
     for i, (key, status) in enumerate(zip(trials["trial_key"], trials["status"], strict=True)):
         if status == "pending":
             continue
-        try:  # ParquetFile.read skips the dataset machinery of pq.read_table: ~2x faster per small file
-            table = pq.ParquetFile(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS).read()
+        try:
+            table = layout.read_table(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS)
         except FileNotFoundError:
             continue
         tables.append(table.select([c for c in METRIC_COLUMNS if c in table.column_names]))
@@ -159,18 +166,22 @@ def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataF
     return frame.reindex(columns=list(EPOCH_COLUMNS)).astype(EPOCH_COLUMNS)
 
 
-def aggregate(sweep_dir: Path) -> AggregateResult:
-    """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet`."""
-    sweep_dir = Path(sweep_dir)
+def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
+    """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet` (in the sweep
+    directory wherever it lives: on an object store the tables go to the same store)."""
+    sweep_dir = layout.location(sweep_dir)
     trials = load_trials(sweep_dir)
     result = AggregateResult(trials=trials, epochs=load_epochs(sweep_dir, trials), summary=summarise(trials))
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
-        getattr(result, table.name).to_parquet(layout.aggregate_table(sweep_dir, table.name), index=False)
+        frame = getattr(result, table.name)
+        layout.atomic_write(
+            layout.aggregate_table(sweep_dir, table.name), lambda tmp, f=frame: f.to_parquet(tmp, index=False)
+        )
     return result
 
 
-def read_aggregate(sweep_dir: Path) -> AggregateResult:
+def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
     missing = [path.name for path in paths.values() if not path.exists()]
@@ -178,7 +189,12 @@ def read_aggregate(sweep_dir: Path) -> AggregateResult:
         raise UserError(
             f"{layout.aggregate_dir(sweep_dir)} lacks {missing}: run `lottery aggregate {sweep_dir}` first"
         )
-    return AggregateResult(**{name: pd.read_parquet(path) for name, path in paths.items()})
+    return AggregateResult(**{name: _read_frame(path) for name, path in paths.items()})
+
+
+def _read_frame(path: layout.Location) -> pd.DataFrame:
+    source, filesystem = layout.parquet_source(path)
+    return pd.read_parquet(source, filesystem=filesystem)
 
 
 def _pct(x: float, digits: int = 1) -> str:

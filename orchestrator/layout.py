@@ -26,22 +26,35 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
 
 Every file is written to a temporary name and renamed, so a kill at any point leaves either
 the old or the new version, never a torn file.
+
+The results root (and so a sweep directory) is a local path or a URI (`s3://bucket/prefix`, anything
+pyarrow.fs resolves; orchestrator/storage.py). On an object store a file is written whole to a local
+temporary file and then PUT in one request, which is its atomic commit; result.json is PUT last, so a
+trial directory without it is unfinished wherever it lives. What cannot live on an object store
+lives in the sweep's local mirror (`local_dir`): the embedded sqlite tracking store and its
+artifacts, and the report while it is built (then copied to the store's `report/`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import UserError
+from orchestrator.storage import StorePath, is_uri, location
+
+Location: TypeAlias = Path | StorePath  # a local path, or a file or folder on an object store
 
 # Results root and sweep directory
 RESULTS_ROOT = "runs"  # default results root, relative to the working directory
@@ -49,6 +62,7 @@ TRAIN = "train"  # `lottery train`'s sweep directory in the results root
 SPEC, PLAN, RECORD = "spec.json", "trials.json", "sweep.json"
 TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
+STORES = "stores"  # <local root>/stores/<scheme>/<bucket>/<prefix>/<sweep>/: a URI sweep's local mirror
 UNREADABLE = "unreadable"  # tune.unreadable-<time>/
 REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
 # In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
@@ -68,143 +82,280 @@ EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune
 Status = Literal["finished", "errored", "unfinished"]
 
 
-def results_root(environ: Mapping[str, str] = os.environ) -> Path:
-    """Where results live unless a spec says otherwise: $LOTTERY_HOME or ./runs."""
-    return Path(environ.get("LOTTERY_HOME", RESULTS_ROOT))
+def results_root(environ: Mapping[str, str] = os.environ) -> Location:
+    """Where results live unless a spec says otherwise: $LOTTERY_HOME (a path or a URI) or ./runs."""
+    return location(environ.get("LOTTERY_HOME", RESULTS_ROOT))
 
 
-def spec_file(sweep_dir: Path) -> Path:
+def local_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """The local results root: $LOTTERY_HOME when it is a path, else ./runs."""
+    home = environ.get("LOTTERY_HOME", RESULTS_ROOT)
+    return Path(RESULTS_ROOT if is_uri(home) else home)
+
+
+def sweep_location(storage_path: str | Path | None, name: str, root: Location) -> Location:
+    """`<storage_path or root>/<name>`: a resolved local path, or a URI's StorePath."""
+    base = location(storage_path) if storage_path is not None else root
+    return (base / name).resolve()
+
+
+def local_dir(sweep_dir: Location) -> Path:
+    """Where a sweep keeps what must be on a local disk: the sweep directory itself when it is local,
+    else its mirror `<local root>/stores/<scheme>/<bucket>/<prefix>/<sweep>/` (sqlite, the report build)."""
+    if isinstance(sweep_dir, Path):
+        return sweep_dir
+    return local_root().joinpath(STORES, *sweep_dir.as_local_parts()).resolve()
+
+
+def tune_storage(sweep_dir: Location) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Tune's RunConfig / Tuner.restore: Tune's state in the
+    sweep directory, on the same store (None: Tune resolves a local path itself)."""
+    if isinstance(sweep_dir, Path):
+        return str(sweep_dir), None
+    return sweep_dir.path, sweep_dir.fs
+
+
+def spec_file(sweep_dir: Location) -> Location:
     return sweep_dir / SPEC
 
 
-def plan_file(sweep_dir: Path) -> Path:
+def plan_file(sweep_dir: Location) -> Location:
     return sweep_dir / PLAN
 
 
-def record_file(sweep_dir: Path) -> Path:
+def record_file(sweep_dir: Location) -> Location:
     return sweep_dir / RECORD
 
 
-def trials_root(sweep_dir: Path) -> Path:
+def trials_root(sweep_dir: Location) -> Location:
     return sweep_dir / TRIALS
 
 
-def trial_dir(sweep_dir: Path, trial_key: str) -> Path:
+def trial_dir(sweep_dir: Location, trial_key: str) -> Location:
     return sweep_dir / TRIALS / trial_key
 
 
-def pack_dir(sweep_dir: Path, pack_key: str) -> Path:
+def pack_dir(sweep_dir: Location, pack_key: str) -> Location:
     return sweep_dir / PACKS / pack_key
 
 
-def train_dir(root: Path) -> Path:
+def train_dir(root: Location) -> Location:
     """The sweep directory of `lottery train`'s single trials."""
     return root / TRAIN
 
 
-def tune_dir(sweep_dir: Path) -> Path:
+def tune_dir(sweep_dir: Location) -> Location:
     return sweep_dir / TUNE
 
 
-def unreadable_aside(path: Path) -> Path:
+def unreadable_aside(path: Location) -> Location:
     """Where an unreadable Tune state at `path` is kept: beside it, named by the time."""
     return set_aside(path, UNREADABLE)
 
 
-def set_aside(path: Path, reason: str) -> Path:
+def set_aside(path: Location, reason: str) -> Location:
     """Where a Tune state that can no longer be restored is kept (never deleted): beside it, named
     by why and when."""
     return path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def aggregate_dir(sweep_dir: Path) -> Path:
+def aggregate_dir(sweep_dir: Location) -> Location:
     return sweep_dir / AGGREGATE
 
 
-def aggregate_table(sweep_dir: Path, table: str) -> Path:
+def aggregate_table(sweep_dir: Location, table: str) -> Location:
     return sweep_dir / AGGREGATE / f"{table}.parquet"
 
 
-def report_dir(sweep_dir: Path) -> Path:
+def report_dir(sweep_dir: Location) -> Location:
     return sweep_dir / REPORT
 
 
-def tracking_db(root: Path) -> Path:
-    """The embedded sqlite store of a sweep directory (or of `lottery train`'s results root)."""
-    return root / TRACKING_DB
+def tracking_db(root: Location) -> Path:
+    """The embedded sqlite store of a sweep directory (or of `lottery train`'s results root); always on
+    local disk (sqlite cannot live on an object store): a URI sweep's is in its local mirror."""
+    return local_dir(root) / TRACKING_DB
 
 
-def artifacts_dir(root: Path) -> Path:
-    return root / ARTIFACTS
+def artifacts_dir(root: Location) -> Path:
+    return local_dir(root) / ARTIFACTS
 
 
-def trace_part(trial_dir: Path, epoch: int) -> Path:
+def report_build_dir(sweep_dir: Location) -> Path:
+    """Where `lottery report` builds the report: report_dir itself when local, else the local mirror's
+    (then `publish` copies it to the store)."""
+    return report_dir(local_dir(sweep_dir))
+
+
+def trace_part(trial_dir: Location, epoch: int) -> Location:
     return trial_dir / TRACE_PARTS / f"epoch={epoch:05d}.parquet"
 
 
-def trace_parts(trial_dir: Path) -> list[tuple[int, Path]]:
+def trace_parts(trial_dir: Location) -> list[tuple[int, Location]]:
     """(epoch, file) of every per-epoch trace part, in epoch order."""
     parts = sorted((trial_dir / TRACE_PARTS).glob("epoch=*.parquet"))
     return [(int(p.stem.split("=")[1]), p) for p in parts]
 
 
-def resolve_sweep_dir(name_or_path: str, root: Path) -> Path:
-    """A sweep by name under the storage root, or by path; one clear error otherwise."""
-    for candidate in (Path(name_or_path), root / name_or_path):
-        if spec_file(candidate).is_file():
-            return candidate.resolve()
+def resolve_sweep_dir(name_or_path: str, root: Location) -> Location:
+    """A sweep by name under the storage root, or by path or URI; one clear error otherwise."""
+    try:
+        candidates = [location(name_or_path)] + ([] if is_uri(name_or_path) else [root / name_or_path])
+        for candidate in candidates:
+            if spec_file(candidate).is_file():
+                return candidate.resolve()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"sweep: cannot read '{name_or_path}' ({' '.join(str(exc).split())[:300]})") from None
     raise UserError(
         f"sweep: no sweep '{name_or_path}' (no {SPEC} in {name_or_path} or {root / name_or_path})"
     )
 
 
+def check_storage(sweep_dir: Location, field: str = "storage_path") -> None:
+    """Before anything starts: the store answers and its bucket exists (a local path needs nothing)."""
+    if isinstance(sweep_dir, Path):
+        return
+    bucket = StorePath(sweep_dir.scheme, sweep_dir.bucket)
+    try:
+        found = bucket.exists()
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{field}: cannot reach {bucket} ({' '.join(str(exc).split())[:300]}); set AWS_ENDPOINT_URL, "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION for an S3 store"
+        ) from None
+    if not found:
+        raise UserError(f"{field}: bucket {bucket} does not exist; create it first")
+
+
 # Writing: to a temporary name beside the file, then renamed over it
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a torn one."""
+def atomic_write(path: Location, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a torn one.
+    On an object store tmp is a local file and the rename is one PUT of it."""
+    if isinstance(path, StorePath):
+        with tempfile.TemporaryDirectory(prefix="lottery-put-") as staging:
+            tmp = Path(staging) / path.name
+            write(tmp)
+            path.upload(tmp)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Location, payload: bytes) -> None:
+    if isinstance(path, StorePath):
+        path.write_bytes(payload)  # one PUT: atomic already
+        return
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
-def atomic_write_json(path: Path, doc: Any) -> None:
+def atomic_write_json(path: Location, doc: Any) -> None:
     atomic_write_bytes(path, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Location, table: pa.Table) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def append_line(path: Location, line: str) -> None:
+    """Append one line (attempts.jsonl). An object cannot be appended to: it is read and PUT again,
+    which is safe because one unit's attempts never run at once."""
+    if isinstance(path, Path):
+        with open(path, "a") as f:
+            f.write(line + "\n")
+        return
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    path.write_bytes(old + (line + "\n").encode())
+
+
+def publish(local: Path, target: Location) -> None:
+    """Copy a locally built folder (the report) to its place in the sweep directory (nothing if local)."""
+    if isinstance(target, Path):
+        return
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        (target / file.relative_to(local).as_posix()).upload(file)
+
+
+@contextlib.contextmanager
+def local_copy(path: Location) -> Iterator[Path]:
+    """A local file with `path`'s content (itself when local), for APIs that take a file name (MLflow's
+    log_artifact)."""
+    if isinstance(path, Path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lottery-get-") as staging:
+        local = Path(staging) / path.name
+        path.download(local)
+        yield local
 
 
 # Reading
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Location) -> Any:
     return json.loads(path.read_bytes())
 
 
-def read_result(trial_dir: Path) -> dict[str, Any] | None:
+def read_table(path: Location) -> pa.Table:
+    """A Parquet file as one table (ParquetFile.read skips the dataset machinery of pq.read_table)."""
+    if isinstance(path, Path):
+        return pq.ParquetFile(path).read()
+    with path.fs.open_input_file(path.path) as f:
+        return pq.ParquetFile(f).read()
+
+
+def parquet_source(path: Location) -> tuple[str, Any]:
+    """(path, filesystem) for readers that take both (pandas.read_parquet): None is the local disk."""
+    return (str(path), None) if isinstance(path, Path) else (path.path, path.fs)
+
+
+def parquet_rows(path: Location) -> int:
+    """A Parquet file's row count, from its footer alone."""
+    if isinstance(path, Path):
+        return pq.read_metadata(path).num_rows
+    with path.fs.open_input_file(path.path) as f:
+        return pq.read_metadata(f).num_rows
+
+
+def read_checkpoint_bytes(path: Location) -> io.BytesIO | None:
+    """A checkpoint's bytes for torch.load, or None if there is none."""
+    try:
+        return io.BytesIO(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def trial_dirs_present(sweep_dir: Location) -> set[str]:
+    """The names of the trial directories that exist (one listing, local or on a store)."""
+    root = trials_root(sweep_dir)
+    if isinstance(root, StorePath):
+        return set(root.dirs())
+    return {e.name for e in os.scandir(root) if e.is_dir()} if root.is_dir() else set()
+
+
+def read_result(trial_dir: Location) -> dict[str, Any] | None:
     try:
         return read_json(trial_dir / RESULT)
     except FileNotFoundError:
         return None
 
 
-def read_spec(sweep_dir: Path) -> dict[str, Any]:
+def read_spec(sweep_dir: Location) -> dict[str, Any]:
     """spec.json: the spec with its seeds spelled out, its fingerprint and trial count."""
     return read_json(spec_file(sweep_dir))
 
 
-def read_plan(sweep_dir: Path) -> list[dict[str, Any]]:
+def read_plan(sweep_dir: Location) -> list[dict[str, Any]]:
     """trials.json: one row per planned trial, in plan order."""
     return read_json(plan_file(sweep_dir))
 
 
-def planned_keys(sweep_dir: Path) -> list[str]:
+def planned_keys(sweep_dir: Location) -> list[str]:
     return [row["trial_key"] for row in read_plan(sweep_dir)]
 
 
@@ -229,7 +380,7 @@ class TrialStatus:
         return self.kind == "errored"
 
 
-def trial_status(trial_dir: Path) -> TrialStatus:
+def trial_status(trial_dir: Location) -> TrialStatus:
     """The one reading of a trial's state: finished (result.json, failed or not), errored (error.txt and
     no result: its last try raised), else unfinished (never started, running or interrupted)."""
     result = read_result(trial_dir)
@@ -238,7 +389,7 @@ def trial_status(trial_dir: Path) -> TrialStatus:
     return TrialStatus("errored" if (trial_dir / ERROR).exists() else "unfinished")
 
 
-def count_trials(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
+def count_trials(sweep_dir: Location, keys: list[str]) -> dict[str, int]:
     """planned, finished (failed included), failed, errored and unfinished, from the trial directories."""
     counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "unfinished": 0}
     for key in keys:

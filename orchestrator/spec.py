@@ -90,7 +90,8 @@ class SweepSpec(_Strict):
     # Seeds of one configuration trained at once in one process (trainers/pack.py); "auto" packs
     # narrow CraterCNN/vanilla nets by a measured rule, 1 trains every seed alone.
     pack_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
-    storage_path: Path | None = None  # None: $LOTTERY_HOME or ./runs (relative: to the working dir)
+    # None: $LOTTERY_HOME or ./runs (relative: to the working dir); or a URI, s3://bucket/prefix (layout.py)
+    storage_path: str | None = None
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<sweep dir>/mlflow.db
     ray_address: str | None = None  # None: an embedded local Ray (or $RAY_ADDRESS)
 

@@ -79,8 +79,8 @@ def job_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def check_storage(plan: SweepPlan, environ: Mapping[str, str]) -> None:
     """Results must outlive the job's temporary working directory: an absolute storage path."""
-    storage = plan.spec.storage_path or layout.results_root(environ)
-    if not storage.is_absolute():
+    storage = layout.location(plan.spec.storage_path or str(layout.results_root(environ)))
+    if isinstance(storage, Path) and not storage.is_absolute():  # a store URI is reachable from anywhere
         raise UserError(
             f"storage_path: a cluster job needs an absolute path that every node mounts (got '{storage}'); "
             "set storage_path in the spec or an absolute LOTTERY_HOME"

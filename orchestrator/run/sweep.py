@@ -13,9 +13,12 @@ read from their directories and unfinished ones resume from their own checkpoint
 On a Ray cluster, submit the driver as a job (the job's RAY_ADDRESS attaches it to the cluster):
   lottery submit configs/X.yaml --address http://HEAD:8265   (orchestrator/run/submit.py)
 which validates the spec here first and uploads this checkout as the job's working_dir. Trials write
-`<storage_path>/<name>/` on the node that runs them, so storage_path must be storage every node
-mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
-credentials, and a tracking server (tracking_uri) is preferable to sqlite on NFS.
+`<storage_path>/<name>/` from the node that runs them, so storage_path must be storage every node
+reaches: an object store URI (`s3://bucket/prefix`; each node needs the AWS_* variables) or a path
+every node mounts (NFS). Tune keeps its own state there too (RunConfig storage_path and
+storage_filesystem). Only the driver talks to MLflow, so the workers need no tracking credentials;
+with storage on an object store the embedded sqlite store stays on the driver's disk
+(layout.local_dir), so a team should set tracking_uri to a server.
 
 Environment, set here before Ray starts (all `setdefault`, so the caller can override):
   RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
@@ -69,7 +72,7 @@ DRIVER_ENV = {
 
 @dataclass(frozen=True)
 class SweepOutcome:
-    sweep_dir: Path
+    sweep_dir: layout.Location
     counts: dict[str, int]  # planned, finished, failed, errored, unfinished
     parent_run_id: str | None
 
@@ -78,14 +81,14 @@ class SweepOutcome:
         return self.counts["unfinished"] == 0
 
 
-def sweep_dir_for(plan: SweepPlan, root: Path) -> Path:
+def sweep_dir_for(plan: SweepPlan, root: layout.Location) -> layout.Location:
     try:
-        return ((plan.spec.storage_path or root) / plan.spec.name).resolve()
+        return layout.sweep_location(plan.spec.storage_path, plan.spec.name, root)
     except (OSError, ValueError) as exc:  # e.g. a NUL byte, which YAML's "\0" can put in a path
         raise UserError(f"storage_path: not a usable path ({exc})") from None
 
 
-def dry_run(plan: SweepPlan, root: Path, console: Console) -> None:
+def dry_run(plan: SweepPlan, root: layout.Location, console: Console) -> None:
     sweep_dir = sweep_dir_for(plan, root)
     console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
     console.print(pack_text(plan))
@@ -147,7 +150,7 @@ def _seed_text(seeds: Any) -> str:
     return ",".join(map(str, seeds[:6])) + (",..." if len(seeds) > 6 else "")
 
 
-def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) -> bool:
+def record_plan(plan: SweepPlan, sweep_dir: layout.Location, *, allow_mixed: bool = False) -> bool:
     """Write spec.json/trials.json, or check them against an earlier run; True if resuming.
 
     The same trials packed differently are a changed provenance, not a different plan: refused
@@ -184,7 +187,9 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
     return layout.tune_dir(sweep_dir).exists()
 
 
-def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool, allow_mixed: bool) -> None:
+def check_device_provenance(
+    plan: SweepPlan, sweep_dir: layout.Location, *, embedded: bool, allow_mixed: bool
+) -> None:
     """Refuse to resume on another kind of device than the finished trials used, or over trials of an
     earlier trainer version (unless `allow_mixed`): both are outside the trial key but change its
     numbers. On a cluster, `device: auto` resolves on the workers, so only an explicit device can be
@@ -218,7 +223,7 @@ def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool,
 def run_sweep(
     plan: SweepPlan,
     *,
-    root: Path,
+    root: layout.Location,
     resume: bool = False,
     address: str | None = None,
     console: Console | None = None,
@@ -229,6 +234,7 @@ def run_sweep(
 
     console = console or Console(stderr=True)
     sweep_dir = sweep_dir_for(plan, root)
+    layout.check_storage(sweep_dir)
     if resume and not layout.spec_file(sweep_dir).exists():
         raise UserError(f"--resume: no sweep '{plan.spec.name}' at {sweep_dir} to resume")
     uri = refuse_password(
@@ -243,6 +249,13 @@ def run_sweep(
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
 
+    if not isinstance(sweep_dir, Path) and uri.startswith("sqlite:"):
+        console.print(
+            f"tracking: sqlite cannot live on {sweep_dir.scheme}://, so this sweep's MLflow store is on this "
+            f"machine at {uri}; set tracking_uri (or MLFLOW_TRACKING_URI) to a server to share it",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
         f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; results in {sweep_dir}"
@@ -294,7 +307,7 @@ def check_local_data(plan: SweepPlan) -> None:
 
 
 def _open_tracking(
-    plan: SweepPlan, sweep_dir: Path, uri: str, keys: list[str], console: Console
+    plan: SweepPlan, sweep_dir: layout.Location, uri: str, keys: list[str], console: Console
 ) -> SweepRecord | None:
     """Experiment and parent run first, then catch up on finished trials that have no run yet."""
     from orchestrator.tracking.sweep import one_line, open_sweep, reconcile
@@ -312,7 +325,7 @@ def _open_tracking(
 
 def _close_tracking(
     record: SweepRecord,
-    sweep_dir: Path,
+    sweep_dir: layout.Location,
     keys: list[str],
     counts: dict[str, int],
     complete: bool,
@@ -355,7 +368,7 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def unreadable_tune_state(path: Path) -> str | None:
+def unreadable_tune_state(path: layout.Location) -> str | None:
     """Why Tune could not restore the experiment at `path`, or None if it can.
 
     Tune writes its experiment state in place and copies it into the experiment directory, so a
@@ -384,11 +397,12 @@ def unreadable_tune_state(path: Path) -> str | None:
     return None
 
 
-def _restorable(path: Path, console: Console) -> bool:
+def _restorable(path: layout.Location, console: Console) -> bool:
     """Whether to `Tuner.restore`; an unreadable state is moved aside (kept, never deleted) first."""
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(path)):
+    tune_path, filesystem = layout.tune_storage(path)
+    if not tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
         return False
     problem = unreadable_tune_state(path)
     if problem is None:
@@ -405,7 +419,7 @@ def _restorable(path: Path, console: Console) -> bool:
     return False
 
 
-def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) -> Tuner:
+def _tuner(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: Console) -> Tuner:
     from ray import tune
 
     from orchestrator.run.progress import ProgressCallback
@@ -426,8 +440,15 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     path = layout.tune_dir(sweep_dir)
+    storage_path, filesystem = layout.tune_storage(sweep_dir)
     if _restorable(path, console):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            layout.tune_storage(path)[0],
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
     names = tuple(unit_name(i, unit, plan, keys) for i, unit in enumerate(plan.units))
     return tune.Tuner(
         trainable,
@@ -440,7 +461,8 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         ),
         run_config=tune.RunConfig(
             name=layout.TUNE,  # Tune's experiment directory: storage_path / name = layout.tune_dir
-            storage_path=str(sweep_dir),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),

@@ -67,7 +67,7 @@ class TrialContext:
 def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune entry point: `config` is `{"unit": i}`."""
     members = [TrialConfig.model_validate(context.plan[i]) for i in context.units[config["unit"]]]
-    sweep_dir = Path(context.sweep_dir)
+    sweep_dir = layout.location(context.sweep_dir)  # a local path, or a URI this worker writes to itself
     trial_dirs = [layout.trial_dir(sweep_dir, t.trial_key()) for t in members]
     unit_dir = trial_dirs[0] if len(members) == 1 else layout.pack_dir(sweep_dir, pack_key(members))
     done = [layout.trial_status(d) for d in trial_dirs]
@@ -110,7 +110,7 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     tune.report(_result_metrics(results))
 
 
-def _resume_state(unit_dir: Path) -> tuple[dict[str, Any] | None, int, str | None]:
+def _resume_state(unit_dir: layout.Location) -> tuple[dict[str, Any] | None, int, str | None]:
     """The unit's own checkpoint: (state, epoch to start from, "trial_dir"), or a fresh start."""
     state = load_checkpoint(unit_dir)
     if state is None:
@@ -128,7 +128,9 @@ def _tune_checkpoint_epoch() -> int | None:
         return int(json.loads(marker.read_text())["epoch"]) if marker.exists() else None
 
 
-def _record_attempt(trial_dir: Path, epoch: int, source: str | None, tune_epoch: int | None) -> None:
+def _record_attempt(
+    trial_dir: layout.Location, epoch: int, source: str | None, tune_epoch: int | None
+) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     line = {
         "pid": os.getpid(),
@@ -137,16 +139,17 @@ def _record_attempt(trial_dir: Path, epoch: int, source: str | None, tune_epoch:
         "checkpoint": source,
         "tune_checkpoint_epoch": tune_epoch,
     }
-    with open(trial_dir / layout.ATTEMPTS, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    layout.append_line(trial_dir / layout.ATTEMPTS, json.dumps(line))
 
 
-def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
+def read_attempts(trial_dir: layout.Location) -> list[dict[str, Any]]:
     path = trial_dir / layout.ATTEMPTS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _load_data_or_record(members: list[TrialConfig], trial_dirs: list[Path], sweep: str) -> LoadedData:
+def _load_data_or_record(
+    members: list[TrialConfig], trial_dirs: list[layout.Location], sweep: str
+) -> LoadedData:
     """Data outside run_trials (to cache it), so a loading error is recorded here, as run_trials would."""
     trial = members[0]
     try:
@@ -182,7 +185,7 @@ def _fault_epoch(fault_once: str | None, trial_key: str) -> int | None:
     return int(epoch) if key == trial_key else None
 
 
-def _inject_fault_once(unit_dir: Path, epoch: int) -> None:
+def _inject_fault_once(unit_dir: layout.Location, epoch: int) -> None:
     unit_dir.mkdir(parents=True, exist_ok=True)
     marker = unit_dir / layout.FAULT_MARKER
     if marker.exists():

@@ -13,11 +13,9 @@ import hashlib
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from orchestrator.layout import (
@@ -29,10 +27,13 @@ from orchestrator.layout import (
     RESULT,
     TRACE,
     TRACE_PARTS,
+    Location,
     atomic_write,
     atomic_write_json,
     atomic_write_table,
+    read_checkpoint_bytes,
     read_result,
+    read_table,
     trace_part,
     trace_parts,
     trial_status,
@@ -70,7 +71,7 @@ class TrialDirSink:
     """One seed's records into its trial directory (checkpoints belong to the trial's pack: see
     PackSink, where a lone seed's pack directory is its trial directory)."""
 
-    def __init__(self, trial_dir: Path, config: TrialConfig, sweep: str) -> None:
+    def __init__(self, trial_dir: Location, config: TrialConfig, sweep: str) -> None:
         self.dir = trial_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
@@ -81,7 +82,10 @@ class TrialDirSink:
 
     def _load_rows(self, name: str) -> list[dict[str, Any]]:
         path = self.dir / name
-        return pq.read_table(path).to_pylist() if path.exists() else []
+        try:
+            return read_table(path).to_pylist()
+        except FileNotFoundError:
+            return []
 
     def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
         epoch = record.epoch
@@ -110,7 +114,7 @@ class TrialDirSink:
         parts = trace_parts(self.dir)
         keep = [path for epoch, path in parts if epoch < epochs_done]
         if keep:
-            atomic_write_table(self.dir / TRACE, pa.concat_tables(pq.read_table(p) for p in keep))
+            atomic_write_table(self.dir / TRACE, pa.concat_tables(read_table(p) for p in keep))
         for _, path in parts:
             path.unlink()
         (self.dir / TRACE_PARTS).rmdir()
@@ -126,7 +130,7 @@ class PackSink:
     def __init__(
         self,
         sinks: dict[int, TrialDirSink],
-        pack_dir: Path,
+        pack_dir: Location,
         on_epoch: EpochHook | None = None,
         on_checkpoint: CheckpointHook | None = None,
     ) -> None:
@@ -168,18 +172,18 @@ def pack_key(configs: list[TrialConfig]) -> str:
     return hashlib.sha256("".join(c.trial_key() for c in configs).encode()).hexdigest()[:16]
 
 
-def load_checkpoint(directory: Path) -> dict[str, Any] | None:
-    path = directory / CHECKPOINT
+def load_checkpoint(directory: Location) -> dict[str, Any] | None:
+    payload = read_checkpoint_bytes(directory / CHECKPOINT)
     # Our own files, loaded without arbitrary code execution all the same.
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    return None if payload is None else torch.load(payload, map_location="cpu", weights_only=True)
 
 
 def run_trials(
     configs: list[TrialConfig],
-    trial_dirs: list[Path],
+    trial_dirs: list[Location],
     *,
     sweep: str,
-    pack_dir: Path | None = None,
+    pack_dir: Location | None = None,
     data: LoadedData | None = None,
     resume: dict[str, Any] | None = None,
     on_epoch: EpochHook | None = None,
@@ -212,7 +216,7 @@ def run_trials(
 
 def run_trial(
     config: TrialConfig,
-    trial_dir: Path,
+    trial_dir: Location,
     *,
     sweep: str,
     data: LoadedData | None = None,

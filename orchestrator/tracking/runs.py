@@ -124,7 +124,8 @@ def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
     path = trial_dir / layout.METRICS
     if not path.exists():
         return []
-    frame = pd.read_parquet(path)
+    source, filesystem = layout.parquet_source(path)
+    frame = pd.read_parquet(source, filesystem=filesystem)
     metrics = []
     for row in frame.itertuples(index=False):
         step = int(row.epoch)
@@ -198,7 +199,8 @@ def log_trial(
         client.log_batch(run_id, metrics=chunk)
     for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():
-            client.log_artifact(run_id, str(trial_dir / name))
+            with layout.local_copy(trial_dir / name) as local:  # MLflow uploads from a local file
+                client.log_artifact(run_id, str(local))
     client.log_batch(run_id, tags=[RunTag("logged", "complete")])
     client.set_terminated(run_id, status)
     return run_id

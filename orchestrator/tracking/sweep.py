@@ -71,8 +71,9 @@ def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str) -> SweepReco
     if parent is None:
         run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan))
         parent = run.info.run_id
-        client.log_artifact(parent, str(layout.spec_file(sweep_dir)))
-        client.log_artifact(parent, str(layout.plan_file(sweep_dir)))
+        for path in (layout.spec_file(sweep_dir), layout.plan_file(sweep_dir)):
+            with layout.local_copy(path) as local:
+                client.log_artifact(parent, str(local))
     else:
         client.update_run(parent, status="RUNNING")
     record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
@@ -211,7 +212,8 @@ def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, con
     try:
         client = client_for(record.tracking_uri)
         for path in paths:
-            client.log_artifact(record.parent_run_id, str(path), artifact_path)
+            with layout.local_copy(path) as local:
+                client.log_artifact(record.parent_run_id, str(local), artifact_path)
     except Exception as exc:
         console.print(f"[yellow]tracking: not attached to the parent run ({type(exc).__name__}: {exc})[/]")
         return
@@ -257,7 +259,7 @@ class TrackingCallback(Callback):
     """
 
     def __init__(self, sweep_dir: Path, unit_keys: list[list[str]]) -> None:
-        self.sweep_dir = Path(sweep_dir)
+        self.sweep_dir = layout.location(sweep_dir)
         self.unit_keys = unit_keys  # the trial keys each Tune trial (a seed or a pack) trains
         self._record: SweepRecord | None = None
         self._client: MlflowClient | None = None
