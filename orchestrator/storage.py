@@ -21,6 +21,7 @@ re-resolves the filesystem where it is unpickled (a Ray worker resolves it from 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import posixpath
@@ -225,6 +226,6 @@ class StorePath:
             return target
         for file in self.files():
             self.fs.move(file.path, f"{target.path}/{file.path[len(self.path) + 1 :]}")
-        if not self.object_store:
+        with contextlib.suppress(FileNotFoundError):  # a store with folder objects (SeaweedFS) keeps one
             self.fs.delete_dir(self.path)
         return target
