@@ -200,8 +200,8 @@ def test_a_sweep_on_s3_survives_a_killed_driver_and_is_reported_from_the_bucket(
     s3_store, s3_env, tmp_path: Path, ray_tmpdir: str
 ) -> None:
     prefix = f"s3://{BUCKET}/killed-{time.time_ns()}"
-    seeds = list(range(4))
-    spec = write_spec(tmp_path, "s3killed", prefix, seeds=seeds, max_concurrent_trials=2, pack_size=1)
+    # One unit at a time, so three of the four are still to run when the first is logged.
+    spec = write_spec(tmp_path, "s3killed", prefix, max_concurrent_trials=1, pack_size=1)
     keys = [t.trial_key() for t in load_plan(spec).trials]
     sweep = location(f"{prefix}/s3killed")
     home = tmp_path / "home"
