@@ -76,6 +76,9 @@ class TrialDirSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
         self.config = config
+        # Read once: only this sink writes the result, so it knows when that changes (on an object
+        # store every status check would be a request per seed per epoch).
+        self.finished = trial_status(self.dir).finished
         atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep))
         self._metrics = self._load_rows(METRICS)
         self._layers = self._load_rows(LAYERS)
@@ -104,6 +107,7 @@ class TrialDirSink:
             "scheme": self.config.scheme.name,
         }
         atomic_write_json(self.dir / RESULT, doc)
+        self.finished = True
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
         (self.dir / ERROR).unlink(missing_ok=True)
 
@@ -141,7 +145,7 @@ class PackSink:
 
     def _live(self, seed: int) -> TrialDirSink | None:
         sink = self.sinks[seed]
-        return None if trial_status(sink.dir).finished else sink
+        return None if sink.finished else sink
 
     def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
         sink = self._live(record.seed)
@@ -202,7 +206,7 @@ def run_trials(
     if state is not None:
         seeds = list(state["progress"]["seeds"])
     else:
-        seeds = [c.seed for c, d in zip(configs, trial_dirs, strict=True) if not trial_status(d).finished]
+        seeds = [c.seed for c in configs if not sinks[c.seed].finished]
     if seeds:
         sink = PackSink(sinks, pack_dir, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
         try:
