@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from orchestrator import layout
-from orchestrator.errors import UserError, user_errors
+from orchestrator.errors import USAGE_EXIT, UserError, fail, usage_error_line, user_errors
 from trainers.config import SCHEMES
 
+
+class OneLineGroup(TyperGroup):
+    """A flag mistake reads like every other mistake: one `error:` line, exit 2 (not Typer's box)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            raise SystemExit(1) from None
+        except typer.TyperException as exc:  # Typer's usage errors (its own copy of click's)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `lottery`: the help, as before
+                typer.echo(exc.ctx.get_help())
+                raise SystemExit(USAGE_EXIT) from None
+            fail(usage_error_line(exc))
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     add_completion=False,
     no_args_is_help=True,
     help="How much does a CNN result depend on its seed, and does filter re-initialization fix it?",
