@@ -65,7 +65,10 @@ def train(
         str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (else $LOTTERY_DATA_DIR).")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 10).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (CUDA if present) | cpu | cuda; checked before training.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Initialization seed.")] = None,
     data_seed: Annotated[int | None, typer.Option(help="Split and batch-order seed.")] = None,
     tau: Annotated[
@@ -83,7 +86,7 @@ def train(
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "lottery-train",
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
 ) -> None:
-    """Train one trial: results to a trial directory first, then one MLflow run."""
+    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run."""
     from orchestrator.run.single import build_trial_config, run_single
 
     flags = {
@@ -92,6 +95,7 @@ def train(
         "data.name": dataset,
         "data.data_dir": str(data_dir) if data_dir else None,
         "epochs": epochs,
+        "device": device,
         "seed": seed,
         "data_seed": data_seed,
         "tau": tau,
@@ -113,7 +117,12 @@ def train(
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see configs/).")],
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the planned trials; start nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Run every check the real run does (spec, data files, device, resources, stored "
+            "results), print the planned trials and an estimated cost; start nothing.",
+        ),
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Require an existing sweep to continue.")] = False,
     allow_mixed: Annotated[
@@ -128,7 +137,10 @@ def sweep(
         str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
     ] = None,
 ) -> None:
-    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
+    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
+
+    Results go to <storage_path>/<name>/ (storage_path from the spec, else $LOTTERY_HOME, else ./runs).
+    """
     from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.spec import load_plan
@@ -161,7 +173,7 @@ def sweep(
 @app.command()
 @user_errors
 def aggregate(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
@@ -178,7 +190,7 @@ def aggregate(
 @app.command()
 @user_errors
 def report(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
@@ -197,7 +209,7 @@ def report(
 @app.command()
 @user_errors
 def ui(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
@@ -211,7 +223,7 @@ def ui(
 @app.command()
 @user_errors
 def sync(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
     tracking_uri: Annotated[
         str | None,
         typer.Option(help=f"MLflow URI for this run of sync (default: the one in {layout.RECORD})."),

@@ -139,7 +139,7 @@ def usage_error_line(error: Any) -> str:
 
 def user_errors(func: F) -> F:
     """Turn every known user mistake raised inside a command into `error: ...` and exit 2."""
-    from trainers.errors import DataError
+    from trainers.errors import DataError, DeviceError
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -151,7 +151,7 @@ def user_errors(func: F) -> F:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             fail(f"YAML: malformed document{where}: {getattr(exc, 'problem', exc)}")
-        except (UserError, DataError) as exc:
+        except (UserError, DataError, DeviceError) as exc:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]

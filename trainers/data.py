@@ -111,6 +111,17 @@ def load_data(cfg: DataConfig, data_seed: int, device: torch.device) -> LoadedDa
     )
 
 
+def check_batch_size(batch_size: int, full_batch: bool, data: LoadedData) -> None:
+    """A minibatch larger than the training set is a mistake, not a silent full batch: the two would
+    train alike under different trial keys (use full_batch: true for one step per epoch)."""
+    n_train = len(data.y_train)
+    if not full_batch and batch_size > n_train:
+        raise DataError(
+            f"batch_size: {batch_size} is larger than the training set ({n_train} images: {data.variant}); "
+            "lower it, or set full_batch: true for one step per epoch"
+        )
+
+
 def majority_share(labels: torch.Tensor, num_classes: int) -> float:
     """Share of the most common label (on the host, once per load)."""
     counts = torch.bincount(labels.cpu(), minlength=num_classes)
