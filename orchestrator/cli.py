@@ -40,6 +40,7 @@ app = typer.Typer(
     help="How much does a CNN result depend on its seed, and does filter re-initialization fix it?",
 )
 console = Console(stderr=True)
+SWEEP_HELP = "Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path."
 
 
 def table_console() -> Console:
@@ -85,6 +86,12 @@ def train(
     ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "lottery-train",
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
+    retrain_changed: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-changed", help="Set aside a stored result trained on other data and train again."
+        ),
+    ] = False,
 ) -> None:
     """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run."""
     from orchestrator.run.single import build_trial_config, run_single
@@ -109,6 +116,7 @@ def train(
         tracking_uri=tracking_uri,
         experiment=experiment,
         log=not no_mlflow,
+        retrain_changed=retrain_changed,
     )
 
 
@@ -136,29 +144,52 @@ def sweep(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
     ] = None,
+    retrain_changed: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-changed",
+            help="Set aside (keep) stored results trained on other data than the data now loaded, and "
+            "train those trials again; without it such a sweep is refused.",
+        ),
+    ] = False,
+    estimate: Annotated[
+        bool, typer.Option(help="With --dry-run: time one epoch per kind of trial to estimate the cost.")
+    ] = True,
 ) -> None:
     """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
 
     Results go to <storage_path>/<name>/ (storage_path from the spec, else $LOTTERY_HOME, else ./runs).
+    One driver per sweep: a second one at the same time is refused. SIGTERM stops it as Ctrl-C does.
     """
-    from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
     from orchestrator.run.sweep import dry_run as show_plan
+    from orchestrator.run.sweep import run_sweep
     from orchestrator.spec import load_plan
 
     plan = load_plan(spec)  # every trial validated before anything is created
     if dry_run:
-        show_plan(plan, layout.results_root(), table_console())
+        show_plan(
+            plan,
+            layout.results_root(),
+            table_console(),
+            address=address,
+            allow_mixed=allow_mixed,
+            retrain_changed=retrain_changed,
+            estimate_cost=estimate,
+        )
         return
-    if cluster_address(plan, address) is None:
-        check_local_data(plan)
-    outcome = run_sweep(
-        plan,
-        root=layout.results_root(),
-        resume=resume,
-        address=address,
-        console=console,
-        allow_mixed=allow_mixed,
-    )
+    try:
+        outcome = run_sweep(
+            plan,
+            root=layout.results_root(),
+            resume=resume,
+            address=address,
+            console=console,
+            allow_mixed=allow_mixed,
+            retrain_changed=retrain_changed,
+        )
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C (starting Ray, opening tracking)
+        console.print(f"stopped during start-up; nothing is lost: run `lottery sweep {spec}` again to resume")
+        raise typer.Exit(130) from None
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
@@ -173,7 +204,7 @@ def sweep(
 @app.command()
 @user_errors
 def aggregate(
-    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
@@ -190,7 +221,7 @@ def aggregate(
 @app.command()
 @user_errors
 def report(
-    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
@@ -209,7 +240,7 @@ def report(
 @app.command()
 @user_errors
 def ui(
-    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
@@ -223,7 +254,7 @@ def ui(
 @app.command()
 @user_errors
 def sync(
-    sweep: Annotated[str, typer.Argument(help="Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     tracking_uri: Annotated[
         str | None,
         typer.Option(help=f"MLflow URI for this run of sync (default: the one in {layout.RECORD})."),

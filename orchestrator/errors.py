@@ -23,7 +23,7 @@ class UserError(Exception):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """"; did you mean 'x'?" for the closest choice (case-insensitive first, then difflib), else ""."""
+    """ "; did you mean 'x'?" for the closest choice (case-insensitive first, then difflib), else ""."""
     choices = [str(c) for c in choices]
     if word in choices:
         return ""
@@ -75,7 +75,7 @@ def unknown_field_message(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
 
 
 def choice_hint(error: Mapping[str, Any]) -> str:
-    """"; did you mean 'x'?" for a wrong name among fixed choices (a Literal or a union's tag)."""
+    """ "; did you mean 'x'?" for a wrong name among fixed choices (a Literal or a union's tag)."""
     ctx = error.get("ctx") or {}
     if error["type"] == "union_tag_invalid":
         given, expected = str(ctx.get("tag", "")), str(ctx.get("expected_tags", ""))
@@ -133,7 +133,9 @@ def usage_error_line(error: Any) -> str:
         flag, why = bad_value.groups()
         cause = error.__cause__  # Typer coerces values with pydantic: the input is in its error
         given = cause.errors()[0].get("input") if isinstance(cause, ValidationError) else None
-        message = f"{flag}: {why.rstrip('.')}" + (f" (got {given!r})" if given and repr(given) not in why else "")
+        message = f"{flag}: {why.rstrip('.')}" + (
+            f" (got {given!r})" if given and repr(given) not in why else ""
+        )
     return f"{' '.join(message.split()).rstrip('.')}{see}"
 
 

@@ -339,7 +339,9 @@ def _entry_configs(spec: SweepSpec, index: int, entry: SchemeEntry) -> list[Tria
 def _trial_field(name: Any) -> bool:
     """A TrialConfig field the spec's top level does not have (`epochs`, `model`): it goes in base."""
     name = str(name)
-    return name in TrialConfig.model_fields and name not in SweepSpec.model_fields and name not in BASE_RESERVED
+    return (
+        name in TrialConfig.model_fields and name not in SweepSpec.model_fields and name not in BASE_RESERVED
+    )
 
 
 def _scheme_path(key: str) -> tuple[str, ...]:
@@ -357,9 +359,7 @@ def _origin(loc: tuple[Any, ...], origins: dict[tuple[str, ...], str]) -> str:
     return "base" + "".join(f".{p}" for p in path) if path else origins[("scheme",)]
 
 
-def _describe(
-    error: dict[str, Any], count: int, field: str | None = None, *, model: type[BaseModel]
-) -> str:
+def _describe(error: dict[str, Any], count: int, field: str | None = None, *, model: type[BaseModel]) -> str:
     """`field: message`; an unknown field or name suggests the closest known one (`model`'s fields)."""
     if field is None:
         field = (

@@ -22,8 +22,8 @@ import torch
 from trainers.augment import crop_flip, draw_epoch
 from trainers.cgn import CgnMonitor
 from trainers.config import TrialConfig
-from trainers.errors import DeviceError
 from trainers.data import LoadedData, check_batch_size, load_data
+from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
 from trainers.models import build_model
@@ -370,6 +370,8 @@ def _result(
         failure_rule=failure_rule_text(config.failure_margin, chance),
         device=str(device),
         threads=torch.get_num_threads(),
+        data_fingerprint=data.fingerprint if data.files else "",
+        data_files=data.files,
     )
 
 

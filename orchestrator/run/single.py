@@ -39,9 +39,21 @@ def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list
 
 
 def run_single(
-    config: TrialConfig, *, root: Path, tracking_uri: str | None, experiment: str, log: bool = True
+    config: TrialConfig,
+    *,
+    root: Path,
+    tracking_uri: str | None,
+    experiment: str,
+    log: bool = True,
+    retrain_changed: bool = False,
 ) -> dict[str, Any]:
-    from orchestrator.run.trial import run_trial
+    from orchestrator.run.trial import (
+        changed_data_message,
+        data_fingerprint,
+        run_trial,
+        set_aside_changed,
+        stored_on_other_data,
+    )
     from trainers.data import check_batch_size, load_data
     from trainers.loop import pick_device
 
@@ -49,6 +61,10 @@ def run_single(
     data = load_data(config.data, config.data_seed, device)  # a missing data dir fails here, before training
     check_batch_size(config.batch_size, config.full_batch, data)
     trial_dir = layout.trial_dir(layout.train_dir(root), config.trial_key())
+    if changed := stored_on_other_data([trial_dir], data_fingerprint(data)):
+        if not retrain_changed:
+            raise UserError(changed_data_message(changed, data_fingerprint(data), "data"))
+        console.print(f"set aside the result trained on other data: {set_aside_changed(changed)[0]}")
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
     with _progress() as bar:
