@@ -104,7 +104,8 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     elif first["type"] == "missing":
         message = "required field is missing"
     elif "input" in first and not isinstance(first["input"], dict | list):
-        message = f"{message} (got {first['input']!r}){choice_hint(first)}"
+        echo = "" if repr(first["input"]) in message else f" (got {first['input']!r})"
+        message = f"{message}{echo}{choice_hint(first)}"
     else:
         message += choice_hint(first)
     extra = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""

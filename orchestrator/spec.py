@@ -374,7 +374,8 @@ def _describe(error: dict[str, Any], count: int, field: str | None = None, *, mo
     elif error["type"] == "missing":
         message = "required field is missing"
     elif "input" in error and not isinstance(error["input"], dict | list):
-        message = f"{message} (got {error['input']!r}){choice_hint(error)}"
+        echo = "" if repr(error["input"]) in message else f" (got {error['input']!r})"
+        message = f"{message}{echo}{choice_hint(error)}"
     else:
         message += choice_hint(error)
     more = f" (and {count - 1} more)" if count > 1 else ""

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
@@ -130,6 +131,7 @@ def preflight(
     the cluster's: those are checked right after connecting (`check_cluster_resources`), and each
     trial checks its stored result against the data its worker loads.
     """
+    check_tracking_uri(plan)
     if address is None:
         check_local_resources(plan)
         fingerprints = check_local_data(plan)
@@ -137,6 +139,18 @@ def preflight(
         fingerprints = {}
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
     return check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
+
+
+def check_tracking_uri(plan: SweepPlan) -> None:
+    """No password in the tracking URI (tracking.runs.refuse_password says why), MLflow imported only
+    when there is one to refuse."""
+    uri, source = plan.spec.tracking_uri, "tracking_uri"
+    if uri is None:
+        uri, source = os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI"
+    if urlsplit(uri).password is not None:
+        from orchestrator.tracking.runs import refuse_password
+
+        refuse_password(uri, source)
 
 
 def check_local_resources(plan: SweepPlan) -> None:
