@@ -188,7 +188,10 @@ def sweep(
             retrain_changed=retrain_changed,
         )
     except KeyboardInterrupt:  # before Tune took over Ctrl-C (starting Ray, opening tracking)
-        console.print(f"stopped during start-up; nothing is lost: run `lottery sweep {spec}` again to resume")
+        console.print(
+            f"stopped during start-up; nothing is lost: run `lottery sweep {spec}` again to resume",
+            soft_wrap=True,  # one line, so the command can be copied whole
+        )
         raise typer.Exit(130) from None
     c = outcome.counts
     console.print(
@@ -197,7 +200,7 @@ def sweep(
         f"next: lottery aggregate {outcome.sweep_dir}"
     )
     if not outcome.complete:
-        console.print(f"interrupted: run `lottery sweep {spec}` again to resume")
+        console.print(f"interrupted: run `lottery sweep {spec}` again to resume", soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -336,6 +336,7 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path: Path) -> None:
     assert driver.returncode == 1, err
     assert f"interrupted: run `lottery sweep {spec}` again to resume" in err
     assert "SIGTERM received" not in out + err and "Traceback" not in err  # no C++ or Python stack
+    assert "Tuner.restore" not in err  # Tune's own resume hint is not this project's
     record = layout.read_json(layout.record_file(home / "mistakes"))
     run = MlflowClient(record["tracking_uri"]).get_run(record["parent_run_id"])
     assert run.info.status == "KILLED"

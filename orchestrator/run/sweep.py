@@ -380,6 +380,7 @@ def run_sweep(
         logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
         # Lists every never-started trial after an interrupt; our counts come from the trial directories.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
         with ray_session(address):
             _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
             if address is not None:
@@ -397,6 +398,12 @@ def run_sweep(
                 soft_wrap=True,  # one line, so the command can be copied whole
             )
     return outcome
+
+
+def _no_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """After an interrupt Tune suggests `Tuner.restore(...)`; the way to resume here is `lottery sweep`,
+    which the CLI prints."""
+    return "Tuner.restore" not in record.getMessage()
 
 
 def _set_aside_changed(changed: list[tuple[Path, str]], sweep_dir: Path, console: Console) -> None:
