@@ -17,6 +17,12 @@ which validates the spec here first and uploads this checkout as the job's worki
 mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
 credentials, and a tracking server (tracking_uri) is preferable to sqlite on NFS.
 
+Before anything starts, `preflight` makes every check the run depends on (and `--dry-run` makes
+the same): device and resources against this machine, each dataset loaded once, stored results
+against the data now loaded. Then the driver takes the sweep's lock (`layout.driver_lock`: one
+driver per sweep) and turns SIGTERM into what Ctrl-C does, so a scheduler's stop saves Tune's state
+and marks the parent run KILLED.
+
 Environment, set here before Ray starts (all `setdefault`, so the caller can override):
   RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
                                 turn on token auth for a fresh local cluster; a remote cluster
@@ -128,8 +134,9 @@ def preflight(
     with `retrain_changed`; otherwise they are refused). For a local Ray: this machine's device, CPUs
     and GPUs against what the trials ask, then each distinct dataset loaded once (files, record
     counts, batch size). On a cluster the data may live on the workers alone and the resources are
-    the cluster's: those are checked right after connecting (`check_cluster_resources`), and each
-    trial checks its stored result against the data its worker loads.
+    the cluster's: the resources are checked right after connecting (`check_cluster_resources`); the
+    data only by the workers, where a unit that still trains refuses its seeds' results of other data
+    (run_trials), while a unit whose seeds all finished is reported without loading the data again.
     """
     check_tracking_uri(plan)
     if address is None:
