@@ -144,6 +144,7 @@ def preflight(
         fingerprints = check_local_data(plan)
     else:
         fingerprints = {}
+    check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed)
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
     return check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
 
@@ -285,6 +286,20 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
     The same trials packed differently are a changed provenance, not a different plan: refused
     unless `allow_mixed`, and then Tune (whose saved units are the old packs) starts afresh.
     """
+    if check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed):
+        tune_dir = layout.tune_dir(sweep_dir)
+        if tune_dir.exists():
+            tune_dir.rename(layout.set_aside(tune_dir, layout.REPACKED))
+    spec_path = layout.spec_file(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    layout.atomic_write_json(spec_path, plan.spec_document())
+    layout.atomic_write_json(layout.plan_file(sweep_dir), plan.rows())
+    return layout.tune_dir(sweep_dir).exists()
+
+
+def check_recorded_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool) -> bool:
+    """Refuse a plan that differs from the one recorded in `sweep_dir` (reads only); True when the
+    same trials were packed differently and `allow_mixed` lets the run go on with both."""
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
@@ -300,20 +315,15 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
                     "a trial's exact numbers depend on its pack, so restore that pack_size or pass "
                     "--allow-mixed to continue with both"
                 )
-            tune_dir = layout.tune_dir(sweep_dir)
-            if tune_dir.exists():
-                tune_dir.rename(layout.set_aside(tune_dir, layout.REPACKED))
-        elif old.get("fingerprint") != plan.fingerprint:
+            return True
+        if old.get("fingerprint") != plan.fingerprint:
             raise UserError(
                 f"sweep '{plan.spec.name}': {sweep_dir} holds a different plan "
                 f"({old.get('n_trials')} trials, "
                 f"fingerprint {old.get('fingerprint')}; this spec: {len(plan.trials)}, {plan.fingerprint}); "
                 "rename the sweep or remove that directory"
             )
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    layout.atomic_write_json(spec_path, plan.spec_document())
-    layout.atomic_write_json(layout.plan_file(sweep_dir), plan.rows())
-    return layout.tune_dir(sweep_dir).exists()
+    return False
 
 
 def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool, allow_mixed: bool) -> None:
