@@ -187,6 +187,28 @@ def test_a_second_driver_is_refused_naming_the_first(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.integration
+def test_a_cluster_without_the_gpus_a_trial_asks_for_is_refused_right_after_connecting(
+    tmp_path: Path,
+) -> None:
+    """Ray would queue such a trial forever; the check runs before anything is written or logged."""
+    import ray
+
+    from orchestrator.errors import UserError
+    from orchestrator.run.sweep import run_sweep
+
+    spec = write_spec(tmp_path / "spec.yaml", resources={"cpu": 1, "gpu": 1})
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    try:  # this process's Ray stands in for the cluster behind the address
+        with pytest.raises(
+            UserError, match=r"^resources.gpu: each trial asks for 1 GPU\(s\) but the Ray cluster "
+        ):
+            run_sweep(load_plan(spec), root=tmp_path / "home", address="ray://head:10001")
+    finally:
+        ray.shutdown()
+    assert sorted(p.name for p in (tmp_path / "home" / "mistakes").iterdir()) == [layout.DRIVER_LOCK]
+
+
 # --- data fingerprints ----------------------------------------------------------------------------
 
 

@@ -380,7 +380,11 @@ def run_sweep(
     )
     address = cluster_address(plan, address)
     changed = preflight(plan, sweep_dir, address, allow_mixed=allow_mixed, retrain_changed=retrain_changed)
-    with layout.driver_lock(sweep_dir), stop_on_sigterm():
+    with layout.driver_lock(sweep_dir), stop_on_sigterm(), contextlib.ExitStack() as cluster:
+        if address is not None:  # connect first: a cluster that cannot run the trials costs nothing
+            cluster.enter_context(ray_session(address))
+            _sigterm_as_ctrl_c()
+            check_cluster_resources(plan, address)
         if changed:
             _set_aside_changed(changed, sweep_dir, console)
         resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
@@ -398,10 +402,8 @@ def run_sweep(
         # Lists every never-started trial after an interrupt; our counts come from the trial directories.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
-        with ray_session(address):
+        with ray_session(address):  # a cluster's: connected above, so this one reuses it
             _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
-            if address is not None:
-                check_cluster_resources(plan, address)
             tuner = _tuner(plan, sweep_dir, keys, console)
             tuner.fit()
 
