@@ -381,6 +381,8 @@ def run_sweep(
     address = cluster_address(plan, address)
     changed = preflight(plan, sweep_dir, address, allow_mixed=allow_mixed, retrain_changed=retrain_changed)
     with layout.driver_lock(sweep_dir), stop_on_sigterm(), contextlib.ExitStack() as cluster:
+        for key, value in DRIVER_ENV.items():
+            os.environ.setdefault(key, value)
         if address is not None:  # connect first: a cluster that cannot run the trials costs nothing
             cluster.enter_context(ray_session(address))
             _sigterm_as_ctrl_c()
@@ -390,8 +392,6 @@ def run_sweep(
         resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
         keys = [t.trial_key() for t in plan.trials]
         record = _open_tracking(plan, sweep_dir, uri, keys, console)
-        for key, value in DRIVER_ENV.items():
-            os.environ.setdefault(key, value)
 
         console.print(
             f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
