@@ -517,7 +517,11 @@ def _open_tracking(
         record = open_sweep(plan, sweep_dir, uri)
         caught_up = len(reconcile(record, sweep_dir, keys, errored=False).missing)
     except Exception as exc:  # tracking is second: the sweep runs and `lottery sync` catches up later
-        console.print(f"[yellow]tracking unavailable at {uri} ({one_line(exc)}); running without it[/]")
+        console.print(
+            f"[yellow]tracking unavailable at {uri} ({one_line(exc)}); running without it[/]",
+            highlight=False,
+            soft_wrap=True,  # one line however long the URI and the reason
+        )
         return None
     if caught_up:
         console.print(f"tracking: logged {caught_up} finished trial(s) that had no run yet")
