@@ -247,13 +247,15 @@ def test_a_sweep_on_s3_survives_a_killed_driver_and_is_reported_from_the_bucket(
     assert sorted(r.data.tags["trial_key"] for r in children) == sorted(keys), done.stderr  # once each
     assert {k: v for k, v in complete_runs(sweep).items() if k in logged} == logged
     assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
-    # Nothing of the sweep directory on local disk: only the sqlite store (and its artifacts) in the mirror.
+    # Nothing of the sweep directory on local disk: the mirror holds the sqlite store (and its artifacts)
+    # and the driver lock, which keeps a second driver on this host out.
     mirror = home / layout.STORES / "s3" / sweep.path
     on_disk = local_files(home)
     assert on_disk and all((home / f).is_relative_to(mirror) for f in on_disk), on_disk
     assert {Path(f).relative_to(mirror.relative_to(home)).parts[0] for f in on_disk} <= {
         layout.TRACKING_DB,
         layout.ARTIFACTS,
+        layout.DRIVER_LOCK,
     }
 
     for step in ("aggregate", "report"):
