@@ -162,12 +162,18 @@ def report(
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
     from orchestrator.aggregate import read_aggregate
+    from orchestrator.provenance import report_provenance
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
-    tables = read_aggregate(sweep_dir)  # the report reads nothing else
+    tables = read_aggregate(sweep_dir)  # the report's numbers come from nothing else
     html = build_report(
-        tables.trials, tables.epochs, tables.summary, layout.report_dir(sweep_dir), name=sweep_dir.name
+        tables.trials,
+        tables.epochs,
+        tables.summary,
+        layout.report_dir(sweep_dir),
+        name=sweep_dir.name,
+        provenance=report_provenance(sweep_dir),
     )
     attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)
     print(html)
