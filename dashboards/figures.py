@@ -482,3 +482,46 @@ def all_figures(trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFram
     if "repr" in schemes:
         figures.append(ortho_over_epochs(trials, epochs))
     return figures
+
+
+def filter_cgn_figure(trace: pd.DataFrame, title: str, max_filters: int = 64) -> Figure:
+    """One trial's per-filter CGN over epochs (epoch means), one panel per layer, resets marked.
+
+    Small and cheap on purpose (it is drawn for every MLflow run: one plot call per layer, no
+    layout engine). A layer with more than `max_filters` filters draws the ones that were ever
+    reset and then the lowest by mean CGN, and says so. Symmetric-log axis, so a dead filter
+    (CGN 0) is drawn at 0.
+    """
+    rows = trace[trace["step"] == -1] if "step" in trace else trace
+    layers = list(dict.fromkeys(rows["layer"]))
+    fig = Figure(figsize=(3.2 * max(1, len(layers)), 2.8), dpi=80)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.12 / max(1, len(layers)) + 0.05, right=0.98, bottom=0.16, top=0.8, wspace=0.35)
+    positive = rows.loc[rows["cgn"] > 0, "cgn"]
+    linthresh = float(positive.min()) if len(positive) else 1e-12
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(1, len(layers), i + 1)
+        g = rows[rows["layer"] == layer]
+        cgn = g.pivot_table(index="epoch", columns="filter", values="cgn", aggfunc="mean").sort_index()
+        resets = g.pivot_table(index="epoch", columns="filter", values="reset", aggfunc="sum").reindex_like(
+            cgn
+        )
+        ever = resets.sum() > 0
+        order = list(cgn.columns[ever]) + list(cgn.mean()[~ever].sort_values().index)
+        shown = order[:max_filters]
+        ax.plot(cgn.index, cgn[shown].to_numpy(), "-", lw=0.7, alpha=0.6)
+        marked = resets[shown].fillna(0).to_numpy() > 0
+        epochs = np.broadcast_to(cgn.index.to_numpy()[:, None], marked.shape)
+        total = int(resets.fillna(0).to_numpy().sum())
+        ax.plot(
+            epochs[marked], cgn[shown].to_numpy()[marked], "x", color="red", ms=5, label=f"reset ({total})"
+        )
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_title(f"{layer}: {len(shown)} of {cgn.shape[1]} filters", fontsize=7)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.set_ylabel("CGN (epoch mean)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=6, loc="best")
+    return fig

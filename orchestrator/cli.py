@@ -145,6 +145,7 @@ def aggregate(
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import format_summary_table
+    from orchestrator.tracking.study import summary_to_parent
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
@@ -152,6 +153,7 @@ def aggregate(
     table_console().print(format_summary_table(result.summary))
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
     attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
+    summary_to_parent(sweep_dir, result.summary, console)
 
 
 @app.command()
@@ -185,11 +187,22 @@ def ui(
     sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Open the MLflow UI on a sweep's tracking store."""
-    from orchestrator.tracking.sweep import ui_argv
+    """Open the MLflow UI on a sweep's tracking store, its runs grouped by scheme; prints the URL."""
+    from orchestrator.tracking.study import experiment_url, refuse_busy_port, save_runs_view
+    from orchestrator.tracking.sweep import SweepRecord, ui_argv
 
-    argv = ui_argv(layout.resolve_sweep_dir(sweep, layout.results_root()), port)
-    console.print(" ".join(argv))
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    argv = ui_argv(sweep_dir, port)
+    refuse_busy_port(port)
+    record = SweepRecord.load(sweep_dir)
+    view = None
+    if record is not None:
+        from orchestrator.tracking.runs import client_for
+
+        view = save_runs_view(client_for(record.tracking_uri), record.experiment_id)
+    console.print(" ".join(argv), highlight=False, soft_wrap=True)
+    if record is not None:
+        print(experiment_url(f"http://127.0.0.1:{port}", record.experiment_id, view), flush=True)
     os.execv(argv[0], argv)
 
 

@@ -182,6 +182,7 @@ def write_trial(trial_dir: Path, t: FakeTrial, sweep: str, margin: float, chance
         "total_resets": int(metrics["resets"].to_numpy().sum()),
         "reinit_fallbacks": 0,
         "wall_s": 0.5 * t.epochs,
+        "ended_at": 1_700_000_000.0 + 10 * t.seed,
         "failure_rule": failure_rule_text(margin, chance),
     }
     _write_json(trial_dir / "result.json", result)
