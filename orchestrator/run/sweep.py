@@ -445,7 +445,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
             # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
-                ProgressCallback(spec.name, len(plan.units)),
+                ProgressCallback(spec.name, [len(unit) for unit in plan.units]),
                 TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),
             ],
             verbose=0,
