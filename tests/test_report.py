@@ -144,7 +144,9 @@ def test_report_names_skipped_figures_and_null_results(tmp_path: Path) -> None:
     assert p >= 0.05
 
     text = report_of(sweep_dir, sweep_dir / "report").read_text()
-    assert f"no significant effect (p={p:.2g}; median gain +0.00 pts over 8 paired seeds)" in text
+    gain = "median gain +0.00 pts over 8 paired seeds, test on 8 non-tied, exact"
+    verdict = f"no significant effect (p={p:.2g}; {gain})"
+    assert verdict in text
     skipped = text.split("<ul id=skipped>")[1].split("</ul>")[0]
     assert "the number of filters does not vary in this sweep" in skipped
     # no RandomOut and no RePr trial: their figures are left out, not listed as skipped
