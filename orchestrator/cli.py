@@ -197,16 +197,13 @@ def sync(
     ] = None,
 ) -> None:
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
-    from mlflow.exceptions import MlflowException
-
-    from orchestrator.tracking.sweep import one_line
-    from orchestrator.tracking.sync import sync_sweep
+    from orchestrator.tracking.sync import STORE_ERRORS, store_error_line, sync_sweep
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     try:
         report = sync_sweep(sweep_dir, tracking_uri)
-    except MlflowException as exc:
-        console.print(f"error: tracking unavailable ({one_line(exc)})", highlight=False)
+    except STORE_ERRORS as exc:
+        console.print(store_error_line(exc, sweep_dir, tracking_uri), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(
         f"sync {sweep_dir.name}: {report.created} created, {report.present} already present, "

@@ -21,7 +21,10 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
                 `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/
   aggregate/    <table>.parquet for the trials, epochs and summary tables (`lottery aggregate`)
   report/       report.html and its figures (`lottery report`)
-  mlflow.db, mlartifacts/  the default embedded tracking store
+  mlflow.db, mlartifacts/  the default embedded tracking store; a new one is built as
+                .mlflow.db.building-<pid> and linked into place once migrated; one that is not at
+                MLflow's schema head is kept as mlflow.db.broken-<time>, a copied sweep's as
+                mlflow.db.copied-<time>
 `lottery train` keeps its trials in `<root>/train/trials/<trial_key>/` and its store in `<root>/`.
 
 Every file is written to a temporary name and renamed, so a kill at any point leaves either
@@ -50,6 +53,10 @@ SPEC, PLAN, RECORD = "spec.json", "trials.json", "sweep.json"
 TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
 UNREADABLE = "unreadable"  # tune.unreadable-<time>/
+BROKEN = "broken"  # mlflow.db.broken-<time>: a store not at MLflow's schema head, kept
+COPIED = "copied"  # mlflow.db.copied-<time>: a copied sweep's store, which was the original's
+BUILDING = "building"  # .mlflow.db.building-<pid>: a new store while it is created and migrated
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")  # sqlite's companions of a database file
 REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
 # In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
 CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
@@ -132,6 +139,15 @@ def report_dir(sweep_dir: Path) -> Path:
 def tracking_db(root: Path) -> Path:
     """The embedded sqlite store of a sweep directory (or of `lottery train`'s results root)."""
     return root / TRACKING_DB
+
+
+def store_under_construction(db: Path) -> Path:
+    """Where a new sqlite store is built before it is linked into place (one name per process)."""
+    return db.with_name(f".{db.name}.{BUILDING}-{os.getpid()}")
+
+
+def stores_under_construction(db: Path) -> list[Path]:
+    return sorted(db.parent.glob(f".{db.name}.{BUILDING}-*"))
 
 
 def artifacts_dir(root: Path) -> Path:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
 
 BUNDLED_DATASETS = ("digits", "synthetic")  # generated or shipped: nothing on disk to check
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
+REUSE_ACTORS = True  # Tune's actor reuse; bench/retry_delay.py measures both ways after a worker kill
 DRIVER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_GLOBAL_CHECKPOINT_S": "0",
@@ -434,7 +435,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         param_space={"unit": tune.grid_search(list(range(len(plan.units))))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent_trials,
-            reuse_actors=True,
+            reuse_actors=REUSE_ACTORS,
             trial_name_creator=functools.partial(trial_name, names=names),
             trial_dirname_creator=functools.partial(trial_name, names=names),
         ),
