@@ -72,8 +72,9 @@ def verdict(row: pd.Series) -> str:
 
 def _summary_html(summary: pd.DataFrame) -> str:
     head = (
-        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / incomplete / "
-        "pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th><th>median acc % (IQR width)</th>"
+        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / damaged / "
+        "incomplete / pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
+        "<th>median acc % (IQR width)</th>"
         "<th>mean acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th><th>median gain pts</th>"
         "<th>seeds improved %</th><th>Wilcoxon p</th><th class=l>what the seeds say</th></tr>"
     )
@@ -83,7 +84,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             arm_label(r["scheme"], r["hparam_label"]),
             "–" if pd.isna(r["filters"]) else str(r["filters"]),
             f"{r['n']} / {r['n_planned']}",
-            f"{r['n_errored']} / {r['n_incomplete']} / {r['n_pending']}",
+            f"{r['n_errored']} / {r.get('n_damaged', 0)} / {r['n_incomplete']} / {r['n_pending']}",
             f"{r['n_failed']} / {r['n']}",
             f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
             f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",

@@ -5,7 +5,8 @@ recomputed from `trials.parquet` alone and tested against hand-computed answers.
 
 Conventions, chosen so that nothing disappears silently:
 - only *finished* trials enter n, the failure rate and the accuracy statistics; errored,
-  incomplete and pending trials are counted in their own columns;
+  damaged (a trial file unreadable or failing its schema), incomplete and pending trials are
+  counted in their own columns;
 - a diverged trial is finished and failed; if its accuracy is not finite it is left out of
   the accuracy statistics (counted by `n_acc`), never replaced by a made-up value;
 - a gain is paired by seed: accuracy of the trial minus accuracy of the `baseline` trial
@@ -19,7 +20,7 @@ import pandas as pd
 import scipy.stats
 
 BASELINE = "baseline"
-STATUSES: tuple[str, ...] = ("finished", "errored", "incomplete", "pending")
+STATUSES: tuple[str, ...] = ("finished", "errored", "damaged", "incomplete", "pending")
 
 # The per-trial table: one row per planned trial, whatever happened to it.
 TRIAL_COLUMNS: dict[str, str] = {
@@ -46,6 +47,7 @@ TRIAL_COLUMNS: dict[str, str] = {
     "failure_margin": "float64",
     "failure_rule": "string",
     "wall_s": "float64",
+    "problem": "string",  # for a damaged trial: which file and what is wrong with it
 }
 
 # The summary table: one row per config_hash (= everything but the seed).
@@ -61,6 +63,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "n_planned": "int64",
     "n": "int64",  # finished
     "n_errored": "int64",
+    "n_damaged": "int64",
     "n_incomplete": "int64",
     "n_pending": "int64",
     "n_failed": "int64",
@@ -180,6 +183,7 @@ def _counts(group: pd.DataFrame) -> dict[str, object]:
         "n_planned": len(group),
         "n": n,
         "n_errored": int((status == "errored").sum()),
+        "n_damaged": int((status == "damaged").sum()),
         "n_incomplete": int((status == "incomplete").sum()),
         "n_pending": int((status == "pending").sum()),
         "n_failed": n_failed,

@@ -2,12 +2,15 @@
 
 The planned list (`trials.json`) is the spine: a planned trial with no directory is
 `pending`, one with a directory but no result is `incomplete` (or `errored` when it left an
-`error.txt`), so a crash can never shrink n unnoticed. Directories that are not in the plan
+`error.txt`), and one whose files are unreadable or whose result fails its schema is `damaged`
+(with the file and the problem in `problem`), so a crash or a damaged file can never shrink or
+shift n unnoticed. Directories that are not in the plan
 are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
@@ -81,6 +84,13 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         row["status"] = "pending"
         return row
     status = layout.trial_status(trial_dir)
+    if status.damaged:  # named with its path, counted on its own, out of every statistic
+        row["status"], row["problem"] = "damaged", status.problem
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # its config may be the damage
+            config = layout.read_json(trial_dir / layout.CONFIG)
+            row.update({k: config[k] for k in ("config_hash", "pair_key", "scheme", "seed") if k in config})
+            row["hparam_label"], row["filters"] = config.get("hparam_label", ""), config.get("filters")
+        return row
     if (trial_dir / layout.CONFIG).exists():
         config = layout.read_json(trial_dir / layout.CONFIG)
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
@@ -142,7 +152,7 @@ def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataF
     trials = load_trials(sweep_dir) if trials is None else trials
     tables, owners = [], []
     for i, (key, status) in enumerate(zip(trials["trial_key"], trials["status"], strict=True)):
-        if status == "pending":
+        if status in ("pending", "damaged"):
             continue
         try:  # ParquetFile.read skips the dataset machinery of pq.read_table: ~2x faster per small file
             table = pq.ParquetFile(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS).read()
@@ -181,6 +191,15 @@ def read_aggregate(sweep_dir: Path) -> AggregateResult:
     return AggregateResult(**{name: pd.read_parquet(path) for name, path in paths.items()})
 
 
+def damaged_lines(trials: pd.DataFrame) -> list[str]:
+    """One line per damaged trial: its file and the problem; what `lottery aggregate` prints."""
+    damaged = trials[trials["status"] == "damaged"]
+    return [
+        f"damaged, left out of every statistic: {problem} (the next `lottery sweep` trains it again)"
+        for problem in damaged["problem"]
+    ]
+
+
 def _pct(x: float, digits: int = 1) -> str:
     return "-" if pd.isna(x) else f"{100 * x:.{digits}f}"
 
@@ -199,7 +218,10 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             str(r.scheme),
             str(r.hparam_label or ""),
             "-" if pd.isna(r.filters) else str(r.filters),
-            f"{r.n}" + (f" (+{pending} not finished)" if pending else ""),
+            f"{r.n}"
+            + (f" (+{pending} not finished" if pending else "")
+            + (f", {r.n_damaged} damaged" if pending and r.n_damaged else "")
+            + (")" if pending else ""),
             f"{r.n_failed}",
             fail if r.n else "-",
             _pct(r.acc_median, 2),

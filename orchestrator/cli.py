@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from orchestrator import layout
-from orchestrator.errors import UserError, user_errors
+from orchestrator.errors import TRACKING_EXIT, UserError, user_errors
 from trainers.config import SCHEMES
 
 app = typer.Typer(
@@ -107,7 +107,12 @@ def sweep(
         str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
     ] = None,
 ) -> None:
-    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
+    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
+
+    Exit codes: 0 every trial ended and is tracked; 1 interrupted (run it again to resume);
+    2 a mistake in the input (nothing started); 3 every trial ended but some MLflow runs are
+    missing (run `lottery sync`).
+    """
     from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.spec import load_plan
@@ -129,12 +134,17 @@ def sweep(
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
-        f"{c['unfinished']} unfinished in {outcome.sweep_dir} (MLflow parent run {outcome.parent_run_id}); "
-        f"next: lottery aggregate {outcome.sweep_dir}"
+        f"{c['damaged']} damaged, {c['unfinished']} unfinished in {outcome.sweep_dir} "
+        f"(MLflow parent run {outcome.parent_run_id}); next: lottery aggregate {outcome.sweep_dir}"
     )
     if not outcome.complete:
         console.print(f"interrupted: run `lottery sweep {spec}` again to resume")
         raise typer.Exit(1)
+    if not outcome.tracked:
+        console.print(
+            f"tracking incomplete: run `lottery sync {outcome.sweep_dir}` (exit code {TRACKING_EXIT})"
+        )
+        raise typer.Exit(TRACKING_EXIT)
 
 
 @app.command()
@@ -144,12 +154,14 @@ def aggregate(
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
-    from orchestrator.aggregate import format_summary_table
+    from orchestrator.aggregate import damaged_lines, format_summary_table
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    for line in damaged_lines(result.trials):
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
     attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
 

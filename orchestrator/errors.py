@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_EXIT = 2
+TRACKING_EXIT = 3  # `lottery sweep`: every trial ended, but some MLflow runs are missing (`lottery sync`)
 
 
 class UserError(Exception):

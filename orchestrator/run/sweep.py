@@ -71,12 +71,13 @@ DRIVER_ENV = {
 @dataclass(frozen=True)
 class SweepOutcome:
     sweep_dir: Path
-    counts: dict[str, int]  # planned, finished, failed, errored, unfinished
+    counts: dict[str, int]  # planned, finished, failed, errored, damaged, unfinished
     parent_run_id: str | None
+    tracked: bool = True  # every ended trial has its run and the parent was closed
 
     @property
     def complete(self) -> bool:
-        return self.counts["unfinished"] == 0
+        return self.counts["unfinished"] == 0 and self.counts.get("damaged", 0) == 0
 
 
 def sweep_dir_for(plan: SweepPlan, root: Path) -> Path:
@@ -240,6 +241,7 @@ def run_sweep(
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
     resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
     keys = [t.trial_key() for t in plan.trials]
+    set_aside_damaged(sweep_dir, keys, console)
     record = _open_tracking(plan, sweep_dir, uri, keys, console)
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
@@ -256,16 +258,44 @@ def run_sweep(
         tuner.fit()
 
     counts = layout.count_trials(sweep_dir, keys)
-    outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
-    if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
+    complete = SweepOutcome(sweep_dir, counts, None).complete
+    tracked = record is not None and _close_tracking(record, sweep_dir, keys, counts, complete, console)
+    if not tracked:
         trials = layout.trials_root(sweep_dir)
         console.print(
             f"[yellow]tracking: some trials may be missing from MLflow at {uri}; their results are safe in "
-            f"{trials}. Once the server is reachable, run: lottery sync {sweep_dir}[/]",
+            f"{trials}. Once the store is reachable, run: lottery sync {sweep_dir}[/]",
             highlight=False,
             soft_wrap=True,  # one line, so the command can be copied whole
         )
-    return outcome
+    return SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked)
+
+
+def set_aside_damaged(sweep_dir: Path, keys: list[str], console: Console) -> list[str]:
+    """Move each damaged trial directory to damaged/ (kept, never deleted) so the trial trains again.
+
+    Tune's saved state counts those trials as done, so it is set aside too and Tune starts
+    afresh: finished trials only report their stored results, unfinished ones resume from their
+    own checkpoints. Returns the keys moved.
+    """
+    moved = []
+    for key in keys:
+        status = layout.trial_status(layout.trial_dir(sweep_dir, key))
+        if not status.damaged:
+            continue
+        aside = layout.damaged_aside(sweep_dir, key)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        layout.trial_dir(sweep_dir, key).rename(aside)
+        moved.append(key)
+        console.print(
+            f"[yellow]trial {key} is damaged ({status.problem}); moved to {aside}, training it again[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    tune_dir = layout.tune_dir(sweep_dir)
+    if moved and tune_dir.exists():
+        tune_dir.rename(layout.set_aside(tune_dir, layout.DAMAGED))
+    return moved
 
 
 def cluster_address(plan: SweepPlan, address: str | None) -> str | None:
