@@ -36,7 +36,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -449,7 +448,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         sweep_dir=str(sweep_dir),
         plan=tuple(t.model_dump(mode="json") for t in plan.trials),
         units=plan.units,
-        threads=max(1, math.floor(spec.resources.cpu)),
+        threads=spec.resources.threads,
         fault_once=os.environ.get(FAULT_ENV),
     )
     trainable = tune.with_resources(
