@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -209,11 +210,24 @@ def sync(
     ] = None,
 ) -> None:
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from orchestrator.tracking.sync import STORE_ERRORS, store_error_line, sync_sweep
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    # One bar however many runs are logged, shown once logging starts (a store error stays one line).
+    bar = Progress(TextColumn(f"sync {sweep_dir.name}"), BarColumn(), MofNCompleteColumn(), console=console)
+
+    def on_logged(done: int, total: int) -> None:
+        if not bar.task_ids:
+            bar.start()
+            bar.add_task("runs", total=total)
+        bar.update(bar.task_ids[0], completed=done, total=total)
+
     try:
-        report = sync_sweep(sweep_dir, tracking_uri)
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.stop)
+            report = sync_sweep(sweep_dir, tracking_uri, on_logged)
     except STORE_ERRORS as exc:
         console.print(store_error_line(exc, sweep_dir, tracking_uri), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -222,6 +236,7 @@ def sync(
         f"{report.unfinished} not finished (parent run {report.record.parent_run_id} at "
         f"{report.record.tracking_uri})",
         highlight=False,
+        soft_wrap=True,
     )
 
 

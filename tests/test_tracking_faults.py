@@ -278,3 +278,20 @@ def test_sync_reports_a_locked_store_in_one_line(sweep: Path):
     assert len(lines) == 1 and lines[0].startswith("error: tracking store"), done.stderr
     assert "locked" in lines[0] and "lottery sync" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_lottery_sync_prints_one_progress_bar_and_one_summary_line(sweep: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sync", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 2, done.stdout + done.stderr
+    assert lines[0].startswith(f"sync {NAME}") and "2/2" in lines[0]
+    assert "2 created, 0 already present, 0 not finished" in lines[1]
+    assert_one_parent_and_one_finished_run_per_trial(sweep)

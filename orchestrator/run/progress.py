@@ -139,10 +139,13 @@ class ProgressCallback(Callback):
 
 
 class OneLineErrors(logging.Filter):
-    """Condense a logger's tracebacks to their exception line (the compact view stays compact).
+    """Condense a logger's tracebacks to one line: the message and the exception line.
 
     Used for Tune's experiment-state syncer: with state saved after every event, its background
     copy can race the next save and log a FileNotFoundError traceback; the next sync repairs it.
+    Ray's storage syncer pastes the traceback into the message text itself ("Last sync command
+    failed with the following error:\n<traceback>", ~25 lines after a killed worker), so a
+    multi-line message is condensed the same way: its first line and its last.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -151,7 +154,23 @@ class OneLineErrors(logging.Filter):
             record.msg = f"{record.getMessage()} {type(error).__name__}: {str(error).splitlines()[0]}"
             record.args = None
             record.exc_info = None
+        lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+        if len(lines) > 1:
+            record.msg = f"{lines[0]} {lines[-1]}" if lines[-1] != lines[0] else lines[0]
+            record.args = None
         return True
+
+
+# Ray loggers that print tracebacks about its own state copies, which it repairs on the next copy.
+CONDENSED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer")
+
+
+def quiet_ray_logs() -> None:
+    """Every traceback those loggers print becomes one line (added once, however often called)."""
+    for name in CONDENSED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineErrors) for f in logger.filters):
+            logger.addFilter(OneLineErrors())
 
 
 def _last_line(trial: Trial) -> str:

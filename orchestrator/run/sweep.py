@@ -225,7 +225,7 @@ def run_sweep(
     console: Console | None = None,
     allow_mixed: bool = False,
 ) -> SweepOutcome:
-    from orchestrator.run.progress import OneLineErrors
+    from orchestrator.run.progress import quiet_ray_logs
     from orchestrator.tracking.runs import default_tracking_uri, refuse_password
 
     console = console or Console(stderr=True)
@@ -249,7 +249,7 @@ def run_sweep(
         f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
         f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; results in {sweep_dir}"
     )
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
+    quiet_ray_logs()
     # Lists every never-started trial after an interrupt; our counts come from the trial directories.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     with ray_session(address):

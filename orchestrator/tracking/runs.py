@@ -21,6 +21,7 @@ for _key, _value in {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # two "View run" lines per run on a server
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -19,6 +19,7 @@ Only sqlite URIs are touched; a server or database URI is the server's business.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ def prepare_store(uri: str, console: Console | None = None) -> Rebuilt | None:
             soft_wrap=True,
         )
     build_store(db)
+    if rebuilt is not None:
+        _drop_open_connections(db)
     return rebuilt
 
 
@@ -124,13 +127,31 @@ def build_store(db: Path) -> None:
         if not _alive(stale.name.rpartition("-")[2]):
             _remove_with_side_files(stale)
     tmp = layout.store_under_construction(db)
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", layout.artifacts_dir(db.parent).resolve().as_uri())
+    quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", layout.artifacts_dir(db.parent).resolve().as_uri())
+    finally:
+        quiet.setLevel(level)
     store.engine.dispose()
+    SqlAlchemyStore._engine_map.pop(f"sqlite:///{tmp}", None)  # MLflow caches an engine per URI
     if store_revision(tmp) != head_revision():  # MLflow raises first; this is the contract, stated
         raise RuntimeError(f"tracking: the new store {tmp} did not reach MLflow's head revision")
     with contextlib.suppress(FileExistsError):  # another process finished first: keep its store
         os.link(tmp, db)  # atomic, and never over an existing file
     _remove_with_side_files(tmp)
+
+
+def _drop_open_connections(db: Path) -> None:
+    """MLflow keeps one engine per store URI for the life of the process; its pooled connections
+    still reach the file that was moved aside, so they are closed (the next one opens the new file)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for uri, engine in list(SqlAlchemyStore._engine_map.items()):
+        found = sqlite_file(uri)
+        if found is not None and found.resolve() == db.resolve():
+            engine.dispose()
 
 
 def _alive(pid: str) -> bool:

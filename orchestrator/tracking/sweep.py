@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -241,17 +242,29 @@ def tracking_gaps(
     return TrackingGaps(missing, present, unfinished)
 
 
-def reconcile(record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, errored: bool) -> TrackingGaps:
+def reconcile(
+    record: SweepRecord,
+    sweep_dir: Path,
+    trial_keys: list[str],
+    *,
+    errored: bool,
+    on_logged: Callable[[int, int], None] | None = None,
+) -> TrackingGaps:
     """Log every finished (and, if `errored`, errored) trial directory whose run is missing or stale.
 
-    Returns the gaps found before logging: `missing` is what was logged now.
+    Returns the gaps found before logging: `missing` is what was logged now. `on_logged(done,
+    total)` is called once before the first run and after each (a progress bar).
     """
     gaps = tracking_gaps(record, sweep_dir, trial_keys, errored=errored)
     client = client_for(record.tracking_uri)
-    for key in gaps.missing:
+    if on_logged:
+        on_logged(0, len(gaps.missing))
+    for done, key in enumerate(gaps.missing, 1):
         log_trial(
             client, record.experiment_id, layout.trial_dir(sweep_dir, key), parent_run_id=record.parent_run_id
         )
+        if on_logged:
+            on_logged(done, len(gaps.missing))
     return gaps
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,14 +46,22 @@ class SyncReport:
     unfinished: int  # trials with neither a result nor an error yet
 
 
-def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None) -> SyncReport:
-    """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring."""
+def sync_sweep(
+    sweep_dir: Path, tracking_uri: str | None = None, on_logged: Callable[[int, int], None] | None = None
+) -> SyncReport:
+    """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring.
+
+    `on_logged(done, total)` follows the logging (the CLI's one progress bar)."""
     keys = layout.planned_keys(sweep_dir)
     record = _sweep_record(sweep_dir, tracking_uri)
-    gaps = reconcile(record, sweep_dir, keys, errored=True)
+    gaps = reconcile(record, sweep_dir, keys, errored=True, on_logged=on_logged)
     counts = layout.count_trials(sweep_dir, keys)
     parent = client_for(record.tracking_uri).get_run(record.parent_run_id)
-    if counts["unfinished"] == 0 and parent.info.status != RunStatus.to_string(RunStatus.FINISHED):
+    if (
+        counts["unfinished"] == 0
+        and counts["damaged"] == 0
+        and parent.info.status != RunStatus.to_string(RunStatus.FINISHED)
+    ):
         close_sweep(record, counts, complete=True)
     return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
 
