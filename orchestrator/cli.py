@@ -143,7 +143,9 @@ def sweep(
         raise typer.Exit(1)
     if not outcome.tracked:
         console.print(
-            f"tracking incomplete: run `lottery sync {outcome.sweep_dir}` (exit code {TRACKING_EXIT})"
+            f"tracking incomplete (exit {TRACKING_EXIT}): run `lottery sync {outcome.sweep_dir}`",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(TRACKING_EXIT)
 
