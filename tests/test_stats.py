@@ -55,6 +55,7 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "failure_margin": MARGIN,
         "failure_rule": RULE,
         "wall_s": 1.0,
+        "problem": f"trials/{config}-{seed}/result.json: empty" if status == "damaged" else pd.NA,
     }
     assert not kw, kw
     return row
@@ -67,6 +68,7 @@ def trials() -> pd.DataFrame:
         _trial("A", "ctx8", "baseline", 11, status="errored"),
         _trial("A", "ctx8", "baseline", 12, status="incomplete"),
         _trial("A", "ctx8", "baseline", 13, status="pending"),
+        _trial("A", "ctx8", "baseline", 14, 0.99, status="damaged"),  # its number must count nowhere
     ]
     rows += [
         _trial("B", "ctx8", "randomout", s, a + g, label="tau=1e-08 P=1")
@@ -113,7 +115,7 @@ def test_bootstrap_std_ci() -> None:
 
 def test_counts_keep_unfinished_out_of_n(summary: pd.DataFrame) -> None:
     a = summary.loc["A"]
-    assert (a.n_planned, a.n, a.n_errored, a.n_incomplete, a.n_pending) == (13, 10, 1, 1, 1)
+    assert (a.n_planned, a.n, a.n_errored, a.n_damaged, a.n_incomplete, a.n_pending) == (14, 10, 1, 1, 1, 1)
     assert a.n_failed == 3 and a.failure_rate == pytest.approx(0.3)
     assert (a.failure_ci_low, a.failure_ci_high) == pytest.approx((0.10779, 0.60322), abs=1e-4)
     assert a.failure_rule == RULE
