@@ -214,14 +214,19 @@ def test_a_stale_running_parent_of_the_same_sweep_is_closed(sweep: Path):
     kept = SweepRecord.load(sweep)
     client = MlflowClient(tracking_uri=kept.tracking_uri)
     original = client.get_run(kept.parent_run_id)
-    stale = client.create_run(kept.experiment_id, run_name="sweep faults", tags=original.data.tags)
-    layout.record_file(sweep).unlink()  # the kill-in-the-gap state, with the newer parent the stale one
+    # What an older version left after a kill in the gap: an earlier parent, RUNNING, no children.
+    stale = client.create_run(
+        kept.experiment_id,
+        start_time=original.info.start_time - 60_000,
+        run_name="sweep faults",
+        tags=original.data.tags,
+    )
+    layout.record_file(sweep).unlink()
 
     sync_sweep(sweep)
     statuses = {run.info.run_id: run.info.status for run in parents(sweep)}
-    reused = SweepRecord.load(sweep).parent_run_id
-    assert reused in (original.info.run_id, stale.info.run_id)
-    assert sorted(statuses.values()) == ["FINISHED", "KILLED"] and statuses[reused] == "FINISHED"
+    assert SweepRecord.load(sweep).parent_run_id == original.info.run_id  # the newest is reused
+    assert statuses == {original.info.run_id: "FINISHED", stale.info.run_id: "KILLED"}
 
 
 def test_a_copied_sweep_never_writes_into_the_originals_store(sweep: Path, tmp_path: Path):
