@@ -14,12 +14,13 @@ import time
 
 from bench.common import OUT, ROOT, machine
 
-BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "retry_delay")
+BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup", "retry_delay")
 TARGETS = {
     "pack": ">= 6x per-seed throughput at <= 4 filters; never slower (auto rule); >= 40% of matmul peak",
     "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
     "aggregate": "10,000 trial results aggregated in <= 10 s",
     "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
+    "cli_startup": "`lottery --help` and a one-line spec error each under 1.5 s",
     "retry_delay": "a killed worker's trial retried within seconds; the faster of reuse_actors on/off ships",
 }
 
@@ -81,6 +82,17 @@ def sweep_section(d: dict) -> list[str]:
     ]
 
 
+def startup_section(d: dict) -> list[str]:
+    lines = [
+        "| command | CLI as it is (lazy imports) | torch imported at load (eager) | eager / lazy |",
+        "|---|---|---|---|",
+    ]
+    names = {"help": "`lottery --help`", "spec_error": "a one-line spec error"}
+    for case, r in d["rows"].items():
+        lines.append(f"| {names[case]} | {r['lazy_s']:.2f} s | {r['eager_s']:.2f} s | {r['ratio']:.2f}x |")
+    return [*lines, "", f"Median of {d['repeat']} fresh processes each, interleaved."]
+
+
 def retry_section(d: dict) -> list[str]:
     delays = {side: ", ".join(f"{r['delay_s']:.1f}" for r in found) for side, found in d["runs"].items()}
     return [
@@ -94,6 +106,7 @@ SECTIONS = {
     "cgn_overhead": overhead_section,
     "aggregate": aggregate_section,
     "sweep_overhead": sweep_section,
+    "cli_startup": startup_section,
     "retry_delay": retry_section,
 }
 
