@@ -105,7 +105,7 @@ def private_ray_tmpdir() -> Iterator[str]:
 def clean_env(ray_tmpdir: str, home: Path, tracking_uri: str | None = None) -> dict[str, str]:
     """This environment minus any Ray, MLflow or lottery setting of the developer's, plus the test's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "LOTTERY_"))}
-    env |= {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env |= {"LOTTERY_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
     return env | ({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
 
