@@ -239,7 +239,9 @@ def stop_node(node: Node) -> None:
 
 
 @contextlib.contextmanager
-def cluster(token: str, workers: list[dict], *, head_cpus: float = 0, dashboard: bool = False) -> Iterator[list[Node]]:
+def cluster(
+    token: str, workers: list[dict], *, head_cpus: float = 0, dashboard: bool = False
+) -> Iterator[list[Node]]:
     """A head on HEAD_IP plus one worker per dict of start_node options (each its own IP)."""
     nodes: list[Node] = []
     try:

@@ -1,8 +1,9 @@
 """`lottery sweep` end to end on a real local Ray and a real MLflow sqlite store (no mocks).
 
 In-process tests share one embedded Ray started per module (the driver's own: token auth on,
-loopback only); the driver detects it and reuses it. The SIGKILL test runs the CLI as a subprocess with its own Ray, whose
-processes it finds by a private RAY_TMPDIR in their environment and kills by PID afterwards.
+loopback only); the driver detects it and reuses it. The SIGKILL test runs the CLI as a subprocess
+with its own Ray, whose processes it finds by a private RAY_TMPDIR in their environment and kills
+by PID afterwards.
 """
 
 from __future__ import annotations
