@@ -1,8 +1,9 @@
 """`lottery sweep` end to end on a real local Ray and a real MLflow sqlite store (no mocks).
 
-In-process tests share one Ray started per module (2 CPUs, 200 MB object store); the driver
-detects it and reuses it. The SIGKILL test runs the CLI as a subprocess with its own Ray, whose
-processes it finds by a private RAY_TMPDIR in their environment and kills by PID afterwards.
+In-process tests share one embedded Ray started per module (the driver's own: token auth on,
+loopback only); the driver detects it and reuses it. The SIGKILL test runs the CLI as a subprocess
+with its own Ray, whose processes it finds by a private RAY_TMPDIR in their environment and kills
+by PID afterwards.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.aggregate import aggregate
-from orchestrator.run.sweep import run_sweep
+from orchestrator.run.sweep import ray_session, run_sweep
 from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord
@@ -46,17 +46,10 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """The driver's own embedded Ray (token auth on, loopback only), shared by the module's sweeps."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=2,
-        object_store_memory=200 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
+    with ray_session(None):
+        yield
 
 
 def write_spec(tmp_path: Path, name: str, **changes) -> Path:
@@ -260,7 +253,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
     spec = write_spec(tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size)
     keys = [t.trial_key() for t in load_plan(spec).trials]
     sweep_dir = tmp_path / "runs" / "killed"
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
     log = (tmp_path / "first.log").open("w")

@@ -9,10 +9,12 @@ terminal it is a live line; otherwise (logs, `ray job logs`) it prints a line at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -121,7 +123,7 @@ class ProgressCallback(Callback):
 
     def _say(self, message: str) -> None:
         if self._console is not None:
-            self._console.print(message)
+            self._console.print(message, soft_wrap=True, highlight=False)  # one line, even in a log
 
     def _update(self, trials: list[Trial]) -> None:
         self.counts = Counts.of(trials, self.total)
@@ -175,5 +177,10 @@ def quiet_ray_logs() -> None:
 
 def _last_line(trial: Trial) -> str:
     """The exception line of a trial's error (Tune's full traceback stays in its error.txt)."""
-    lines = [line.strip() for line in str(trial.get_error() or "").splitlines() if line.strip()]
+    text = None
+    # Tune writes error.txt in the driver's staging directory first and syncs it to storage later
+    # (on a cluster, after this callback), so the local copy is read first.
+    with contextlib.suppress(OSError, TypeError):
+        text = Path(trial.error_file).read_text()
+    lines = [line.strip() for line in str(text or trial.get_error() or "").splitlines() if line.strip()]
     return lines[-1] if lines else "an error"

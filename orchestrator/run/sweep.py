@@ -23,10 +23,17 @@ against the data now loaded. Then the driver takes the sweep's lock (`layout.dri
 driver per sweep) and turns SIGTERM into what Ctrl-C does, so a scheduler's stop saves Tune's state
 and marks the parent run KILLED.
 
+The embedded local cluster is secure by default: Ray 2.60's token auth stays on (ray.init
+generates a token into ~/.ray/auth_token unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH name one;
+every GCS, raylet and worker RPC must carry it) and every Ray port listens on loopback only.
+Ray binds its servers to all interfaces unless the node's IP is literally 127.0.0.1, and on Linux
+it resolves 127.0.0.1 to the machine's routable IP unless its single-machine mode is on
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows), so the embedded cluster
+sets that. A cluster (--address, the spec's ray_address, $RAY_ADDRESS) keeps the caller's auth
+environment: RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN.
+
 Environment, set here before Ray starts (all `setdefault`, so the caller can override):
-  RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
-                                turn on token auth for a fresh local cluster; a remote cluster
-                                keeps whatever mode the caller's environment says
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  embedded cluster only: node IP 127.0.0.1, loopback ports
   RAY_USAGE_STATS_ENABLED=0     no usage reporting
   TUNE_GLOBAL_CHECKPOINT_S=0    save Tune's experiment state after every event, so a driver
                                 killed with SIGKILL never re-runs a trial that had finished
@@ -73,6 +80,8 @@ DRIVER_ENV = {
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # one line per error from ProgressCallback instead
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
 }
+# The embedded cluster only (see the module docstring): node IP 127.0.0.1, so Ray binds loopback.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
@@ -587,21 +596,45 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
+    with contextlib.ExitStack() as stack:
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            stack.enter_context(loopback_only())
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                logging_level="WARNING",
+                log_to_driver=False,
+            )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode for a local ray.init: node IP 127.0.0.1, so every port binds loopback.
+
+    The environment variable reaches the processes Ray starts; this process read it when it first
+    imported Ray, so its copy of the constant is set too (and both are restored afterwards). A value
+    the caller set explicitly wins.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    if saved_env is None:
+        os.environ[name] = LOCAL_RAY_ENV[name]
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
 
 
 def unreadable_tune_state(path: Path) -> str | None:
