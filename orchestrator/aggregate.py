@@ -40,6 +40,12 @@ METRIC_COLUMNS: dict[str, str] = {
     "resets": "Int64",
     "dropped": "Int64",
     "ortho_sum": "float64",
+    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
+    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
+    "round": "Int64",
+    "round_end": "boolean",
+    "sparsity": "float64",
+    "mask_overlap": "float64",
 }
 _EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
 EPOCH_COLUMNS: dict[str, str] = {
@@ -54,6 +60,7 @@ _RESULT_FIELDS = (
     "diverged",
     "epochs_done",
     "total_resets",
+    "sparsity",
     "chance",
     "failure_margin",
     "failure_rule",
@@ -86,6 +93,7 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
+        row["reference_hash"] = config.get("reference_hash")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
     if status.result is not None:
         row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})

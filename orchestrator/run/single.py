@@ -39,7 +39,7 @@ def run_single(
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
     with _progress() as bar:
-        task = bar.add_task("epochs", total=config.epochs)
+        task = bar.add_task("epochs", total=config.total_epochs)
 
         def on_epoch(record: EpochRecord) -> None:
             bar.update(
