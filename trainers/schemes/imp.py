@@ -54,7 +54,7 @@ class Imp(Scheme):
             raise ValueError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
         for i, w in enumerate(self.weights):
             w.weight.register_hook(lambda grad, i=i: self._masked_grad(grad, i))
-        if self.rewind_state is None and self.cfg.rewind_step == 0 and ctx.step == 0:
+        if self.rewind_state is None and self.cfg.rewind_step == 0:  # a fresh start: a resume restored it
             self.rewind_state = _copy(ctx.model.state_dict())
         if self.cfg.reinit and self.fresh_state is None:
             self.fresh_state = self._fresh_init(ctx)
