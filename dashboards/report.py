@@ -53,11 +53,13 @@ def _pts(x: float) -> str:
 
 
 def verdict(row: pd.Series) -> str:
-    """What the paired seeds say about one arm against the baseline, in words."""
+    """What the paired seeds say about one arm against its reference (the baseline unless named), in words."""
+    against = row.get("reference")
+    against = BASELINE if pd.isna(against) or not against else str(against)
     if row["scheme"] == BASELINE:
         return "reference arm"
     if row["n_pairs"] == 0:
-        return "not compared: no finished same-seed baseline trials"
+        return f"not compared: no finished same-seed {against} trials"
     p, n_pairs = row["wilcoxon_p"], row["n_pairs"]
     gain = f"median gain {_pts(row['gain_median'])} pts over {n_pairs} paired seeds"
     if math.isnan(p):
@@ -67,7 +69,7 @@ def verdict(row: pd.Series) -> str:
     median = row["gain_median"]
     direction = "better than" if median > 0 else "worse than" if median < 0 else "differs from"
     improved = f"{_pct(row['share_improved'], 0)}% of seeds improved"
-    return f"{direction} baseline (p={p:.2g}; {gain}; {improved})"
+    return f"{direction} {against} (p={p:.2g}; {gain}; {improved})"
 
 
 def _summary_html(summary: pd.DataFrame) -> str:

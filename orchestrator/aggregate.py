@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
 from trainers.events import failure_rule_text
@@ -43,6 +43,12 @@ METRIC_COLUMNS: dict[str, str] = {
     "resets": "Int64",
     "dropped": "Int64",
     "ortho_sum": "float64",
+    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
+    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
+    "round": "Int64",
+    "round_end": "boolean",
+    "sparsity": "float64",
+    "mask_overlap": "float64",
 }
 _EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
 EPOCH_COLUMNS: dict[str, str] = {
@@ -57,6 +63,7 @@ _RESULT_FIELDS = (
     "diverged",
     "epochs_done",
     "total_resets",
+    "sparsity",
     "chance",
     "failure_margin",
     "failure_rule",
@@ -69,6 +76,7 @@ class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
+    rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
 
 
 def _planned(sweep_dir: Path, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -96,6 +104,7 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
+        row["reference_hash"] = config.get("reference_hash")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
     if status.result is not None:
         row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
@@ -173,7 +182,10 @@ def aggregate(sweep_dir: Path) -> AggregateResult:
     """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet`."""
     sweep_dir = Path(sweep_dir)
     trials = load_trials(sweep_dir)
-    result = AggregateResult(trials=trials, epochs=load_epochs(sweep_dir, trials), summary=summarise(trials))
+    epochs = load_epochs(sweep_dir, trials)
+    result = AggregateResult(
+        trials=trials, epochs=epochs, summary=summarise(trials), rounds=round_summary(trials, epochs)
+    )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
         getattr(result, table.name).to_parquet(layout.aggregate_table(sweep_dir, table.name), index=False)
@@ -183,12 +195,16 @@ def aggregate(sweep_dir: Path) -> AggregateResult:
 def read_aggregate(sweep_dir: Path) -> AggregateResult:
     """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
+    if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
+        paths.pop("rounds")
     missing = [path.name for path in paths.values() if not path.exists()]
     if missing:
         raise UserError(
             f"{layout.aggregate_dir(sweep_dir)} lacks {missing}: run `lottery aggregate {sweep_dir}` first"
         )
-    return AggregateResult(**{name: pd.read_parquet(path) for name, path in paths.items()})
+    tables = {name: pd.read_parquet(path) for name, path in paths.items()}
+    tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
+    return AggregateResult(**tables)
 
 
 def damaged_lines(trials: pd.DataFrame) -> list[str]:
@@ -227,6 +243,31 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             _pct(r.acc_median, 2),
             _pct(r.acc_std, 2),
             "baseline" if r.scheme == BASELINE else _pct(r.gain_median, 2),
+            "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
+        )
+    return table
+
+
+def format_rounds_table(rounds: pd.DataFrame) -> Table:
+    """IMP per round: sparsity, accuracy and the paired gain over the reference arm, in points."""
+    table = Table(title="IMP rounds (test accuracy at each round's end; gain paired by seed and round)")
+    for name in ("scheme", "hparams", "round", "n", "sparsity %", "median %", "IQR %", "vs", "pairs"):
+        table.add_column(name, justify="left" if name in ("scheme", "hparams", "vs") else "right")
+    for name in ("gain pts (median)", "improved %", "Wilcoxon p"):
+        table.add_column(name, justify="right")
+    for r in rounds.itertuples(index=False):
+        table.add_row(
+            str(r.scheme),
+            str(r.hparam_label or ""),
+            str(r.round),
+            str(r.n),
+            _pct(r.sparsity),
+            _pct(r.acc_median, 2),
+            _pct(r.acc_iqr, 2),
+            str(r.reference or "-"),
+            str(r.n_pairs),
+            _pct(r.gain_median, 2),
+            _pct(r.share_improved, 0),
             "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
         )
     return table

@@ -223,12 +223,14 @@ def aggregate(
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
-    from orchestrator.aggregate import damaged_lines, format_summary_table
+    from orchestrator.aggregate import damaged_lines, format_rounds_table, format_summary_table
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    if not result.rounds.empty:
+        table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):
         console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))

@@ -91,7 +91,7 @@ def run_single(
     else:
         torch.set_num_threads(Resources().threads)  # a sweep trial's rule, at a sweep's default resources
         with _progress() as bar:
-            task = bar.add_task("epochs", total=config.epochs)
+            task = bar.add_task("epochs", total=config.total_epochs)
 
             def on_epoch(record: EpochRecord) -> None:
                 bar.update(
