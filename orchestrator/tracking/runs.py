@@ -21,6 +21,7 @@ for _key, _value in {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # two "View run" lines per run on a server
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -44,7 +45,14 @@ EPOCH_METRICS = (
     "dropped",
     "ortho_sum",
     "wall_s",
+    "sparsity",
 )
+# IMP: one point per round (step = round) at the round's last epoch that counts (metrics.parquet round_end).
+ROUND_METRICS = {
+    "test_acc": "round_test_acc",
+    "sparsity": "round_sparsity",
+    "mask_overlap": "round_mask_overlap",
+}
 RESULT_METRICS = (
     "final_test_acc",
     "final_train_acc",
@@ -136,7 +144,14 @@ def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
         for key in EPOCH_METRICS:
             if hasattr(row, key):
                 metrics.append(Metric(key, float(getattr(row, key)), stamp, step))
+        if _flag(getattr(row, "round_end", None)):
+            for key, name in ROUND_METRICS.items():
+                metrics.append(Metric(name, float(getattr(row, key)), stamp, int(row.round)))
     return metrics
+
+
+def _flag(value: object) -> bool:
+    return value is not None and not pd.isna(value) and bool(value)
 
 
 def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]:
@@ -241,6 +256,8 @@ def log_trial(
     metrics = _epoch_metrics(trial_dir, start_ms)
     if result is not None:
         metrics += [Metric(k, float(result[k]), end_ms, 0) for k in RESULT_METRICS if k in result]
+        if "sparsity" in result:  # results written before sparsity was recorded lack it
+            metrics.append(Metric("final_sparsity", float(result["sparsity"]), end_ms, 0))
         metrics.append(Metric("failed", float(result["failed"]), end_ms, 0))
     for chunk in _batched(metrics, BATCH):
         client.log_batch(run_id, metrics=chunk)
