@@ -131,8 +131,13 @@ def dry_run(
     console.print(plan_table(plan))
     if estimate_cost:
         from orchestrator.run.estimate import estimate
+        from trainers.errors import DataError
 
-        console.print(estimate(plan, sweep_dir).text(), soft_wrap=True)
+        try:
+            text = estimate(plan, sweep_dir).text()
+        except DataError as exc:  # a cluster's data may live on its workers only
+            text = f"estimated cost: not measured here ({exc})"
+        console.print(text, soft_wrap=True, highlight=False)
 
 
 def preflight(
