@@ -5,31 +5,45 @@ recomputed from `trials.parquet` alone and tested against hand-computed answers.
 
 Conventions, chosen so that nothing disappears silently:
 - only *finished* trials enter n, the failure rate and the accuracy statistics; errored,
-  incomplete and pending trials are counted in their own columns;
+  damaged (a trial file unreadable or failing its schema), incomplete and pending trials are
+  counted in their own columns;
 - a diverged trial is finished and failed; if its accuracy is not finite it is left out of
   the accuracy statistics (counted by `n_acc`), never replaced by a made-up value;
-- a gain is paired by seed: accuracy of the trial minus accuracy of the `baseline` trial
-  with the same `pair_key` and seed (accuracies are fractions, so gains are too).
+- a gain is paired by seed: accuracy of the trial minus accuracy of its reference trial with
+  the same seed: the `baseline` trial with the same `pair_key`, or, for a trial that names a
+  `reference_hash` (the IMP ticket control), the trial of that configuration (the rewound IMP).
+  Accuracies are fractions, so gains are too.
+- the paired test is the two-sided Wilcoxon signed-rank test with Wilcoxon's zero method: tied
+  pairs (gain 0) are dropped and counted (`n_tied`), the test uses `wilcoxon_n` = the non-zero
+  pairs, on the exact distribution of the signed-rank sum (midranks for tied |gains|) up to
+  `EXACT_MAX_N` pairs and the normal approximation above; `wilcoxon_method` says which.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.stats
 
 BASELINE = "baseline"
-STATUSES: tuple[str, ...] = ("finished", "errored", "incomplete", "pending")
+EXACT_MAX_N = 50  # exact signed-rank distribution up to here (cost ~n^3 / 4 additions), normal above
+ZERO_METHOD = "wilcox"  # tied pairs dropped before ranking (Wilcoxon 1945); stated with every p
+TIE_TOLERANCE = 1e-12  # gains and |gains| closer than this are equal (accuracies are counts / n_test)
+STATUSES: tuple[str, ...] = ("finished", "errored", "damaged", "incomplete", "pending")
 
 # The per-trial table: one row per planned trial, whatever happened to it.
 TRIAL_COLUMNS: dict[str, str] = {
     "trial_key": "string",
     "config_hash": "string",
     "pair_key": "string",
+    "reference_hash": "string",  # config_hash of the arm a trial is compared with, when not the baseline
     "sweep": "string",
     "scheme": "string",
     "hparam_label": "string",
     "hparams": "string",  # canonical JSON (sorted keys) of the scheme's hyperparameters
+    "setting": "string",  # canonical JSON of what else fixes the result: lr, optimizer, epochs, ...
     "model": "string",
     "dataset": "string",
     "filters": "Int64",
@@ -42,10 +56,12 @@ TRIAL_COLUMNS: dict[str, str] = {
     "diverged": "bool",  # False unless finished
     "epochs_done": "Int64",
     "total_resets": "Int64",
+    "sparsity": "float64",  # share of conv/linear weights held at zero at the end (IMP, edge-popup)
     "chance": "float64",
     "failure_margin": "float64",
     "failure_rule": "string",
     "wall_s": "float64",
+    "problem": "string",  # for a damaged trial: which file and what is wrong with it
 }
 
 # The summary table: one row per config_hash (= everything but the seed).
@@ -53,14 +69,19 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "config_hash": "string",
     "scheme": "string",
     "hparam_label": "string",
+    "hparams": "string",  # every scheme hyperparameter, defaults included (canonical JSON)
+    "setting": "string",  # lr, optimizer, epochs, batch, init, input scale, tau (canonical JSON)
     "pair_key": "string",
     "model": "string",
     "dataset": "string",
     "filters": "Int64",
     "failure_rule": "string",
+    "reference": "string",  # what the gains are against: "baseline" or the reference arm's label
+    "sparsity": "float64",  # median over finished trials
     "n_planned": "int64",
     "n": "int64",  # finished
     "n_errored": "int64",
+    "n_damaged": "int64",
     "n_incomplete": "int64",
     "n_pending": "int64",
     "n_failed": "int64",
@@ -80,6 +101,11 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "gain_median": "float64",
     "gain_mean": "float64",
     "share_improved": "float64",  # share of pairs with gain > 0
+    "n_better": "int64",  # pairs with gain > 0
+    "n_tied": "int64",  # pairs with gain 0 (dropped by the test: ZERO_METHOD)
+    "n_worse": "int64",  # pairs with gain < 0
+    "wilcoxon_n": "int64",  # pairs the test used (n_better + n_worse)
+    "wilcoxon_method": "string",  # "exact" or "normal approximation" ("" when not tested)
     "wilcoxon_p": "float64",  # two-sided signed-rank test of the paired gains
 }
 
@@ -136,24 +162,48 @@ def bootstrap_std_ci(
 
 
 def paired_gains(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per non-baseline finished trial: its accuracy minus the same-seed baseline's (GAIN_COLUMNS).
+    """Per finished trial that has a reference: its accuracy minus the same-seed reference's
+    (GAIN_COLUMNS; the column `baseline_acc` holds the reference's accuracy).
 
-    Pairs need a finite final accuracy on both sides; a baseline trial pairs with every scheme
-    of its `pair_key`. Raises if one (pair_key, seed) has several baseline trials, since the
-    pairing would then be ambiguous.
+    The reference is the trial of configuration `reference_hash` where one is named, else the
+    `baseline` trial of the same `pair_key` (which pairs with every scheme of it). Pairs need a
+    finite final accuracy on both sides. Raises if a reference is ambiguous (several trials).
     """
     done = trials[(trials["status"] == "finished") & np.isfinite(trials["final_test_acc"].astype(float))]
-    is_base = done["scheme"] == BASELINE
+    reference = done["reference_hash"] if "reference_hash" in done else pd.Series(pd.NA, index=done.index)
+    named = reference.notna()
+    is_base = (done["scheme"] == BASELINE) & ~named
     base = done.loc[is_base, ["pair_key", "seed", "final_test_acc"]]
     if base.duplicated(["pair_key", "seed"]).any():
         raise ValueError("several baseline trials share a (pair_key, seed); cannot pair by seed")
     base = base.rename(columns={"final_test_acc": "baseline_acc"})
-    merged = done.loc[~is_base, ["trial_key", "config_hash", "pair_key", "seed", "final_test_acc"]].merge(
-        base, on=["pair_key", "seed"], how="inner"
+    columns = ["trial_key", "config_hash", "pair_key", "seed", "final_test_acc"]
+    by_baseline = done.loc[~is_base & ~named, columns].merge(base, on=["pair_key", "seed"], how="inner")
+    arms = done[["config_hash", "seed", "final_test_acc"]].rename(
+        columns={"config_hash": "reference_hash", "final_test_acc": "baseline_acc"}
     )
-    merged = merged.rename(columns={"final_test_acc": "acc"})
+    if arms.duplicated(["reference_hash", "seed"]).any():
+        raise ValueError("several trials share a (config_hash, seed); cannot pair by seed")
+    by_name = (
+        done.loc[named, columns + ["reference_hash"]]
+        .merge(arms, on=["reference_hash", "seed"], how="inner")
+        .drop(columns="reference_hash")
+    )
+    merged = pd.concat([by_baseline, by_name], ignore_index=True).rename(columns={"final_test_acc": "acc"})
     merged["gain"] = merged["acc"] - merged["baseline_acc"]
     return merged[list(GAIN_COLUMNS)].astype(GAIN_COLUMNS).reset_index(drop=True)
+
+
+def reference_label(trials: pd.DataFrame, group: pd.DataFrame) -> str:
+    """What one configuration's gains are measured against, in words."""
+    named = group["reference_hash"].dropna().unique() if "reference_hash" in group else []
+    if len(named) == 0:
+        return BASELINE
+    ref = trials.loc[trials["config_hash"] == named[0], ["scheme", "hparam_label"]].head(1)
+    if ref.empty:
+        return f"config {named[0]} (not in this sweep)"
+    scheme, label = ref["scheme"].iloc[0], ref["hparam_label"].iloc[0]
+    return f"{scheme} {label}".strip() if isinstance(label, str) else str(scheme)
 
 
 def _first_valid(column: pd.Series) -> object:
@@ -162,7 +212,8 @@ def _first_valid(column: pd.Series) -> object:
 
 
 def _identity(group: pd.DataFrame) -> dict[str, object]:
-    keys = ("config_hash", "scheme", "hparam_label", "pair_key", "model", "dataset", "filters")
+    keys = ("config_hash", "scheme", "hparam_label", "hparams", "setting", "pair_key", "model", "dataset")
+    keys += ("filters",)
     row: dict[str, object] = {k: _first_valid(group[k]) for k in keys}
     finished_rules = group.loc[group["status"] == "finished", "failure_rule"].dropna().unique()
     rules = finished_rules if len(finished_rules) else group["failure_rule"].dropna().unique()
@@ -180,6 +231,7 @@ def _counts(group: pd.DataFrame) -> dict[str, object]:
         "n_planned": len(group),
         "n": n,
         "n_errored": int((status == "errored").sum()),
+        "n_damaged": int((status == "damaged").sum()),
         "n_incomplete": int((status == "incomplete").sum()),
         "n_pending": int((status == "pending").sum()),
         "n_failed": n_failed,
@@ -210,22 +262,75 @@ def _accuracy(group: pd.DataFrame) -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True)
+class SignedRankTest:
+    """A two-sided Wilcoxon signed-rank test as reported: p, the pairs it used and how p was found."""
+
+    p: float
+    n: int  # non-zero pairs: what the test used
+    n_zero: int  # tied pairs, dropped (ZERO_METHOD)
+    method: str  # "exact" | "normal approximation" | "" (not tested)
+
+
+def _exact_signed_rank_p(nonzero: np.ndarray) -> float:
+    """Exact two-sided p of the signed-rank sum, conditional on the observed (mid)ranks.
+
+    Every one of the 2^n sign patterns is equally likely under the null; a dynamic program over
+    doubled ranks (integers even with midranks) counts how many give each positive-rank sum.
+    Without ties it equals scipy's exact distribution; with ties it stays exact, where scipy
+    falls back to the normal approximation.
+    """
+    ranks2 = np.rint(2 * scipy.stats.rankdata(np.round(np.abs(nonzero), 12))).astype(np.int64)
+    counts = np.zeros(int(ranks2.sum()) + 1)
+    counts[0] = 1.0
+    for r in ranks2:
+        shifted = np.zeros_like(counts)
+        shifted[r:] = counts[: len(counts) - r]
+        counts = counts + shifted
+    total, observed = ranks2.sum(), ranks2[nonzero > 0].sum()
+    distance = np.abs(2 * np.arange(len(counts)) - total)  # |T+ - T-| in doubled units
+    p = counts[distance >= abs(2 * observed - total)].sum() / counts.sum()
+    return float(min(1.0, p))
+
+
+def signed_rank_test(gains: np.ndarray | None) -> SignedRankTest:
+    """Wilcoxon signed-rank test of paired gains with the zero method and the method stated.
+
+    NaN p with fewer than 2 non-zero gains. Exact up to EXACT_MAX_N non-zero pairs: with 5
+    non-zero pairs all positive, the exact p is 2/32 = 0.0625 where the normal approximation
+    says 0.043.
+    """
+    g = np.asarray([] if gains is None else gains, dtype=float)
+    nonzero = g[np.abs(g) > TIE_TOLERANCE]
+    n, n_zero = int(nonzero.size), int(g.size - nonzero.size)
+    if n < 2:
+        return SignedRankTest(float("nan"), n, n_zero, "")
+    if n <= EXACT_MAX_N:
+        return SignedRankTest(_exact_signed_rank_p(nonzero), n, n_zero, "exact")
+    res = scipy.stats.wilcoxon(nonzero, zero_method=ZERO_METHOD, method="asymptotic")
+    return SignedRankTest(float(res.pvalue), n, n_zero, "normal approximation")
+
+
 def wilcoxon_p(gains: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p of paired gains; NaN with fewer than 2 non-zero gains."""
-    g = np.asarray(gains, dtype=float)
-    if np.count_nonzero(g) < 2:
-        return float("nan")
-    return float(scipy.stats.wilcoxon(g).pvalue)
+    """Two-sided signed-rank p of paired gains (see `signed_rank_test`)."""
+    return signed_rank_test(gains).p
 
 
 def _gain_stats(gains: np.ndarray | None) -> dict[str, object]:
+    test = signed_rank_test(gains)
+    tested = {"wilcoxon_n": test.n, "wilcoxon_method": test.method, "wilcoxon_p": test.p}
     if gains is None or gains.size == 0:
-        return {"n_pairs": 0, "gain_median": np.nan, "gain_mean": np.nan, "share_improved": np.nan}
+        empty = {"gain_median": np.nan, "gain_mean": np.nan, "share_improved": np.nan}
+        return {"n_pairs": 0, **empty, "n_better": 0, "n_tied": 0, "n_worse": 0, **tested}
     return {
         "n_pairs": int(gains.size),
         "gain_median": float(np.median(gains)),
         "gain_mean": float(gains.mean()),
-        "share_improved": float((gains > 0).mean()),
+        "share_improved": float((gains > TIE_TOLERANCE).mean()),
+        "n_better": int((gains > TIE_TOLERANCE).sum()),
+        "n_tied": test.n_zero,
+        "n_worse": int((gains < -TIE_TOLERANCE).sum()),
+        **tested,
     }
 
 
@@ -239,13 +344,78 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for config_hash, group in trials.groupby("config_hash", sort=False):
         g = gains_by_config.get(str(config_hash))
+        finished = group["status"] == "finished"
+        sparsity = group.loc[finished, "sparsity"].astype(float) if "sparsity" in group else pd.Series([])
         rows.append(
             {
                 **_identity(group),
+                "reference": reference_label(trials, group),
+                "sparsity": float(sparsity.median()) if sparsity.notna().any() else np.nan,
                 **_counts(group),
                 **_accuracy(group),
                 **_gain_stats(g),
-                "wilcoxon_p": wilcoxon_p(g) if g is not None else np.nan,
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(SUMMARY_COLUMNS)
+
+
+# IMP rounds: one row per (configuration, round), from the epochs table's round_end rows.
+ROUND_COLUMNS: dict[str, str] = {
+    "config_hash": "string",
+    "scheme": "string",
+    "hparam_label": "string",
+    "round": "int64",
+    "reference": "string",  # the arm its gains are against ("" when it names none)
+    "n": "int64",  # finished trials that reached the round
+    "sparsity": "float64",  # median
+    "acc_median": "float64",
+    "acc_iqr": "float64",
+    "n_pairs": "int64",
+    "gain_median": "float64",  # this arm minus the reference at the same round and seed
+    "share_improved": "float64",
+    "wilcoxon_p": "float64",
+}
+
+
+def round_summary(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per IMP configuration and round: sparsity and test accuracy over seeds, and the paired gain
+    over the arm it names as reference (the ticket control against the rewound IMP), seed by seed
+    at the same round. Only finished trials count, as in `summarise`."""
+    if "round_end" not in epochs or epochs.empty:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()})
+    ends = epochs[(epochs["round_end"].fillna(False).astype(bool)) & (epochs["status"] == "finished")]
+    refs = trials.drop_duplicates("config_hash").set_index("config_hash")["reference_hash"]
+    by_arm = {key: g.set_index("seed")["test_acc"] for key, g in ends.groupby(["config_hash", "round"])}
+    rows = []
+    for (config_hash, round_), group in ends.groupby(["config_hash", "round"], sort=False):
+        values = group["test_acc"].to_numpy(float)
+        reference = refs.get(config_hash)
+        gains = np.array([])
+        label = ""
+        if isinstance(reference, str):
+            label = reference_label(trials, trials[trials["config_hash"] == config_hash])
+            theirs = by_arm.get((reference, round_))
+            if theirs is not None:
+                paired = pd.concat(
+                    [group.set_index("seed")["test_acc"], theirs], axis=1, join="inner"
+                ).dropna()
+                gains = (paired.iloc[:, 0] - paired.iloc[:, 1]).to_numpy(float)
+        q25, q75 = np.percentile(values, [25, 75])
+        rows.append(
+            {
+                "config_hash": config_hash,
+                "scheme": group["scheme"].iloc[0],
+                "hparam_label": group["hparam_label"].iloc[0],
+                "round": int(round_),
+                "reference": label,
+                "n": len(values),
+                "sparsity": float(group["sparsity"].median()),
+                "acc_median": float(np.median(values)),
+                "acc_iqr": float(q75 - q25),
+                "n_pairs": int(gains.size),
+                "gain_median": float(np.median(gains)) if gains.size else np.nan,
+                "share_improved": float((gains > 0).mean()) if gains.size else np.nan,
+                "wilcoxon_p": wilcoxon_p(gains),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(ROUND_COLUMNS)).astype(ROUND_COLUMNS)

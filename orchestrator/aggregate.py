@@ -2,7 +2,9 @@
 
 The planned list (`trials.json`) is the spine: a planned trial with no directory is
 `pending`, one with a directory but no result is `incomplete` (or `errored` when it left an
-`error.txt`), so a crash can never shrink n unnoticed. Directories that are not in the plan
+`error.txt`), and one whose files are unreadable or whose result fails its schema is `damaged`
+(with the file and the problem in `problem`), so a crash or a damaged file can never shrink or
+shift n unnoticed. Directories that are not in the plan
 are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at the end.
 """
 
@@ -18,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 from rich.table import Table
 
-from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
+from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
 from trainers.events import failure_rule_text
@@ -38,6 +41,12 @@ METRIC_COLUMNS: dict[str, str] = {
     "resets": "Int64",
     "dropped": "Int64",
     "ortho_sum": "float64",
+    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
+    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
+    "round": "Int64",
+    "round_end": "boolean",
+    "sparsity": "float64",
+    "mask_overlap": "float64",
 }
 _EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
 EPOCH_COLUMNS: dict[str, str] = {
@@ -52,6 +61,7 @@ _RESULT_FIELDS = (
     "diverged",
     "epochs_done",
     "total_resets",
+    "sparsity",
     "chance",
     "failure_margin",
     "failure_rule",
@@ -64,6 +74,7 @@ class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
+    rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
 
 
 def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -73,20 +84,50 @@ def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, An
     return plan + [{"trial_key": k} for k in sorted(on_disk - listed)]
 
 
+def setting_of(trial: dict[str, Any]) -> dict[str, Any]:
+    """What fixes a trial's result besides scheme, width and seed, in reading order (from config.json's
+    `trial`). tau is the threshold the trial used: RandomOut's own, else the below-tau counting one."""
+    optim, model, data = trial.get("optim", {}), trial.get("model", {}), trial.get("data", {})
+    scheme = trial.get("scheme", {})
+    values = {
+        "lr": optim.get("lr"),
+        "optimizer": optim.get("name"),
+        "momentum": optim.get("momentum") if optim.get("name") == "sgd" else None,
+        "weight_decay": optim.get("weight_decay"),
+        "epochs": trial.get("epochs"),
+        "batch": "full" if trial.get("full_batch") else trial.get("batch_size"),
+        "init": model.get("init"),
+        "input_scale": data.get("normalize"),
+        "augment": data.get("augment"),
+        "tau": scheme.get("tau", trial.get("tau")),
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _trial_row(
     planned: dict[str, Any], trial_dir: layout.Location | None, defaults: dict[str, Any]
 ) -> dict[str, Any]:
+
     row: dict[str, Any] = {**defaults, **planned}
     if trial_dir is None:
         row["status"] = "pending"
         return row
     status = layout.trial_status(trial_dir)
-    config = _read_optional(trial_dir / layout.CONFIG)
-    if config is not None:
+    if status.damaged:  # named with its path, counted on its own, out of every statistic
+        row["status"], row["problem"] = "damaged", status.problem
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # its config may be the damage
+            config = layout.read_json(trial_dir / layout.CONFIG)
+            row.update({k: config[k] for k in ("config_hash", "pair_key", "scheme", "seed") if k in config})
+            row["hparam_label"], row["filters"] = config.get("hparam_label", ""), config.get("filters")
+        return row
+    if (trial_dir / layout.CONFIG).exists():
+        config = layout.read_json(trial_dir / layout.CONFIG)
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
+        row["reference_hash"] = config.get("reference_hash")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
+        row["setting"] = json.dumps(setting_of(config.get("trial", {})))
     if status.result is not None:
         row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
         row["status"] = "finished"
@@ -149,7 +190,7 @@ def load_epochs(sweep_dir: layout.Location | str, trials: pd.DataFrame | None = 
     trials = load_trials(sweep_dir) if trials is None else trials
     tables, owners = [], []
     for i, (key, status) in enumerate(zip(trials["trial_key"], trials["status"], strict=True)):
-        if status == "pending":
+        if status in ("pending", "damaged"):
             continue
         try:
             table = layout.read_table(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS)
@@ -171,7 +212,10 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
     directory wherever it lives: on an object store the tables go to the same store)."""
     sweep_dir = layout.location(sweep_dir)
     trials = load_trials(sweep_dir)
-    result = AggregateResult(trials=trials, epochs=load_epochs(sweep_dir, trials), summary=summarise(trials))
+    epochs = load_epochs(sweep_dir, trials)
+    result = AggregateResult(
+        trials=trials, epochs=epochs, summary=summarise(trials), rounds=round_summary(trials, epochs)
+    )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
         frame = getattr(result, table.name)
@@ -184,12 +228,25 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
 def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
+    if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
+        paths.pop("rounds")
     missing = [path.name for path in paths.values() if not path.exists()]
     if missing:
         raise UserError(
             f"{layout.aggregate_dir(sweep_dir)} lacks {missing}: run `lottery aggregate {sweep_dir}` first"
         )
-    return AggregateResult(**{name: _read_frame(path) for name, path in paths.items()})
+    tables = {name: _read_frame(path) for name, path in paths.items()}
+    tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
+    return AggregateResult(**tables)
+
+
+def damaged_lines(trials: pd.DataFrame) -> list[str]:
+    """One line per damaged trial: its file and the problem; what `lottery aggregate` prints."""
+    damaged = trials[trials["status"] == "damaged"]
+    return [
+        f"damaged, left out of every statistic: {problem} (the next `lottery sweep` trains it again)"
+        for problem in damaged["problem"]
+    ]
 
 
 def _read_frame(path: layout.Location) -> pd.DataFrame:
@@ -202,25 +259,71 @@ def _pct(x: float, digits: int = 1) -> str:
 
 
 def format_summary_table(summary: pd.DataFrame) -> Table:
-    """The summary as a rich table for the CLI; accuracies and gains in percentage points."""
-    table = Table(title="Seeds per configuration (failure rate with Wilson 95% CI)")
-    for name in ("scheme", "hparams", "filters", "n", "failed", "fail % [95% CI]", "median %", "std %"):
-        table.add_column(name, justify="left" if name in ("scheme", "hparams") else "right")
+    """The summary as a rich table for the CLI; accuracies and gains in percentage points.
+
+    The caption states the setting every row shares; what differs between rows gets a column,
+    and each row lists every scheme hyperparameter, defaults included.
+    """
+    _, varying = split_setting(summary["setting"])
+    table = Table(
+        title="Seeds per configuration (failure rate with Wilson 95% CI)",
+        caption=f"setting: {setting_line(summary)}",
+        caption_justify="left",
+    )
+    columns = ["scheme", "hparams", *(["setting"] if varying else []), "filters", "n", "failed"]
+    columns += ["fail % [95% CI]", "mean %", "median %", "min %", "std %"]
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("scheme", "hparams", "setting") else "right")
     table.add_column("gain pts (median)", justify="right")
-    table.add_column("Wilcoxon p", justify="right")
+    table.add_column("better/tied/worse", justify="right")
+    table.add_column("Wilcoxon p (n, method)", justify="right")
     for r in summary.itertuples(index=False):
         pending = r.n_planned - r.n
         fail = f"{_pct(r.failure_rate)} [{_pct(r.failure_ci_low)}, {_pct(r.failure_ci_high)}]"
+        is_base = r.scheme == BASELINE
+        test = "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g} (n={r.wilcoxon_n}, {r.wilcoxon_method})"
+        table.add_row(
+            str(r.scheme),
+            hparams_text(r.hparams),
+            *([row_setting_text(r.setting, varying)] if varying else []),
+            "-" if pd.isna(r.filters) else str(r.filters),
+            f"{r.n}"
+            + (f" (+{pending} not finished" if pending else "")
+            + (f", {r.n_damaged} damaged" if pending and r.n_damaged else "")
+            + (")" if pending else ""),
+            f"{r.n_failed}",
+            fail if r.n else "-",
+            _pct(r.acc_mean, 2),
+            _pct(r.acc_median, 2),
+            _pct(r.acc_min, 2),
+            _pct(r.acc_std, 2),
+            "baseline" if is_base else _pct(r.gain_median, 2),
+            "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
+            "-" if is_base else test,
+        )
+    return table
+
+
+def format_rounds_table(rounds: pd.DataFrame) -> Table:
+    """IMP per round: sparsity, accuracy and the paired gain over the reference arm, in points."""
+    table = Table(title="IMP rounds (test accuracy at each round's end; gain paired by seed and round)")
+    for name in ("scheme", "hparams", "round", "n", "sparsity %", "median %", "IQR %", "vs", "pairs"):
+        table.add_column(name, justify="left" if name in ("scheme", "hparams", "vs") else "right")
+    for name in ("gain pts (median)", "improved %", "Wilcoxon p"):
+        table.add_column(name, justify="right")
+    for r in rounds.itertuples(index=False):
         table.add_row(
             str(r.scheme),
             str(r.hparam_label or ""),
-            "-" if pd.isna(r.filters) else str(r.filters),
-            f"{r.n}" + (f" (+{pending} not finished)" if pending else ""),
-            f"{r.n_failed}",
-            fail if r.n else "-",
+            str(r.round),
+            str(r.n),
+            _pct(r.sparsity),
             _pct(r.acc_median, 2),
-            _pct(r.acc_std, 2),
-            "baseline" if r.scheme == BASELINE else _pct(r.gain_median, 2),
+            _pct(r.acc_iqr, 2),
+            str(r.reference or "-"),
+            str(r.n_pairs),
+            _pct(r.gain_median, 2),
+            _pct(r.share_improved, 0),
             "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
         )
     return table

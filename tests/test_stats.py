@@ -14,6 +14,7 @@ from dashboards.stats import (
     TRIAL_COLUMNS,
     bootstrap_std_ci,
     paired_gains,
+    signed_rank_test,
     summarise,
     wilson_interval,
 )
@@ -35,10 +36,12 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "trial_key": f"{config}-{seed}",
         "config_hash": config,
         "pair_key": pair,
+        "reference_hash": kw.pop("reference", None),
         "sweep": "hand",
         "scheme": scheme,
         "hparam_label": kw.pop("label", ""),
         "hparams": "{}",
+        "setting": "{}",
         "model": "crater_cnn",
         "dataset": "synthetic",
         "filters": kw.pop("filters", 8),
@@ -51,10 +54,12 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "diverged": diverged,
         "epochs_done": 4 if finished else pd.NA,
         "total_resets": 0 if finished else pd.NA,
+        "sparsity": kw.pop("sparsity", 0.0) if finished else math.nan,
         "chance": CHANCE if finished else math.nan,
         "failure_margin": MARGIN,
         "failure_rule": RULE,
         "wall_s": 1.0,
+        "problem": f"trials/{config}-{seed}/result.json: empty" if status == "damaged" else pd.NA,
     }
     assert not kw, kw
     return row
@@ -67,6 +72,7 @@ def trials() -> pd.DataFrame:
         _trial("A", "ctx8", "baseline", 11, status="errored"),
         _trial("A", "ctx8", "baseline", 12, status="incomplete"),
         _trial("A", "ctx8", "baseline", 13, status="pending"),
+        _trial("A", "ctx8", "baseline", 14, 0.99, status="damaged"),  # its number must count nowhere
     ]
     rows += [
         _trial("B", "ctx8", "randomout", s, a + g, label="tau=1e-08 P=1")
@@ -113,7 +119,7 @@ def test_bootstrap_std_ci() -> None:
 
 def test_counts_keep_unfinished_out_of_n(summary: pd.DataFrame) -> None:
     a = summary.loc["A"]
-    assert (a.n_planned, a.n, a.n_errored, a.n_incomplete, a.n_pending) == (13, 10, 1, 1, 1)
+    assert (a.n_planned, a.n, a.n_errored, a.n_damaged, a.n_incomplete, a.n_pending) == (14, 10, 1, 1, 1, 1)
     assert a.n_failed == 3 and a.failure_rate == pytest.approx(0.3)
     assert (a.failure_ci_low, a.failure_ci_high) == pytest.approx((0.10779, 0.60322), abs=1e-4)
     assert a.failure_rule == RULE
@@ -150,13 +156,34 @@ def test_paired_gains(summary: pd.DataFrame) -> None:
     assert c.share_improved == pytest.approx(1 / 3)
 
 
-def test_wilcoxon_matches_scipy(trials: pd.DataFrame, summary: pd.DataFrame) -> None:
+def test_wilcoxon_is_exact_and_states_the_pairs_it_used(trials: pd.DataFrame, summary: pd.DataFrame) -> None:
     gains = paired_gains(trials).query("config_hash == 'B'").sort_values("seed")["gain"].to_numpy()
     np.testing.assert_allclose(gains, GAINS_B, atol=1e-12)
-    assert summary.loc["B"].wilcoxon_p == pytest.approx(scipy.stats.wilcoxon(gains).pvalue)
+    b = summary.loc["B"]
+    # seed 5's gain is 0: dropped (Wilcoxon's zero method), 9 pairs used; |gains| .01 and .02 tie,
+    # so the exact p is the share of the 2^9 sign flips as extreme, as scipy's permutation test counts.
+    nonzero = np.array([g for g in GAINS_B if g != 0])
+    exact = scipy.stats.wilcoxon(nonzero, method=scipy.stats.PermutationMethod(n_resamples=2**9)).pvalue
+    assert (b.n_better, b.n_tied, b.n_worse, b.wilcoxon_n) == (7, 1, 2, 9)
+    assert b.wilcoxon_method == "exact" and b.wilcoxon_p == pytest.approx(exact, rel=1e-12)
     for config in ("A", "D"):  # the baseline itself; a config with no baseline in its pair_key
         row = summary.loc[config]
         assert row.n_pairs == 0 and math.isnan(row.gain_median) and math.isnan(row.wilcoxon_p)
+        assert row.wilcoxon_method == "" and row.wilcoxon_n == 0
+
+
+def test_wilcoxon_five_nonzero_pairs_is_exact_not_normal() -> None:
+    # 5 positive gains: 2 of the 32 sign patterns are as extreme -> p = 0.0625 (normal: 0.043).
+    test = signed_rank_test(np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.0, 0.0]))
+    assert (test.p, test.n, test.n_zero, test.method) == (0.0625, 5, 2, "exact")
+    assert scipy.stats.wilcoxon([0.01, 0.02, 0.03, 0.04, 0.05], method="asymptotic").pvalue < 0.05
+    rng = np.random.default_rng(3)
+    for n in (3, 8, 14):  # no ties: the same as scipy's exact distribution
+        gains = rng.normal(0.01, 0.02, n)
+        assert signed_rank_test(gains).p == pytest.approx(scipy.stats.wilcoxon(gains, method="exact").pvalue)
+    big = signed_rank_test(rng.normal(0.01, 0.02, 60))
+    assert big.method == "normal approximation" and big.n == 60
+    assert math.isnan(signed_rank_test(np.array([0.0, 0.01])).p)
 
 
 def test_summary_schema(summary: pd.DataFrame) -> None:
@@ -165,3 +192,22 @@ def test_summary_schema(summary: pd.DataFrame) -> None:
     assert {c: str(t) for c, t in table.dtypes.items()} == SUMMARY_COLUMNS
     assert list(table["config_hash"]) == ["A", "B", "C", "D"]
     assert table.set_index("config_hash").loc["D", "filters"] == 16
+
+
+def test_a_trial_naming_a_reference_pairs_with_that_arm_not_the_baseline() -> None:
+    """The IMP ticket control (fresh init) is compared seed by seed with the rewound IMP it names."""
+    rows = [_trial("base", "p", "baseline", s, 0.50) for s in (1, 2, 3)]
+    rewound = zip((1, 2, 3), (0.80, 0.70, 0.90), strict=True)
+    rows += [_trial("rew", "p", "imp", s, a, sparsity=0.5) for s, a in rewound]
+    rows += [
+        _trial("ctl", "p", "imp", s, a, reference="rew", label="reinit=True", sparsity=0.5)
+        for s, a in zip((1, 2, 4), (0.60, 0.75, 0.10), strict=True)
+    ]
+    trials = pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    gains = paired_gains(trials).set_index(["config_hash", "seed"])["gain"]
+    # rewound vs baseline: +.30 +.20 +.40; control vs rewound (seed 4 has no rewound pair): -.20 +.05
+    assert gains.loc["rew"].to_dict() == pytest.approx({1: 0.30, 2: 0.20, 3: 0.40})
+    assert gains.loc["ctl"].to_dict() == pytest.approx({1: -0.20, 2: 0.05})
+    table = summarise(trials).set_index("config_hash")
+    assert list(table["reference"]) == ["baseline", "baseline", "imp"]
+    assert table.loc["ctl", "n_pairs"] == 2 and table.loc["ctl", "sparsity"] == pytest.approx(0.5)

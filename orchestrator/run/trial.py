@@ -10,6 +10,7 @@ Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, ne
 from __future__ import annotations
 
 import hashlib
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
@@ -56,6 +57,7 @@ def trial_meta(config: TrialConfig, sweep: str) -> dict[str, Any]:
         "trial_key": config.trial_key(),
         "config_hash": config.config_hash(),
         "pair_key": config.pair_key(),
+        "reference_hash": config.reference_hash(),
         "sweep": sweep,
         "scheme": config.scheme.name,
         "hparams": config.scheme_hparams(),
@@ -108,6 +110,7 @@ class TrialDirSink:
             "trial_key": self.config.trial_key(),
             "config_hash": self.config.config_hash(),
             "scheme": self.config.scheme.name,
+            "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
         }
         atomic_write_json(self.dir / RESULT, doc)
         self.finished = True
