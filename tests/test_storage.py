@@ -115,7 +115,12 @@ def test_layout_writes_and_reads_a_trial_directory_on_s3(s3_env) -> None:
 
     (trial / layout.ERROR).write_text("boom")
     assert layout.trial_status(trial).errored
-    layout.atomic_write_json(trial / layout.RESULT, {"failed": False})  # the commit
+    layout.atomic_write_json(trial / layout.RESULT, {"failed": False})  # a torn or partial result
+    assert layout.trial_status(trial).kind == "damaged"  # is read as damage on a store too
+    result = {"epochs_done": 3, "final_test_acc": 0.9, "final_train_acc": 0.9, "best_test_acc": 0.9}
+    result |= {"failed": False, "diverged": False, "total_resets": 0, "reinit_fallbacks": 0}
+    result |= {"chance": 0.1, "failure_margin": 0.05, "failure_rule": "rule", "wall_s": 1.0}
+    layout.atomic_write_json(trial / layout.RESULT, result)  # the commit
     assert layout.trial_status(trial).finished
     (trial / layout.CHECKPOINT).unlink(missing_ok=True)  # never written: no error
     with pytest.raises(FileNotFoundError):

@@ -70,7 +70,7 @@ class SweepRecord:
 
     def written_elsewhere(self, sweep_dir: Path) -> str | None:
         """The directory this record was written for, when `sweep_dir` is another one (a copy)."""
-        if self.sweep_dir is None or self.sweep_dir == str(Path(sweep_dir).resolve()):
+        if self.sweep_dir is None or self.sweep_dir == str(layout.location(sweep_dir).resolve()):
             return None
         return self.sweep_dir
 
@@ -83,7 +83,7 @@ def check_own_record(record: SweepRecord, sweep_dir: Path) -> None:
     """Refuse to log a copied sweep into the store and parent run of the directory it was copied from."""
     original = record.written_elsewhere(sweep_dir)
     if original is not None:
-        here = Path(sweep_dir).resolve()
+        here = layout.location(sweep_dir).resolve()
         raise CopiedSweep(
             f"tracking: {here} is a copy of {original} ({layout.RECORD} names that directory and its "
             f"store), so nothing is logged; run `lottery sync {here}` to make the copy its own store, "
@@ -101,7 +101,7 @@ def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str, *, adopt: bo
     otherwise such a record is refused (CopiedSweep).
     """
     spec = plan.spec
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = layout.location(sweep_dir).resolve()
     previous = SweepRecord.load(sweep_dir)
     if previous is not None and adopt and previous.written_elsewhere(sweep_dir):
         previous = None
