@@ -48,6 +48,7 @@ from rich.table import Table
 
 from orchestrator import layout
 from orchestrator.errors import UserError
+from orchestrator.sequential import check_design, opened_plan
 from orchestrator.spec import SweepPlan
 
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
@@ -89,6 +90,12 @@ def dry_run(plan: SweepPlan, root: Path, console: Console) -> None:
     sweep_dir = sweep_dir_for(plan, root)
     console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
     console.print(pack_text(plan))
+    if plan.spec.sequential:
+        rule = plan.spec.sequential
+        console.print(
+            f"sequential study: up to {len(plan.spec.seeds)} seeds per configuration, {rule.batch} per batch "
+            f"({plan.n_batches} batches at most), stopping once {rule.describe()}"
+        )
     console.print(f"sweep directory: {sweep_dir}")
     console.print(plan_table(plan))
 
@@ -156,9 +163,12 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
+        check_design(old, plan)
         # The same trials, in any order (packing orders the plan); trials.json is written second.
         planned = layout.planned_keys(sweep_dir) if layout.plan_file(sweep_dir).exists() else []
-        same_trials = sorted(planned) == sorted(t.trial_key() for t in plan.trials)
+        keys = sorted(t.trial_key() for t in plan.trials)
+        # a sequential study records its open batches only
+        same_trials = set(planned) <= set(keys) if plan.batch_ends else sorted(planned) == keys
         if old.get("fingerprint") != plan.fingerprint and same_trials:
             if not allow_mixed:
                 raise UserError(
@@ -180,7 +190,7 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
             )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     layout.atomic_write_json(spec_path, plan.spec_document())
-    layout.atomic_write_json(layout.plan_file(sweep_dir), plan.rows())
+    layout.atomic_write_json(layout.plan_file(sweep_dir), opened_plan(plan, sweep_dir).rows())
     return layout.tune_dir(sweep_dir).exists()
 
 
@@ -238,21 +248,30 @@ def run_sweep(
     address = cluster_address(plan, address)
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
     resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
-    keys = [t.trial_key() for t in plan.trials]
+    keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
     record = _open_tracking(plan, sweep_dir, uri, keys, console)
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
 
     console.print(
-        f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
+        f"[bold]sweep[/] {plan.spec.name}: {len(keys)} trials"
+        f"{f' open of at most {len(plan.trials)} (sequential study)' if plan.batch_ends else ''}"
         f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; results in {sweep_dir}"
     )
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
     # Lists every never-started trial after an interrupt; our counts come from the trial directories.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     with ray_session(address):
-        tuner = _tuner(plan, sweep_dir, keys, console)
-        tuner.fit()
+        if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
+            from orchestrator.sequential import run_study
+
+            def fit(batch: SweepPlan, path: Path) -> None:
+                _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+
+            keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
+        else:
+            tuner = _tuner(plan, sweep_dir, keys, console)
+            tuner.fit()
 
     counts = layout.count_trials(sweep_dir, keys)
     outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
@@ -405,7 +424,9 @@ def _restorable(path: Path, console: Console) -> bool:
     return False
 
 
-def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) -> Tuner:
+def _tuner(
+    plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console, path: Path | None = None
+) -> Tuner:
     from ray import tune
 
     from orchestrator.run.progress import ProgressCallback
@@ -425,7 +446,7 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
         tune.with_parameters(run_planned_trial, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    path = layout.tune_dir(sweep_dir)
+    path = path or layout.tune_dir(sweep_dir)
     if _restorable(path, console):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     names = tuple(unit_name(i, unit, plan, keys) for i, unit in enumerate(plan.units))
@@ -439,8 +460,8 @@ def _tuner(plan: SweepPlan, sweep_dir: Path, keys: list[str], console: Console) 
             trial_dirname_creator=functools.partial(trial_name, names=names),
         ),
         run_config=tune.RunConfig(
-            name=layout.TUNE,  # Tune's experiment directory: storage_path / name = layout.tune_dir
-            storage_path=str(sweep_dir),
+            name=path.name,  # Tune's experiment directory: storage_path / name = layout.tune_dir
+            storage_path=str(path.parent),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
