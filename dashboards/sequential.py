@@ -52,6 +52,7 @@ LOOK_COLUMNS: dict[str, str] = {
     "cs_high": "float64",
     "met": "bool",  # this arm meets the rule at this look
     "verdict": "string",
+    "rule": "string",  # the stopping rule in words (the same on every row)
 }
 
 
@@ -73,8 +74,9 @@ def rate_cs(k: float, n: float, confidence: float = 0.95) -> tuple[float, float]
 
     mle = k / n
     tiny = 1e-15
-    low = 0.0 if k <= 0 else scipy.optimize.brentq(excess, tiny, mle, xtol=1e-12)
-    high = 1.0 if k >= n else scipy.optimize.brentq(excess, mle, 1 - tiny, xtol=1e-12)
+    # an end stays at 0 (or 1) when no rate that far out is rejected yet (few events, or none)
+    low = 0.0 if excess(tiny) < 0 else scipy.optimize.brentq(excess, tiny, mle, xtol=1e-12)
+    high = 1.0 if excess(1 - tiny) < 0 else scipy.optimize.brentq(excess, mle, 1 - tiny, xtol=1e-12)
     return (float(low), float(high))
 
 

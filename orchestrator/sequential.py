@@ -63,7 +63,7 @@ def replay(rule: Sequential, seeds: list[int], trials: pd.DataFrame) -> Replay:
             break  # this batch has not been run to its end: no look yet
         complete = look
         arms = look_rows(rule, mine)
-        rows += [{"look": look, "seeds": len(opened)} | arm for arm in arms]
+        rows += [{"look": look, "seeds": len(opened)} | arm | {"rule": rule.describe()} for arm in arms]
         if arms and all(arm["met"] for arm in arms):
             stop = look
             break
