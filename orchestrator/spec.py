@@ -111,15 +111,29 @@ class Sequential(_Strict):
     batch: int = Field(ge=1)
     until: Annotated[FailureRateRule | PairedRule, Field(discriminator="kind")]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """A misspelt key is named before the key it was meant to be is reported missing."""
+        unknown = sorted(set(data) - {"batch", "until"}, key=str) if isinstance(data, dict) else []
+        if unknown:
+            raise ValueError(
+                f"unknown field {unknown[0]!r}; a sequential study takes start, max, batch and until"
+            )
+        return data
+
     @field_validator("until", mode="before")
     @classmethod
     def _rule(cls, value: Any) -> Any:
         """The spec's short forms: a comparison string, or a mapping keyed by the rule's name."""
-        if isinstance(value, str):
+        if isinstance(value, str):  # the error names the value it quotes
             match = _WIDTH_RULE.match(value)
             if match is None:
-                raise ValueError(f"expected {RULE_HELP}, got {value!r}")
-            value = {"failure_rate_ci_width": match.group(1)}
+                raise ValueError(f"expected {RULE_HELP}")
+            width = _float(match.group(1))
+            if width is None or not 0 < width <= 1:
+                raise ValueError("failure_rate_ci_width needs a number in (0, 1]")
+            value = {"failure_rate_ci_width": width}
         if not isinstance(value, dict):
             raise ValueError(f"expected {RULE_HELP}")
         if "kind" in value:  # the recorded form (spec.json)
@@ -127,13 +141,10 @@ class Sequential(_Strict):
         if set(value) == {"paired"}:
             return {"kind": "paired", **value["paired"]} if isinstance(value["paired"], dict) else value
         if "failure_rate_ci_width" in value and set(value) <= {"failure_rate_ci_width", "confidence"}:
-            width = value["failure_rate_ci_width"]
-            try:
-                width = float(width)
-            except (TypeError, ValueError):
-                raise ValueError(f"failure_rate_ci_width needs a number in (0, 1], got {width!r}") from None
-            if not 0 < width <= 1:
-                raise ValueError(f"failure_rate_ci_width needs a number in (0, 1], got {width:g}")
+            width = _float(value["failure_rate_ci_width"])
+            if width is None or not 0 < width <= 1:
+                got = value["failure_rate_ci_width"]
+                raise ValueError(f"failure_rate_ci_width needs a number in (0, 1], got {got!r}")
             return {"kind": "failure_rate_ci_width", "width": width} | (
                 {"confidence": value["confidence"]} if "confidence" in value else {}
             )
@@ -212,6 +223,15 @@ class SweepSpec(_Strict):
     @classmethod
     def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
         return _check_grid(grid)
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _explicit_seeds(value: Any) -> list[Any]:
