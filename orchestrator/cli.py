@@ -239,7 +239,12 @@ def report(
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     tables = read_aggregate(sweep_dir)  # the report reads nothing else
     html = build_report(
-        tables.trials, tables.epochs, tables.summary, layout.report_dir(sweep_dir), name=sweep_dir.name
+        tables.trials,
+        tables.epochs,
+        tables.summary,
+        layout.report_dir(sweep_dir),
+        name=sweep_dir.name,
+        looks=tables.looks,
     )
     attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)
     print(html)

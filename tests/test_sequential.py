@@ -296,3 +296,15 @@ def test_a_started_study_keeps_its_rule_and_lists_only_its_open_batches(tmp_path
     fixed = expand(SweepSpec.model_validate(sequential_doc() | {"seeds": list(range(5, 15))}))
     with pytest.raises(UserError, match="started as a sequential study"):
         record_plan(fixed, sweep_dir)
+
+
+def test_the_report_states_the_design_the_rule_and_the_anytime_method():
+    from dashboards.report import _sequential_html
+
+    seeds = list(range(30))
+    looks = replay(paired_rule(batch=3), seeds, pairs([0.02] * 30)).looks
+    page = _sequential_html(looks)
+    assert "Sequential study" in page and "held at look 3, after 9 seeds per configuration" in page
+    assert looks["rule"].iloc[0] in page and "Howard &amp; Ramdas 2022" in page
+    assert page.count("<tr>") == 1 + len(looks)  # the header and one row per (look, arm)
+    assert _sequential_html(looks.iloc[0:0]) == ""  # a fixed design has no such section
