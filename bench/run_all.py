@@ -14,12 +14,13 @@ import time
 
 from bench.common import OUT, ROOT, machine
 
-BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead")
+BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup")
 TARGETS = {
     "pack": ">= 6x per-seed throughput at <= 4 filters; never slower (auto rule); >= 40% of matmul peak",
     "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
     "aggregate": "10,000 trial results aggregated in <= 10 s",
     "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
+    "cli_startup": "`lottery --help` and a one-line spec error each under 1.5 s",
 }
 
 
@@ -80,11 +81,23 @@ def sweep_section(d: dict) -> list[str]:
     ]
 
 
+def startup_section(d: dict) -> list[str]:
+    lines = [
+        "| command | CLI as it is (lazy imports) | torch imported at load (eager) | eager / lazy |",
+        "|---|---|---|---|",
+    ]
+    names = {"help": "`lottery --help`", "spec_error": "a one-line spec error"}
+    for case, r in d["rows"].items():
+        lines.append(f"| {names[case]} | {r['lazy_s']:.2f} s | {r['eager_s']:.2f} s | {r['ratio']:.2f}x |")
+    return [*lines, "", f"Median of {d['repeat']} fresh processes each, interleaved."]
+
+
 SECTIONS = {
     "pack": pack_section,
     "cgn_overhead": overhead_section,
     "aggregate": aggregate_section,
     "sweep_overhead": sweep_section,
+    "cli_startup": startup_section,
 }
 
 

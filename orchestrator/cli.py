@@ -4,21 +4,43 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from orchestrator import layout
-from orchestrator.errors import UserError, user_errors
+from orchestrator.errors import USAGE_EXIT, UserError, fail, usage_error_line, user_errors
 from trainers.config import SCHEMES
 
+
+class OneLineGroup(TyperGroup):
+    """A flag mistake reads like every other mistake: one `error:` line, exit 2 (not Typer's box)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            raise SystemExit(1) from None
+        except typer.TyperException as exc:  # Typer's usage errors (its own copy of click's)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `lottery`: the help, as before
+                typer.echo(exc.ctx.get_help())
+                raise SystemExit(USAGE_EXIT) from None
+            fail(usage_error_line(exc))
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     add_completion=False,
     no_args_is_help=True,
     help="How much does a CNN result depend on its seed, and does filter re-initialization fix it?",
 )
 console = Console(stderr=True)
+SWEEP_HELP = "Sweep name (its directory under $LOTTERY_HOME, default ./runs), or its path."
 
 
 def table_console() -> Console:
@@ -44,7 +66,10 @@ def train(
         str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (else $LOTTERY_DATA_DIR).")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 10).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (CUDA if present) | cpu | cuda; checked before training.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Initialization seed.")] = None,
     data_seed: Annotated[int | None, typer.Option(help="Split and batch-order seed.")] = None,
     tau: Annotated[
@@ -61,8 +86,14 @@ def train(
     ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "lottery-train",
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Only write the trial directory.")] = False,
+    retrain_changed: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-changed", help="Set aside a stored result trained on other data and train again."
+        ),
+    ] = False,
 ) -> None:
-    """Train one trial: results to a trial directory first, then one MLflow run."""
+    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run."""
     from orchestrator.run.single import build_trial_config, run_single
 
     flags = {
@@ -71,6 +102,7 @@ def train(
         "data.name": dataset,
         "data.data_dir": str(data_dir) if data_dir else None,
         "epochs": epochs,
+        "device": device,
         "seed": seed,
         "data_seed": data_seed,
         "tau": tau,
@@ -84,6 +116,7 @@ def train(
         tracking_uri=tracking_uri,
         experiment=experiment,
         log=not no_mlflow,
+        retrain_changed=retrain_changed,
     )
 
 
@@ -92,7 +125,12 @@ def train(
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see configs/).")],
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the planned trials; start nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Run every check the real run does (spec, data files, device, resources, stored "
+            "results), print the planned trials and an estimated cost; start nothing.",
+        ),
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Require an existing sweep to continue.")] = False,
     allow_mixed: Annotated[
@@ -106,26 +144,55 @@ def sweep(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (else spec, $RAY_ADDRESS, local).")
     ] = None,
+    retrain_changed: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-changed",
+            help="Set aside (keep) stored results trained on other data than the data now loaded, and "
+            "train those trials again; without it such a sweep is refused.",
+        ),
+    ] = False,
+    estimate: Annotated[
+        bool, typer.Option(help="With --dry-run: time one epoch per kind of trial to estimate the cost.")
+    ] = True,
 ) -> None:
-    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it."""
-    from orchestrator.run.sweep import check_local_data, cluster_address, run_sweep
+    """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
+
+    Results go to <storage_path>/<name>/ (storage_path from the spec, else $LOTTERY_HOME, else ./runs).
+    One driver per sweep: a second one at the same time is refused. SIGTERM stops it as Ctrl-C does.
+    """
     from orchestrator.run.sweep import dry_run as show_plan
+    from orchestrator.run.sweep import run_sweep
     from orchestrator.spec import load_plan
 
     plan = load_plan(spec)  # every trial validated before anything is created
     if dry_run:
-        show_plan(plan, layout.results_root(), table_console())
+        show_plan(
+            plan,
+            layout.results_root(),
+            table_console(),
+            address=address,
+            allow_mixed=allow_mixed,
+            retrain_changed=retrain_changed,
+            estimate_cost=estimate,
+        )
         return
-    if cluster_address(plan, address) is None:
-        check_local_data(plan)
-    outcome = run_sweep(
-        plan,
-        root=layout.results_root(),
-        resume=resume,
-        address=address,
-        console=console,
-        allow_mixed=allow_mixed,
-    )
+    try:
+        outcome = run_sweep(
+            plan,
+            root=layout.results_root(),
+            resume=resume,
+            address=address,
+            console=console,
+            allow_mixed=allow_mixed,
+            retrain_changed=retrain_changed,
+        )
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C (starting Ray, opening tracking)
+        console.print(
+            f"stopped during start-up; nothing is lost: run `lottery sweep {spec}` again to resume",
+            soft_wrap=True,  # one line, so the command can be copied whole
+        )
+        raise typer.Exit(130) from None
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
@@ -133,14 +200,14 @@ def sweep(
         f"next: lottery aggregate {outcome.sweep_dir}"
     )
     if not outcome.complete:
-        console.print(f"interrupted: run `lottery sweep {spec}` again to resume")
+        console.print(f"interrupted: run `lottery sweep {spec}` again to resume", soft_wrap=True)
         raise typer.Exit(1)
 
 
 @app.command()
 @user_errors
 def aggregate(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
@@ -229,7 +296,7 @@ def _plan_cell(value: object) -> str:
 @app.command()
 @user_errors
 def report(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
@@ -253,7 +320,7 @@ def report(
 @app.command()
 @user_errors
 def ui(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on a sweep's tracking store."""
@@ -267,7 +334,7 @@ def ui(
 @app.command()
 @user_errors
 def sync(
-    sweep: Annotated[str, typer.Argument(help="Sweep name under $LOTTERY_HOME/runs, or its path.")],
+    sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     tracking_uri: Annotated[
         str | None,
         typer.Option(help=f"MLflow URI for this run of sync (default: the one in {layout.RECORD})."),

@@ -24,6 +24,7 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
   aggregate/    <table>.parquet for the trials, epochs and summary tables (`lottery aggregate`)
   report/       report.html and its figures (`lottery report`)
   mlflow.db, mlartifacts/  the default embedded tracking store
+  driver.lock   locked by the driver running the sweep (`driver_lock`); says which host and pid
 `lottery train` keeps its trials in `<root>/train/trials/<trial_key>/` and its store in `<root>/`.
 
 Every file is written to a temporary name and renamed, so a kill at any point leaves either
@@ -32,10 +33,13 @@ the old or the new version, never a torn file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +59,8 @@ TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate",
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
 UNREADABLE = "unreadable"  # tune.unreadable-<time>/
 REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
+DRIVER_LOCK = "driver.lock"  # held by the running driver; names its host and pid
+CHANGED_DATA = "changed-data"  # trials/<key>.changed-data-<time>/: a result set aside by --retrain-changed
 # In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
 CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
     "config.json",
@@ -165,6 +171,51 @@ def resolve_sweep_dir(name_or_path: str, root: Path) -> Path:
     raise UserError(
         f"sweep: no sweep '{name_or_path}' (no {SPEC} in {name_or_path} or {root / name_or_path})"
     )
+
+
+# One driver per sweep
+
+
+@contextlib.contextmanager
+def driver_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold the sweep for this driver, or refuse with the running driver's host and pid.
+
+    An OS file lock (fcntl.flock) on `driver.lock`: the kernel releases it when the driver dies, however
+    it dies, so a stale lock never blocks a resume. It holds across processes of one host and on NFS
+    (Linux emulates flock with NFS byte-range locks). A sweep directory on object storage has no file
+    locks: there this function is where a lease object (a conditional put with an expiry) replaces it.
+    """
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / DRIVER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise UserError(
+            f"sweep '{sweep_dir.name}': another driver is running it ({holder}); wait for it to finish, "
+            "or stop it and run this command again to resume"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        doc = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.write(fd, json.dumps(doc).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        doc = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"host {doc['host']}, pid {doc['pid']}, since {doc['started']}"
+    except (ValueError, KeyError, OSError):
+        return "a driver that has not written its host and pid yet"
 
 
 # Writing: to a temporary name beside the file, then renamed over it

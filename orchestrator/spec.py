@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, choice_hint, did_you_mean, unknown_field_message
 from trainers.config import SCHEMES, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -77,7 +77,8 @@ class SchemeEntry(_Strict):
     @classmethod
     def _known(cls, value: str) -> str:
         if value not in SCHEMES:
-            raise ValueError(f"unknown scheme {value!r}; choose one of {', '.join(SCHEMES)}")
+            hint = did_you_mean(value, SCHEMES) or f"; choose one of {', '.join(SCHEMES)}"
+            raise ValueError(f"unknown scheme {value!r}{hint}")
         return value
 
     @field_validator("grid")
@@ -393,7 +394,7 @@ def load_spec(path: Path) -> SweepSpec:
         error = exc.errors()[0]
         if error["loc"][:1] == ("sequential",) and "sequential" not in doc:  # written inside seeds
             error = error | {"loc": ("seeds", *error["loc"][1:])}
-        raise UserError(_describe(error, len(exc.errors()))) from None
+        raise UserError(_describe(error, len(exc.errors()), model=SweepSpec)) from None
 
 
 def load_plan(path: Path) -> SweepPlan:
@@ -507,8 +508,17 @@ def _entry_configs(spec: SweepSpec, index: int, entry: SchemeEntry) -> list[Tria
             configs.append(TrialConfig.model_validate(doc))
         except ValidationError as exc:
             error = exc.errors()[0]
-            raise UserError(_describe(error, len(exc.errors()), _origin(error["loc"], origins))) from None
+            field = _origin(error["loc"], origins)
+            raise UserError(_describe(error, len(exc.errors()), field, model=TrialConfig)) from None
     return configs
+
+
+def _trial_field(name: Any) -> bool:
+    """A TrialConfig field the spec's top level does not have (`epochs`, `model`): it goes in base."""
+    name = str(name)
+    return (
+        name in TrialConfig.model_fields and name not in SweepSpec.model_fields and name not in BASE_RESERVED
+    )
 
 
 def _scheme_path(key: str) -> tuple[str, ...]:
@@ -526,17 +536,24 @@ def _origin(loc: tuple[Any, ...], origins: dict[tuple[str, ...], str]) -> str:
     return "base" + "".join(f".{p}" for p in path) if path else origins[("scheme",)]
 
 
-def _describe(error: dict[str, Any], count: int, field: str | None = None) -> str:
+def _describe(error: dict[str, Any], count: int, field: str | None = None, *, model: type[BaseModel]) -> str:
+    """`field: message`; an unknown field or name suggests the closest known one (`model`'s fields)."""
     if field is None:
         field = (
             "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".") or "spec"
         )
     message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field; remove it or check its spelling"
+    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+    if error["type"] == "extra_forbidden" and model is SweepSpec and len(loc) == 1 and _trial_field(loc[0]):
+        message = f"unknown field at the top level; it belongs under base: (base.{loc[0]})"
+    elif error["type"] == "extra_forbidden":
+        message = unknown_field_message(model, loc)
     elif error["type"] == "missing":
         message = "required field is missing"
     elif "input" in error and not isinstance(error["input"], dict | list):
-        message = f"{message} (got {error['input']!r})"
+        echo = "" if repr(error["input"]) in message else f" (got {error['input']!r})"
+        message = f"{message}{echo}{choice_hint(error)}"
+    else:
+        message += choice_hint(error)
     more = f" (and {count - 1} more)" if count > 1 else ""
     return f"{field}: {message}{more}"

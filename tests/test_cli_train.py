@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def test_train_on_craters_with_randomout_logs_a_run_that_reads_back(tmp_path):
     assert len(tags["trial_key"]) == 16 and tags["config_hash"] != tags["trial_key"]
     assert run.data.params["scheme.tau"] == "1e-08" and run.data.params["data.image_size"] == "15"
     assert (tags["device"], tags["pack_size"]) == ("cpu", "1") and int(tags["threads"]) >= 1
+    stored = json.loads(next((tmp_path / "runs" / "train" / "trials").glob("*/result.json")).read_text())
+    assert tags["data_fingerprint"] == stored["data_fingerprint"] and len(stored["data_fingerprint"]) == 16
     history = client.get_metric_history(run.info.run_id, "test_acc")
     assert [m.step for m in history] == [0, 1]
     assert 0.0 < history[-1].value <= 1.0

@@ -88,6 +88,17 @@ def test_malformed_spec_gives_one_error_line_and_starts_nothing(path: Path, tmp_
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_dry_run_refuses_what_the_run_refuses(path: Path, tmp_path: Path) -> None:
+    """--dry-run makes every check the run makes (data files, device, resources), so it never passes
+    a spec that the run then rejects."""
+    home = tmp_path / "home"
+    result = run_cli(["sweep", "--dry-run", str(path)], home)
+
+    assert_one_error_line(result, expected_error(path))
+    assert not home.exists()
+
+
 def test_a_real_terminal_sees_the_one_line(tmp_path: Path) -> None:
     """The data check runs after validation, so this mistake travels the longest path before exit 2."""
     path = next(p for p in CORPUS if p.stem == "craters_missing_data_dir")
@@ -177,7 +188,7 @@ def test_fuzzed_spec_validates_or_gives_one_error_line(payload: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.yaml"
         spec.write_bytes(payload)
-        result = run_cli(["sweep", "--dry-run", str(spec)], Path(tmp) / "home")
+        result = run_cli(["sweep", "--dry-run", "--no-estimate", str(spec)], Path(tmp) / "home")
 
     if result.exit_code == 0:
         assert result.exception is None and "trials in sweep" in result.stdout

@@ -274,12 +274,12 @@ def test_resuming_on_another_device_is_refused_unless_allow_mixed(tmp_path, monk
 
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
     sweep_dir = tmp_path / "home" / "unit"
-    plan = expand(SweepSpec.model_validate(spec_doc()))  # device: cpu
+    path = write_spec(tmp_path / "same.yaml", spec_doc())
+    plan = load_plan(path)  # device: cpu; the file's order (YAML sorts the grid keys)
     record_plan(plan, sweep_dir)
     done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
     done.mkdir(parents=True)
     layout.atomic_write_json(done / "result.json", {"device": "cuda:0", "pack_size": 1, "threads": 1})
-    path = write_spec(tmp_path / "same.yaml", spec_doc())
     result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -298,12 +298,13 @@ def test_resuming_over_results_of_an_earlier_trainer_is_refused_unless_allow_mix
 
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
     sweep_dir = tmp_path / "home" / "unit"
-    plan = expand(SweepSpec.model_validate(spec_doc()))
+    path = write_spec(tmp_path / "same.yaml", spec_doc())
+    plan = load_plan(path)  # the file's order (YAML sorts the grid keys)
     record_plan(plan, sweep_dir)
     done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
     done.mkdir(parents=True)
     layout.atomic_write_json(done / "result.json", {"final_test_acc": 0.9, "failed": False})
-    result = CliRunner().invoke(app, ["sweep", str(write_spec(tmp_path / "same.yaml", spec_doc()))])
+    result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "earlier filter-lottery" in lines[0] and "--allow-mixed" in lines[0]

@@ -7,14 +7,16 @@ generator seeded by `data_seed`, consumed in a fixed order (generation, train/te
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 # about 2.5 s to every process that imports this module (the CLI, each Ray worker).
 
 CRATER_FILES = ("All-Fold1-train.rec", "All-Fold1-test.rec")
+# Records in the published folds (the RandomOut reference's data/crater): a file cut at a record
+# boundary still parses, so its count is the check.
+CRATER_RECORDS = {"All-Fold1-train.rec": 4374, "All-Fold1-test.rec": 486}
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 SYNTHETIC_SIZE = 16
@@ -51,6 +56,15 @@ class LoadedData:
     image_size: int
     variant: str  # exactly which data produced a number, for the record
     majority: float = 0.0  # share of the test split's most common class
+    # What was read, per file: bytes, records, sha256 (computed once, at load); {} for generated data.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of `files`: equal for the same bytes, whatever the directory they were read from.
+
+        Stored in every result; a stored result with another fingerprint was trained on other data."""
+        return fingerprint_of(self.files)
 
     @property
     def chance(self) -> float:
@@ -72,6 +86,7 @@ class _Raw:
     num_classes: int
     description: str
     seeded: bool  # whether data_seed shaped the dataset itself (generation or train/test split)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # see LoadedData.files
 
 
 def load_data(cfg: DataConfig, data_seed: int, device: torch.device) -> LoadedData:
@@ -108,7 +123,34 @@ def load_data(cfg: DataConfig, data_seed: int, device: torch.device) -> LoadedDa
         image_size=size,
         variant=", ".join(details),
         majority=majority,
+        files=raw.files,
     )
+
+
+def fingerprint_of(files: dict[str, dict[str, Any]]) -> str:
+    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def file_entry(path: Path, records: int | None) -> dict[str, Any]:
+    """One file of a dataset: its size, how many records were read from it and its content hash."""
+    with path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "records": records, "sha256": digest}
+
+
+def check_batch_size(batch_size: int, full_batch: bool, data: LoadedData) -> None:
+    """A minibatch larger than the training set is a mistake, not a silent full batch: the two would
+    train alike under different trial keys (use full_batch: true for one step per epoch)."""
+    check_batch_fits(batch_size, full_batch, len(data.y_train), data.variant)
+
+
+def check_batch_fits(batch_size: int, full_batch: bool, n_train: int, variant: str) -> None:
+    if not full_batch and batch_size > n_train:
+        raise DataError(
+            f"batch_size: {batch_size} is larger than the training set ({n_train} images: {variant}); "
+            "lower it, or set full_batch: true for one step per epoch"
+        )
 
 
 def majority_share(labels: torch.Tensor, num_classes: int) -> float:
@@ -236,7 +278,16 @@ def _load_craters(cfg: DataConfig, generator: torch.Generator) -> _Raw:
         )
     x_train, y_train = _read_crater_file(folder / CRATER_FILES[0])
     x_test, y_test = _read_crater_file(folder / CRATER_FILES[1])
-    return _Raw(x_train, y_train, x_test, y_test, 2, "craters All-Fold1", seeded=False)
+    files = {}
+    for name, labels in zip(CRATER_FILES, (y_train, y_test), strict=True):
+        if len(labels) != CRATER_RECORDS[name]:
+            raise DataError(
+                f"data.data_dir: {folder / name} holds {len(labels):,} records, the published fold "
+                f"{CRATER_RECORDS[name]:,} (the file is cut short or from another fold); restore the "
+                "published file"
+            )
+        files[name] = file_entry(folder / name, len(labels))
+    return _Raw(x_train, y_train, x_test, y_test, 2, "craters All-Fold1", seeded=False, files=files)
 
 
 def _read_crater_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +338,17 @@ def _load_cifar10(cfg: DataConfig, generator: torch.Generator) -> _Raw:
     def labels(batches: list[dict]) -> torch.Tensor:
         return torch.tensor([label for b in batches for label in b["labels"]]).long()
 
+    sizes = dict(zip(CIFAR_FILES, [len(b["labels"]) for b in [*train, test]] + [None], strict=True))
+    files = {name: file_entry(folder / name, sizes[name]) for name in CIFAR_FILES}
     return _Raw(
-        images(train), labels(train), images([test]), labels([test]), len(classes), "cifar10", seeded=False
+        images(train),
+        labels(train),
+        images([test]),
+        labels([test]),
+        len(classes),
+        "cifar10",
+        seeded=False,
+        files=files,
     )
 
 
@@ -311,7 +371,11 @@ def _load_mnist(cfg: DataConfig, generator: torch.Generator) -> _Raw:
             "set data.download: true or place the files there"
         ) from error
     x_train, x_test = train.data[:, None].float(), test.data[:, None].float()
-    return _Raw(x_train, train.targets.long(), x_test, test.targets.long(), 10, "mnist", seeded=False)
+    raw_dir = Path(train.raw_folder)
+    files = {p.name: file_entry(p, None) for p in sorted(raw_dir.iterdir()) if p.is_file()}
+    return _Raw(
+        x_train, train.targets.long(), x_test, test.targets.long(), 10, "mnist", seeded=False, files=files
+    )
 
 
 def _load_imagefolder(cfg: DataConfig, generator: torch.Generator) -> _Raw:
@@ -354,7 +418,28 @@ def _load_imagefolder(cfg: DataConfig, generator: torch.Generator) -> _Raw:
 
     description = f"imagefolder {root} ({'L' if gray else 'RGB'})"
     x_train, x_test = stack(train_images), stack(test_images)
-    return _Raw(x_train, labels(train), x_test, labels(test), len(train.classes), description, seeded=False)
+    files = {split: _folder_entry(root / split, folder) for split, folder in splits.items()}
+    return _Raw(
+        x_train,
+        labels(train),
+        x_test,
+        labels(test),
+        len(train.classes),
+        description,
+        seeded=False,
+        files=files,
+    )
+
+
+def _folder_entry(root: Path, folder: datasets.ImageFolder) -> dict[str, Any]:
+    """One entry per split (not per image): total bytes, images, and a hash over (path, image hash)."""
+    digest = hashlib.sha256()
+    total = 0
+    for path, _ in folder.samples:
+        entry = file_entry(Path(path), 1)
+        total += entry["bytes"]
+        digest.update(f"{Path(path).relative_to(root)}\0{entry['sha256']}\n".encode())
+    return {"bytes": total, "records": len(folder.samples), "sha256": digest.hexdigest()}
 
 
 def _open_image(path: str) -> Image.Image:

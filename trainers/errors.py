@@ -3,3 +3,7 @@
 
 class DataError(ValueError):
     """A data problem the user can fix: one line naming the config field and the fix."""
+
+
+class DeviceError(ValueError):
+    """A device the trial asks for is not here (e.g. `device: cuda` on a host without CUDA)."""

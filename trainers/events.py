@@ -91,6 +91,9 @@ class TrialResult:
     # Provenance outside the trial key that still changes exact numbers (summation order, kernels).
     device: str = ""  # e.g. "cpu", "cuda:0"
     threads: int = 0  # torch intra-op threads of the process that trained it
+    # What it was trained on (trainers/data.py): the hash of `data_files` ("" for generated data).
+    data_fingerprint: str = ""
+    data_files: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

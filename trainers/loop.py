@@ -22,7 +22,8 @@ import torch
 from trainers.augment import crop_flip, draw_epoch
 from trainers.cgn import CgnMonitor
 from trainers.config import TrialConfig
-from trainers.data import LoadedData, load_data
+from trainers.data import LoadedData, check_batch_size, load_data
+from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
 from trainers.models import build_model
@@ -36,7 +37,7 @@ EVAL_BATCH = 1024
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+        raise DeviceError("device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -224,7 +225,8 @@ def train_pack(
 
     results: dict[int, TrialResult] = {}
     n_train, n_test = len(data.x_train), len(data.x_test)
-    batch = n_train if config.full_batch else min(config.batch_size, n_train)
+    check_batch_size(config.batch_size, config.full_batch, data)
+    batch = n_train if config.full_batch else config.batch_size
     for epoch in range(progress.epoch, config.epochs):
         if not any(ctx.alive):
             break
@@ -368,6 +370,8 @@ def _result(
         failure_rule=failure_rule_text(config.failure_margin, chance),
         device=str(device),
         threads=torch.get_num_threads(),
+        data_fingerprint=data.fingerprint if data.files else "",
+        data_files=data.files,
     )
 
 

@@ -9,16 +9,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from orchestrator import layout
+from orchestrator.errors import UserError
 from orchestrator.spec import apply_overrides, load_yaml, set_dotted
 from trainers.config import TrialConfig
 from trainers.events import EpochRecord
 
 console = Console(stderr=True)
+SWEEP_KEYS = {"seeds", "schemes", "grid", "resources"}  # a sweep spec's fields that no trial has
 
 
 def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list[str]) -> TrialConfig:
     """YAML, then explicit flags, then --set overrides; validated once, before any work."""
     doc = load_yaml(path) if path else {}
+    if path and not doc:
+        raise UserError(
+            f"--config: {path} is empty; give TrialConfig fields (e.g. epochs: 5), or leave out --config "
+            "to train the defaults"
+        )
+    if path and SWEEP_KEYS & set(doc):
+        raise UserError(
+            f"--config: {path} is a sweep spec (it has {', '.join(sorted(SWEEP_KEYS & set(doc)))}), not a "
+            f"trial; run it with: lottery sweep {path}"
+        )
     for key, value in flags.items():
         if value is not None:
             set_dotted(doc, key, value)
@@ -27,15 +39,32 @@ def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list
 
 
 def run_single(
-    config: TrialConfig, *, root: Path, tracking_uri: str | None, experiment: str, log: bool = True
+    config: TrialConfig,
+    *,
+    root: Path,
+    tracking_uri: str | None,
+    experiment: str,
+    log: bool = True,
+    retrain_changed: bool = False,
 ) -> dict[str, Any]:
-    from orchestrator.run.trial import run_trial
-    from trainers.data import load_data
+    from orchestrator.run.trial import (
+        changed_data_message,
+        data_fingerprint,
+        run_trial,
+        set_aside_changed,
+        stored_on_other_data,
+    )
+    from trainers.data import check_batch_size, load_data
     from trainers.loop import pick_device
 
     device = pick_device(config.device)
     data = load_data(config.data, config.data_seed, device)  # a missing data dir fails here, before training
+    check_batch_size(config.batch_size, config.full_batch, data)
     trial_dir = layout.trial_dir(layout.train_dir(root), config.trial_key())
+    if changed := stored_on_other_data([trial_dir], data_fingerprint(data)):
+        if not retrain_changed:
+            raise UserError(changed_data_message(changed, data_fingerprint(data), "data"))
+        console.print(f"set aside the result trained on other data: {set_aside_changed(changed)[0]}")
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
     with _progress() as bar:

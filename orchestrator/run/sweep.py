@@ -17,6 +17,12 @@ which validates the spec here first and uploads this checkout as the job's worki
 mounts at the same path (NFS); only the driver talks to MLflow, so the workers need no tracking
 credentials, and a tracking server (tracking_uri) is preferable to sqlite on NFS.
 
+Before anything starts, `preflight` makes every check the run depends on (and `--dry-run` makes
+the same): device and resources against this machine, each dataset loaded once, stored results
+against the data now loaded. Then the driver takes the sweep's lock (`layout.driver_lock`: one
+driver per sweep) and turns SIGTERM into what Ctrl-C does, so a scheduler's stop saves Tune's state
+and marks the parent run KILLED.
+
 Environment, set here before Ray starts (all `setdefault`, so the caller can override):
   RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
                                 turn on token auth for a fresh local cluster; a remote cluster
@@ -38,10 +44,13 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
@@ -56,7 +65,6 @@ if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
 
     from orchestrator.tracking.sweep import SweepRecord
 
-BUNDLED_DATASETS = ("digits", "synthetic")  # generated or shipped: nothing on disk to check
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
 DRIVER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -86,8 +94,24 @@ def sweep_dir_for(plan: SweepPlan, root: Path) -> Path:
         raise UserError(f"storage_path: not a usable path ({exc})") from None
 
 
-def dry_run(plan: SweepPlan, root: Path, console: Console) -> None:
+def dry_run(
+    plan: SweepPlan,
+    root: Path,
+    console: Console,
+    *,
+    address: str | None = None,
+    allow_mixed: bool = False,
+    retrain_changed: bool = False,
+    estimate_cost: bool = True,
+) -> None:
+    """The run's own checks (data, device, resources, stored results), the plan and its cost; nothing
+    is started or written."""
     sweep_dir = sweep_dir_for(plan, root)
+    address = cluster_address(plan, address)
+    changed = preflight(plan, sweep_dir, address, allow_mixed=allow_mixed, retrain_changed=retrain_changed)
+    if address is not None:
+        with ray_session(address):
+            check_cluster_resources(plan, address)
     console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
     console.print(pack_text(plan))
     if plan.spec.sequential:
@@ -97,7 +121,116 @@ def dry_run(plan: SweepPlan, root: Path, console: Console) -> None:
             f"({plan.n_batches} batches at most), stopping once {rule.describe()}"
         )
     console.print(f"sweep directory: {sweep_dir}")
+    if changed:
+        console.print(
+            f"{len(changed)} stored result(s) trained on other data would be set aside and retrained"
+        )
     console.print(plan_table(plan))
+    if estimate_cost:
+        from orchestrator.run.estimate import estimate
+
+        console.print(estimate(plan, sweep_dir).text(), soft_wrap=True)
+
+
+def preflight(
+    plan: SweepPlan, sweep_dir: Path, address: str | None, *, allow_mixed: bool, retrain_changed: bool
+) -> list[tuple[Path, str]]:
+    """Every check the run makes before it starts anything (a dry run makes the same ones).
+
+    Returns the finished trials whose stored result was trained on other data than the data here (only
+    with `retrain_changed`; otherwise they are refused). For a local Ray: this machine's device, CPUs
+    and GPUs against what the trials ask, then each distinct dataset loaded once (files, record
+    counts, batch size). On a cluster the data may live on the workers alone and the resources are
+    the cluster's: the resources are checked right after connecting (`check_cluster_resources`); the
+    data only by the workers, where a unit that still trains refuses its seeds' results of other data
+    (run_trials), while a unit whose seeds all finished is reported without loading the data again.
+    """
+    check_tracking_uri(plan)
+    if address is None:
+        check_local_resources(plan)
+        fingerprints = check_local_data(plan)
+    else:
+        fingerprints = {}
+    check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed)
+    check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
+    return check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
+
+
+def check_tracking_uri(plan: SweepPlan) -> None:
+    """No password in the tracking URI (tracking.runs.refuse_password says why), MLflow imported only
+    when there is one to refuse."""
+    uri, source = plan.spec.tracking_uri, "tracking_uri"
+    if uri is None:
+        uri, source = os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI"
+    if urlsplit(uri).password is not None:
+        from orchestrator.tracking.runs import refuse_password
+
+        refuse_password(uri, source)
+
+
+def check_local_resources(plan: SweepPlan) -> None:
+    """What the trials ask of an embedded Ray against this machine: a trial that can never be placed
+    would wait forever, and `device: cuda` without CUDA would fail every try inside Ray."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if any(t.device == "cuda" for t in plan.trials) and not gpus:
+        raise UserError("base.device: 'cuda' but this machine has no CUDA device; use device: auto or cpu")
+    _check_resources(plan, cpus=float(os.cpu_count() or 1), gpus=float(gpus), where="this machine")
+
+
+def check_cluster_resources(plan: SweepPlan, address: str) -> None:
+    """The same check against the cluster just connected to (its current resources)."""
+    import ray
+
+    offered = ray.cluster_resources()
+    gpus = float(offered.get("GPU", 0))
+    if any(t.device == "cuda" for t in plan.trials) and not gpus:
+        raise UserError(
+            f"base.device: 'cuda' but the Ray cluster at {address} has no GPUs; use device: auto or cpu"
+        )
+    _check_resources(
+        plan, cpus=float(offered.get("CPU", 0)), gpus=gpus, where=f"the Ray cluster at {address}"
+    )
+
+
+def _check_resources(plan: SweepPlan, *, cpus: float, gpus: float, where: str) -> None:
+    wanted = plan.spec.resources
+    if wanted.gpu > gpus:
+        raise UserError(
+            f"resources.gpu: each trial asks for {wanted.gpu:g} GPU(s) but {where} has {gpus:g}, so no "
+            "trial could ever start; lower resources.gpu (0 trains on CPU)"
+        )
+    if wanted.cpu > cpus:
+        raise UserError(
+            f"resources.cpu: each trial asks for {wanted.cpu:g} CPUs but {where} has {cpus:g}, so no "
+            f"trial could ever start; set resources.cpu to at most {cpus:g}"
+        )
+
+
+def check_stored_data(
+    plan: SweepPlan, sweep_dir: Path, fingerprints: dict[str, str], *, retrain_changed: bool
+) -> list[tuple[Path, str]]:
+    """Finished trials whose result was trained on other data than the data loaded now: refused in one
+    line, or (retrain_changed) returned, to be set aside and trained again. Never reported as theirs."""
+    if not fingerprints or not layout.trials_root(sweep_dir).exists():
+        return []
+    from orchestrator.run.trial import changed_data_message, stored_on_other_data
+
+    changed: list[tuple[Path, str]] = []
+    by_data: dict[str, list[Path]] = {}
+    for trial in plan.trials:
+        by_data.setdefault(trial.data.model_dump_json(), []).append(
+            layout.trial_dir(sweep_dir, trial.trial_key())
+        )
+    for key, directories in by_data.items():
+        if key not in fingerprints:
+            continue
+        found = stored_on_other_data(directories, fingerprints[key])
+        if found and not retrain_changed:
+            raise UserError(changed_data_message(found, fingerprints[key], "base.data"))
+        changed += found
+    return changed
 
 
 def pack_text(plan: SweepPlan) -> str:
@@ -160,6 +293,20 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
     The same trials packed differently are a changed provenance, not a different plan: refused
     unless `allow_mixed`, and then Tune (whose saved units are the old packs) starts afresh.
     """
+    if check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed):
+        tune_dir = layout.tune_dir(sweep_dir)
+        if tune_dir.exists():
+            tune_dir.rename(layout.set_aside(tune_dir, layout.REPACKED))
+    spec_path = layout.spec_file(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    layout.atomic_write_json(spec_path, plan.spec_document())
+    layout.atomic_write_json(layout.plan_file(sweep_dir), opened_plan(plan, sweep_dir).rows())
+    return layout.tune_dir(sweep_dir).exists()
+
+
+def check_recorded_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool) -> bool:
+    """Refuse a plan that differs from the one recorded in `sweep_dir` (reads only); True when the
+    same trials were packed differently and `allow_mixed` lets the run go on with both."""
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
@@ -178,20 +325,15 @@ def record_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool = False) 
                     "a trial's exact numbers depend on its pack, so restore that pack_size or pass "
                     "--allow-mixed to continue with both"
                 )
-            tune_dir = layout.tune_dir(sweep_dir)
-            if tune_dir.exists():
-                tune_dir.rename(layout.set_aside(tune_dir, layout.REPACKED))
-        elif old.get("fingerprint") != plan.fingerprint:
+            return True
+        if old.get("fingerprint") != plan.fingerprint:
             raise UserError(
                 f"sweep '{plan.spec.name}': {sweep_dir} holds a different plan "
                 f"({old.get('n_trials')} trials, "
                 f"fingerprint {old.get('fingerprint')}; this spec: {len(plan.trials)}, {plan.fingerprint}); "
                 "rename the sweep or remove that directory"
             )
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    layout.atomic_write_json(spec_path, plan.spec_document())
-    layout.atomic_write_json(layout.plan_file(sweep_dir), opened_plan(plan, sweep_dir).rows())
-    return layout.tune_dir(sweep_dir).exists()
+    return False
 
 
 def check_device_provenance(plan: SweepPlan, sweep_dir: Path, *, embedded: bool, allow_mixed: bool) -> None:
@@ -233,6 +375,7 @@ def run_sweep(
     address: str | None = None,
     console: Console | None = None,
     allow_mixed: bool = False,
+    retrain_changed: bool = False,
 ) -> SweepOutcome:
     from orchestrator.run.progress import OneLineErrors
     from orchestrator.tracking.runs import default_tracking_uri, refuse_password
@@ -246,44 +389,100 @@ def run_sweep(
         "tracking_uri" if plan.spec.tracking_uri else "MLFLOW_TRACKING_URI",
     )
     address = cluster_address(plan, address)
-    check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
-    resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
-    keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
-    record = _open_tracking(plan, sweep_dir, uri, keys, console)
-    for key, value in DRIVER_ENV.items():
-        os.environ.setdefault(key, value)
+    changed = preflight(plan, sweep_dir, address, allow_mixed=allow_mixed, retrain_changed=retrain_changed)
+    with layout.driver_lock(sweep_dir), stop_on_sigterm(), contextlib.ExitStack() as cluster:
+        for key, value in DRIVER_ENV.items():
+            os.environ.setdefault(key, value)
+        if address is not None:  # connect first: a cluster that cannot run the trials costs nothing
+            cluster.enter_context(ray_session(address))
+            _sigterm_as_ctrl_c()
+            check_cluster_resources(plan, address)
+        if changed:
+            _set_aside_changed(changed, sweep_dir, console)
+        resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
+        keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
+        record = _open_tracking(plan, sweep_dir, uri, keys, console)
 
-    console.print(
-        f"[bold]sweep[/] {plan.spec.name}: {len(keys)} trials"
-        f"{f' open of at most {len(plan.trials)} (sequential study)' if plan.batch_ends else ''}"
-        f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; results in {sweep_dir}"
-    )
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
-    # Lists every never-started trial after an interrupt; our counts come from the trial directories.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    with ray_session(address):
-        if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
-            from orchestrator.sequential import run_study
-
-            def fit(batch: SweepPlan, path: Path) -> None:
-                _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
-
-            keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
-        else:
-            tuner = _tuner(plan, sweep_dir, keys, console)
-            tuner.fit()
-
-    counts = layout.count_trials(sweep_dir, keys)
-    outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
-    if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
-        trials = layout.trials_root(sweep_dir)
         console.print(
-            f"[yellow]tracking: some trials may be missing from MLflow at {uri}; their results are safe in "
-            f"{trials}. Once the server is reachable, run: lottery sync {sweep_dir}[/]",
-            highlight=False,
-            soft_wrap=True,  # one line, so the command can be copied whole
+            f"[bold]sweep[/] {plan.spec.name}: {len(keys)} trials"
+            f"{f' open of at most {len(plan.trials)} (sequential study)' if plan.batch_ends else ''}"
+            f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; "
+            f"results in {sweep_dir}"
         )
+        logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
+        # Lists every never-started trial after an interrupt; our counts come from the trial directories.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
+        with ray_session(address):  # a cluster's: connected above, so this one reuses it
+            _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
+            if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
+                from orchestrator.sequential import run_study
+
+                def fit(batch: SweepPlan, path: Path) -> None:
+                    _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+
+                keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
+            else:
+                tuner = _tuner(plan, sweep_dir, keys, console)
+                tuner.fit()
+
+        counts = layout.count_trials(sweep_dir, keys)
+        outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
+        if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
+            console.print(
+                f"[yellow]tracking: MLflow at {uri} may miss some trials (results safe on disk); "
+                f"once it is reachable run: lottery sync {sweep_dir}[/]",
+                highlight=False,
+                soft_wrap=True,  # one line, so the command can be copied whole
+            )
     return outcome
+
+
+def _no_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """After an interrupt Tune suggests `Tuner.restore(...)`; the way to resume here is `lottery sweep`,
+    which the CLI prints."""
+    return "Tuner.restore" not in record.getMessage()
+
+
+def _set_aside_changed(changed: list[tuple[Path, str]], sweep_dir: Path, console: Console) -> None:
+    """--retrain-changed: the results trained on other data move aside (kept), and so does Tune's state,
+    which counts those trials as done; Tune starts afresh and the other finished trials report from
+    their directories."""
+    from orchestrator.run.trial import set_aside_changed
+
+    set_aside_changed(changed)
+    tune_dir = layout.tune_dir(sweep_dir)
+    if tune_dir.exists():
+        tune_dir.rename(layout.set_aside(tune_dir, layout.CHANGED_DATA))
+    console.print(
+        f"{len(changed)} result(s) trained on other data set aside in {layout.trials_root(sweep_dir)}"
+    )
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`timeout`, a scheduler, `kill`) stops the sweep as Ctrl-C does: Tune saves its state and
+    returns, the parent run is marked KILLED and the resume command printed; no C++ stack dump."""
+    previous = signal.getsignal(signal.SIGTERM)
+    _sigterm_as_ctrl_c()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_ctrl_c() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Whatever Ctrl-C does now: Tune's handler while it runs (a graceful stop), else KeyboardInterrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def cluster_address(plan: SweepPlan, address: str | None) -> str | None:
@@ -291,25 +490,40 @@ def cluster_address(plan: SweepPlan, address: str | None) -> str | None:
     return address or plan.spec.ray_address or os.environ.get("RAY_ADDRESS")
 
 
-def check_local_data(plan: SweepPlan) -> None:
-    """Load each distinct file-backed dataset once, so a missing data dir fails before anything starts.
+def check_local_data(plan: SweepPlan) -> dict[str, str]:
+    """Load each distinct dataset once, so a missing or damaged data dir fails before anything starts.
 
-    Raises trainers.data.DataError, which the CLI reports as one line (exit 2), exactly as the
-    trial would have. Bundled datasets (digits, synthetic) cannot be missing and are skipped. The
-    CLI calls it for a local Ray only: on a cluster the data may live on the workers alone, and
-    `run_sweep` itself lets a trial with missing data error like any other failing trial.
+    Returns each file-backed dataset's fingerprint (keyed by its config) for the stored-result check.
+    Raises UserError naming the spec field (base.data..., base.batch_size), one line, exit 2.
     """
     import torch
 
-    from trainers.data import load_data
+    from orchestrator.run.trial import data_fingerprint
+    from trainers.data import check_batch_fits, load_data
+    from trainers.errors import DataError
 
-    seen: set[str] = set()
+    fingerprints: dict[str, str] = {}
+    train_sizes: dict[str, tuple[int, str]] = {}
     for trial in plan.trials:
         key = trial.data.model_dump_json()
-        if trial.data.name in BUNDLED_DATASETS or key in seen:
-            continue
-        seen.add(key)
-        load_data(trial.data, trial.data_seed, torch.device("cpu"))
+        try:
+            if key not in train_sizes:
+                data = load_data(trial.data, trial.data_seed, torch.device("cpu"))
+                fingerprints[key] = data_fingerprint(data)
+                train_sizes[key] = (len(data.y_train), data.variant)
+                del data  # one dataset in memory at a time
+            check_batch_fits(trial.batch_size, trial.full_batch, *train_sizes[key])
+        except DataError as exc:
+            raise UserError(_spec_field(str(exc))) from None
+    return {k: v for k, v in fingerprints.items() if v}
+
+
+def _spec_field(message: str) -> str:
+    """A trainer's data message in the spec's terms: its field under base, and no flag the sweep lacks."""
+    message = message.replace(
+        "pass --data-dir or set LOTTERY_DATA_DIR", "set base.data.data_dir or LOTTERY_DATA_DIR"
+    )
+    return message if message.startswith("base.") else f"base.{message}"
 
 
 def _open_tracking(
@@ -322,7 +536,11 @@ def _open_tracking(
         record = open_sweep(plan, sweep_dir, uri)
         caught_up = len(reconcile(record, sweep_dir, keys, errored=False).missing)
     except Exception as exc:  # tracking is second: the sweep runs and `lottery sync` catches up later
-        console.print(f"[yellow]tracking unavailable at {uri} ({one_line(exc)}); running without it[/]")
+        console.print(
+            f"[yellow]tracking unavailable at {uri} ({one_line(exc)}); running without it[/]",
+            highlight=False,
+            soft_wrap=True,  # one line however long the URI and the reason
+        )
         return None
     if caught_up:
         console.print(f"tracking: logged {caught_up} finished trial(s) that had no run yet")

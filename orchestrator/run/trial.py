@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from orchestrator.layout import (
+    CHANGED_DATA,
     CHECKPOINT,
     CONFIG,
     ERROR,
@@ -33,12 +34,14 @@ from orchestrator.layout import (
     atomic_write_json,
     atomic_write_table,
     read_result,
+    set_aside,
     trace_part,
     trace_parts,
     trial_status,
 )
 from trainers.config import TrialConfig
 from trainers.data import LoadedData
+from trainers.errors import DataError
 from trainers.events import CgnTrace, EpochRecord, TrialResult
 from trainers.loop import train
 
@@ -174,6 +177,46 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
+class DataChanged(DataError):
+    """A stored result was trained on other data than the data loaded now: never reported as this trial."""
+
+
+def data_fingerprint(data: LoadedData) -> str:
+    """What a result records of its data ("" for generated data, which has no files)."""
+    return data.fingerprint if data.files else ""
+
+
+def stored_on_other_data(trial_dirs: list[Path], fingerprint: str) -> list[tuple[Path, str]]:
+    """(trial dir, its stored fingerprint) of every finished trial whose data differs from `fingerprint`;
+    a result from before fingerprints were recorded ("") differs from any file-backed data."""
+    changed = []
+    for directory in trial_dirs:
+        result = read_result(directory)
+        if result is not None and result.get("data_fingerprint", "") != fingerprint:
+            changed.append((directory, result.get("data_fingerprint", "")))
+    return changed
+
+
+def changed_data_message(changed: list[tuple[Path, str]], fingerprint: str, where: str) -> str:
+    directory, old = changed[0]
+    others = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return (
+        f"{where}: the stored result of trial {directory.name}{others} was trained on other data "
+        f"(data fingerprint {old or 'not recorded'}, the data now loaded: {fingerprint or 'generated'}); "
+        "pass --retrain-changed to set those results aside and train again, or restore that data"
+    )
+
+
+def set_aside_changed(changed: list[tuple[Path, str]]) -> list[Path]:
+    """Move each changed trial directory aside (kept, never deleted), so its trial trains afresh."""
+    moved = []
+    for directory, _ in changed:
+        aside = set_aside(directory, CHANGED_DATA)
+        directory.rename(aside)
+        moved.append(aside)
+    return moved
+
+
 def run_trials(
     configs: list[TrialConfig],
     trial_dirs: list[Path],
@@ -192,6 +235,9 @@ def run_trials(
     """
     if len({c.config_hash() for c in configs}) != 1:
         raise ValueError("a pack holds seeds of one configuration")
+    if data is not None and (changed := stored_on_other_data(trial_dirs, data_fingerprint(data))):
+        # Checked before any sink rewrites config.json: the stored trial stays as it was.
+        raise DataChanged(changed_data_message(changed, data_fingerprint(data), "data"))
     pack_dir = pack_dir or trial_dirs[0]
     sinks = {c.seed: TrialDirSink(d, c, sweep) for c, d in zip(configs, trial_dirs, strict=True)}
     state = resume if resume is not None else load_checkpoint(pack_dir)

@@ -100,7 +100,7 @@ def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
     return client.search_runs([experiment_id], filter_string=clause, max_results=1000)
 
 
-PROVENANCE = ("device", "pack_size", "threads")
+PROVENANCE = ("device", "pack_size", "threads", "data_fingerprint")
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
