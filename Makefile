@@ -3,8 +3,6 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Ray 2.60 turns on token auth for a fresh local cluster; local runs here are single-user.
-export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install check test lint demo bench clean chromium

@@ -14,13 +14,14 @@ import time
 
 from bench.common import OUT, ROOT, machine
 
-BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup")
+BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup", "retry_delay")
 TARGETS = {
     "pack": ">= 6x per-seed throughput at <= 4 filters; never slower (auto rule); >= 40% of matmul peak",
     "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
     "aggregate": "10,000 trial results aggregated in <= 10 s",
     "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
     "cli_startup": "`lottery --help` and a one-line spec error each under 1.5 s",
+    "retry_delay": "a killed worker's trial retried within seconds; the faster of reuse_actors on/off ships",
 }
 
 
@@ -92,12 +93,21 @@ def startup_section(d: dict) -> list[str]:
     return [*lines, "", f"Median of {d['repeat']} fresh processes each, interleaved."]
 
 
+def retry_section(d: dict) -> list[str]:
+    delays = {side: ", ".join(f"{r['delay_s']:.1f}" for r in found) for side, found in d["runs"].items()}
+    return [
+        f"Worker SIGKILLed mid-trial, time to the retry's start: with actor reuse {delays['reuse']} s, "
+        f"without {delays['fresh']} s; reuse / fresh (medians) **{d['delay_ratio_reuse_over_fresh']:.2f}x**.",
+    ]
+
+
 SECTIONS = {
     "pack": pack_section,
     "cgn_overhead": overhead_section,
     "aggregate": aggregate_section,
     "sweep_overhead": sweep_section,
     "cli_startup": startup_section,
+    "retry_delay": retry_section,
 }
 
 

@@ -65,7 +65,6 @@ def plain_loop(spec: Path, out: Path) -> tuple[float, float]:
 def ray_sweep(spec: Path, home: Path) -> tuple[float, float]:
     env = os.environ | {
         "LOTTERY_HOME": str(home),
-        "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -54,11 +54,13 @@ def _pts(x: float) -> str:
 
 
 def verdict(row: pd.Series) -> str:
-    """What the paired seeds say about one arm against the baseline, in words."""
+    """What the paired seeds say about one arm against its reference (the baseline unless named), in words."""
+    against = row.get("reference")
+    against = BASELINE if pd.isna(against) or not against else str(against)
     if row["scheme"] == BASELINE:
         return "reference arm"
     if row["n_pairs"] == 0:
-        return "not compared: no finished same-seed baseline trials"
+        return f"not compared: no finished same-seed {against} trials"
     p, n_pairs = row["wilcoxon_p"], row["n_pairs"]
     gain = f"median gain {_pts(row['gain_median'])} pts over {n_pairs} paired seeds"
     if math.isnan(p):
@@ -68,13 +70,14 @@ def verdict(row: pd.Series) -> str:
     median = row["gain_median"]
     direction = "better than" if median > 0 else "worse than" if median < 0 else "differs from"
     improved = f"{_pct(row['share_improved'], 0)}% of seeds improved"
-    return f"{direction} baseline (p={p:.2g}; {gain}; {improved})"
+    return f"{direction} {against} (p={p:.2g}; {gain}; {improved})"
 
 
 def _summary_html(summary: pd.DataFrame) -> str:
     head = (
-        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / incomplete / "
-        "pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th><th>median acc % (IQR width)</th>"
+        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / damaged / "
+        "incomplete / pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
+        "<th>median acc % (IQR width)</th>"
         "<th>mean acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th><th>median gain pts</th>"
         "<th>seeds improved %</th><th>Wilcoxon p</th><th class=l>what the seeds say</th></tr>"
     )
@@ -84,7 +87,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             arm_label(r["scheme"], r["hparam_label"]),
             "–" if pd.isna(r["filters"]) else str(r["filters"]),
             f"{r['n']} / {r['n_planned']}",
-            f"{r['n_errored']} / {r['n_incomplete']} / {r['n_pending']}",
+            f"{r['n_errored']} / {r.get('n_damaged', 0)} / {r['n_incomplete']} / {r['n_pending']}",
             f"{r['n_failed']} / {r['n']}",
             f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
             f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",

@@ -5,11 +5,14 @@ recomputed from `trials.parquet` alone and tested against hand-computed answers.
 
 Conventions, chosen so that nothing disappears silently:
 - only *finished* trials enter n, the failure rate and the accuracy statistics; errored,
-  incomplete and pending trials are counted in their own columns;
+  damaged (a trial file unreadable or failing its schema), incomplete and pending trials are
+  counted in their own columns;
 - a diverged trial is finished and failed; if its accuracy is not finite it is left out of
   the accuracy statistics (counted by `n_acc`), never replaced by a made-up value;
-- a gain is paired by seed: accuracy of the trial minus accuracy of the `baseline` trial
-  with the same `pair_key` and seed (accuracies are fractions, so gains are too).
+- a gain is paired by seed: accuracy of the trial minus accuracy of its reference trial with
+  the same seed: the `baseline` trial with the same `pair_key`, or, for a trial that names a
+  `reference_hash` (the IMP ticket control), the trial of that configuration (the rewound IMP).
+  Accuracies are fractions, so gains are too.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import pandas as pd
 import scipy.stats
 
 BASELINE = "baseline"
-STATUSES: tuple[str, ...] = ("finished", "errored", "incomplete", "pending")
+STATUSES: tuple[str, ...] = ("finished", "errored", "damaged", "incomplete", "pending")
 
 # The per-trial table: one row per planned trial, whatever happened to it.
 TRIAL_COLUMNS: dict[str, str] = {
     "trial_key": "string",
     "config_hash": "string",
     "pair_key": "string",
+    "reference_hash": "string",  # config_hash of the arm a trial is compared with, when not the baseline
     "sweep": "string",
     "scheme": "string",
     "hparam_label": "string",
@@ -42,10 +46,12 @@ TRIAL_COLUMNS: dict[str, str] = {
     "diverged": "bool",  # False unless finished
     "epochs_done": "Int64",
     "total_resets": "Int64",
+    "sparsity": "float64",  # share of conv/linear weights held at zero at the end (IMP, edge-popup)
     "chance": "float64",
     "failure_margin": "float64",
     "failure_rule": "string",
     "wall_s": "float64",
+    "problem": "string",  # for a damaged trial: which file and what is wrong with it
 }
 
 # The summary table: one row per config_hash (= everything but the seed).
@@ -58,9 +64,12 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "dataset": "string",
     "filters": "Int64",
     "failure_rule": "string",
+    "reference": "string",  # what the gains are against: "baseline" or the reference arm's label
+    "sparsity": "float64",  # median over finished trials
     "n_planned": "int64",
     "n": "int64",  # finished
     "n_errored": "int64",
+    "n_damaged": "int64",
     "n_incomplete": "int64",
     "n_pending": "int64",
     "n_failed": "int64",
@@ -136,24 +145,48 @@ def bootstrap_std_ci(
 
 
 def paired_gains(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per non-baseline finished trial: its accuracy minus the same-seed baseline's (GAIN_COLUMNS).
+    """Per finished trial that has a reference: its accuracy minus the same-seed reference's
+    (GAIN_COLUMNS; the column `baseline_acc` holds the reference's accuracy).
 
-    Pairs need a finite final accuracy on both sides; a baseline trial pairs with every scheme
-    of its `pair_key`. Raises if one (pair_key, seed) has several baseline trials, since the
-    pairing would then be ambiguous.
+    The reference is the trial of configuration `reference_hash` where one is named, else the
+    `baseline` trial of the same `pair_key` (which pairs with every scheme of it). Pairs need a
+    finite final accuracy on both sides. Raises if a reference is ambiguous (several trials).
     """
     done = trials[(trials["status"] == "finished") & np.isfinite(trials["final_test_acc"].astype(float))]
-    is_base = done["scheme"] == BASELINE
+    reference = done["reference_hash"] if "reference_hash" in done else pd.Series(pd.NA, index=done.index)
+    named = reference.notna()
+    is_base = (done["scheme"] == BASELINE) & ~named
     base = done.loc[is_base, ["pair_key", "seed", "final_test_acc"]]
     if base.duplicated(["pair_key", "seed"]).any():
         raise ValueError("several baseline trials share a (pair_key, seed); cannot pair by seed")
     base = base.rename(columns={"final_test_acc": "baseline_acc"})
-    merged = done.loc[~is_base, ["trial_key", "config_hash", "pair_key", "seed", "final_test_acc"]].merge(
-        base, on=["pair_key", "seed"], how="inner"
+    columns = ["trial_key", "config_hash", "pair_key", "seed", "final_test_acc"]
+    by_baseline = done.loc[~is_base & ~named, columns].merge(base, on=["pair_key", "seed"], how="inner")
+    arms = done[["config_hash", "seed", "final_test_acc"]].rename(
+        columns={"config_hash": "reference_hash", "final_test_acc": "baseline_acc"}
     )
-    merged = merged.rename(columns={"final_test_acc": "acc"})
+    if arms.duplicated(["reference_hash", "seed"]).any():
+        raise ValueError("several trials share a (config_hash, seed); cannot pair by seed")
+    by_name = (
+        done.loc[named, columns + ["reference_hash"]]
+        .merge(arms, on=["reference_hash", "seed"], how="inner")
+        .drop(columns="reference_hash")
+    )
+    merged = pd.concat([by_baseline, by_name], ignore_index=True).rename(columns={"final_test_acc": "acc"})
     merged["gain"] = merged["acc"] - merged["baseline_acc"]
     return merged[list(GAIN_COLUMNS)].astype(GAIN_COLUMNS).reset_index(drop=True)
+
+
+def reference_label(trials: pd.DataFrame, group: pd.DataFrame) -> str:
+    """What one configuration's gains are measured against, in words."""
+    named = group["reference_hash"].dropna().unique() if "reference_hash" in group else []
+    if len(named) == 0:
+        return BASELINE
+    ref = trials.loc[trials["config_hash"] == named[0], ["scheme", "hparam_label"]].head(1)
+    if ref.empty:
+        return f"config {named[0]} (not in this sweep)"
+    scheme, label = ref["scheme"].iloc[0], ref["hparam_label"].iloc[0]
+    return f"{scheme} {label}".strip() if isinstance(label, str) else str(scheme)
 
 
 def _first_valid(column: pd.Series) -> object:
@@ -180,6 +213,7 @@ def _counts(group: pd.DataFrame) -> dict[str, object]:
         "n_planned": len(group),
         "n": n,
         "n_errored": int((status == "errored").sum()),
+        "n_damaged": int((status == "damaged").sum()),
         "n_incomplete": int((status == "incomplete").sum()),
         "n_pending": int((status == "pending").sum()),
         "n_failed": n_failed,
@@ -239,9 +273,13 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for config_hash, group in trials.groupby("config_hash", sort=False):
         g = gains_by_config.get(str(config_hash))
+        finished = group["status"] == "finished"
+        sparsity = group.loc[finished, "sparsity"].astype(float) if "sparsity" in group else pd.Series([])
         rows.append(
             {
                 **_identity(group),
+                "reference": reference_label(trials, group),
+                "sparsity": float(sparsity.median()) if sparsity.notna().any() else np.nan,
                 **_counts(group),
                 **_accuracy(group),
                 **_gain_stats(g),
@@ -249,3 +287,65 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(SUMMARY_COLUMNS)
+
+
+# IMP rounds: one row per (configuration, round), from the epochs table's round_end rows.
+ROUND_COLUMNS: dict[str, str] = {
+    "config_hash": "string",
+    "scheme": "string",
+    "hparam_label": "string",
+    "round": "int64",
+    "reference": "string",  # the arm its gains are against ("" when it names none)
+    "n": "int64",  # finished trials that reached the round
+    "sparsity": "float64",  # median
+    "acc_median": "float64",
+    "acc_iqr": "float64",
+    "n_pairs": "int64",
+    "gain_median": "float64",  # this arm minus the reference at the same round and seed
+    "share_improved": "float64",
+    "wilcoxon_p": "float64",
+}
+
+
+def round_summary(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per IMP configuration and round: sparsity and test accuracy over seeds, and the paired gain
+    over the arm it names as reference (the ticket control against the rewound IMP), seed by seed
+    at the same round. Only finished trials count, as in `summarise`."""
+    if "round_end" not in epochs or epochs.empty:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()})
+    ends = epochs[(epochs["round_end"].fillna(False).astype(bool)) & (epochs["status"] == "finished")]
+    refs = trials.drop_duplicates("config_hash").set_index("config_hash")["reference_hash"]
+    by_arm = {key: g.set_index("seed")["test_acc"] for key, g in ends.groupby(["config_hash", "round"])}
+    rows = []
+    for (config_hash, round_), group in ends.groupby(["config_hash", "round"], sort=False):
+        values = group["test_acc"].to_numpy(float)
+        reference = refs.get(config_hash)
+        gains = np.array([])
+        label = ""
+        if isinstance(reference, str):
+            label = reference_label(trials, trials[trials["config_hash"] == config_hash])
+            theirs = by_arm.get((reference, round_))
+            if theirs is not None:
+                paired = pd.concat(
+                    [group.set_index("seed")["test_acc"], theirs], axis=1, join="inner"
+                ).dropna()
+                gains = (paired.iloc[:, 0] - paired.iloc[:, 1]).to_numpy(float)
+        q25, q75 = np.percentile(values, [25, 75])
+        rows.append(
+            {
+                "config_hash": config_hash,
+                "scheme": group["scheme"].iloc[0],
+                "hparam_label": group["hparam_label"].iloc[0],
+                "round": int(round_),
+                "reference": label,
+                "n": len(values),
+                "sparsity": float(group["sparsity"].median()),
+                "acc_median": float(np.median(values)),
+                "acc_iqr": float(q75 - q25),
+                "n_pairs": int(gains.size),
+                "gain_median": float(np.median(gains)) if gains.size else np.nan,
+                "share_improved": float((gains > 0).mean()) if gains.size else np.nan,
+                "wilcoxon_p": wilcoxon_p(gains),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(ROUND_COLUMNS)).astype(ROUND_COLUMNS)

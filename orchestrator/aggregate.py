@@ -2,12 +2,15 @@
 
 The planned list (`trials.json`) is the spine: a planned trial with no directory is
 `pending`, one with a directory but no result is `incomplete` (or `errored` when it left an
-`error.txt`), so a crash can never shrink n unnoticed. Directories that are not in the plan
+`error.txt`), and one whose files are unreadable or whose result fails its schema is `damaged`
+(with the file and the problem in `problem`), so a crash or a damaged file can never shrink or
+shift n unnoticed. Directories that are not in the plan
 are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -21,7 +24,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, looks_frame
-from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
 from trainers.events import failure_rule_text
@@ -41,6 +44,12 @@ METRIC_COLUMNS: dict[str, str] = {
     "resets": "Int64",
     "dropped": "Int64",
     "ortho_sum": "float64",
+    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
+    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
+    "round": "Int64",
+    "round_end": "boolean",
+    "sparsity": "float64",
+    "mask_overlap": "float64",
 }
 _EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
 EPOCH_COLUMNS: dict[str, str] = {
@@ -55,6 +64,7 @@ _RESULT_FIELDS = (
     "diverged",
     "epochs_done",
     "total_resets",
+    "sparsity",
     "chance",
     "failure_margin",
     "failure_rule",
@@ -67,6 +77,7 @@ class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
+    rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
     # A sequential study's looks (dashboards.sequential.LOOK_COLUMNS); empty for a fixed design.
     looks: pd.DataFrame = field(default_factory=lambda: looks_frame([]))
 
@@ -84,11 +95,19 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         row["status"] = "pending"
         return row
     status = layout.trial_status(trial_dir)
+    if status.damaged:  # named with its path, counted on its own, out of every statistic
+        row["status"], row["problem"] = "damaged", status.problem
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # its config may be the damage
+            config = layout.read_json(trial_dir / layout.CONFIG)
+            row.update({k: config[k] for k in ("config_hash", "pair_key", "scheme", "seed") if k in config})
+            row["hparam_label"], row["filters"] = config.get("hparam_label", ""), config.get("filters")
+        return row
     if (trial_dir / layout.CONFIG).exists():
         config = layout.read_json(trial_dir / layout.CONFIG)
         for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
+        row["reference_hash"] = config.get("reference_hash")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
     if status.result is not None:
         row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
@@ -145,7 +164,7 @@ def load_epochs(sweep_dir: Path, trials: pd.DataFrame | None = None) -> pd.DataF
     trials = load_trials(sweep_dir) if trials is None else trials
     tables, owners = [], []
     for i, (key, status) in enumerate(zip(trials["trial_key"], trials["status"], strict=True)):
-        if status == "pending":
+        if status in ("pending", "damaged"):
             continue
         try:  # ParquetFile.read skips the dataset machinery of pq.read_table: ~2x faster per small file
             table = pq.ParquetFile(layout.trial_dir(sweep_dir, str(key)) / layout.METRICS).read()
@@ -166,10 +185,12 @@ def aggregate(sweep_dir: Path) -> AggregateResult:
     """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet`."""
     sweep_dir = Path(sweep_dir)
     trials = load_trials(sweep_dir)
+    epochs = load_epochs(sweep_dir, trials)
     result = AggregateResult(
         trials=trials,
-        epochs=load_epochs(sweep_dir, trials),
+        epochs=epochs,
         summary=summarise(trials),
+        rounds=round_summary(trials, epochs),
         looks=sequential_looks(sweep_dir, trials),
     )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
@@ -192,6 +213,8 @@ def sequential_looks(sweep_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
 def read_aggregate(sweep_dir: Path) -> AggregateResult:
     """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
+    if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
+        paths.pop("rounds")
     if not paths["looks"].exists():  # aggregated before sequential studies existed: a fixed design
         paths.pop("looks")
     missing = [path.name for path in paths.values() if not path.exists()]
@@ -199,7 +222,18 @@ def read_aggregate(sweep_dir: Path) -> AggregateResult:
         raise UserError(
             f"{layout.aggregate_dir(sweep_dir)} lacks {missing}: run `lottery aggregate {sweep_dir}` first"
         )
-    return AggregateResult(**{name: pd.read_parquet(path) for name, path in paths.items()})
+    tables = {name: pd.read_parquet(path) for name, path in paths.items()}
+    tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
+    return AggregateResult(**tables)
+
+
+def damaged_lines(trials: pd.DataFrame) -> list[str]:
+    """One line per damaged trial: its file and the problem; what `lottery aggregate` prints."""
+    damaged = trials[trials["status"] == "damaged"]
+    return [
+        f"damaged, left out of every statistic: {problem} (the next `lottery sweep` trains it again)"
+        for problem in damaged["problem"]
+    ]
 
 
 def _pct(x: float, digits: int = 1) -> str:
@@ -258,12 +292,40 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             str(r.scheme),
             str(r.hparam_label or ""),
             "-" if pd.isna(r.filters) else str(r.filters),
-            f"{r.n}" + (f" (+{pending} not finished)" if pending else ""),
+            f"{r.n}"
+            + (f" (+{pending} not finished" if pending else "")
+            + (f", {r.n_damaged} damaged" if pending and r.n_damaged else "")
+            + (")" if pending else ""),
             f"{r.n_failed}",
             fail if r.n else "-",
             _pct(r.acc_median, 2),
             _pct(r.acc_std, 2),
             "baseline" if r.scheme == BASELINE else _pct(r.gain_median, 2),
+            "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
+        )
+    return table
+
+
+def format_rounds_table(rounds: pd.DataFrame) -> Table:
+    """IMP per round: sparsity, accuracy and the paired gain over the reference arm, in points."""
+    table = Table(title="IMP rounds (test accuracy at each round's end; gain paired by seed and round)")
+    for name in ("scheme", "hparams", "round", "n", "sparsity %", "median %", "IQR %", "vs", "pairs"):
+        table.add_column(name, justify="left" if name in ("scheme", "hparams", "vs") else "right")
+    for name in ("gain pts (median)", "improved %", "Wilcoxon p"):
+        table.add_column(name, justify="right")
+    for r in rounds.itertuples(index=False):
+        table.add_row(
+            str(r.scheme),
+            str(r.hparam_label or ""),
+            str(r.round),
+            str(r.n),
+            _pct(r.sparsity),
+            _pct(r.acc_median, 2),
+            _pct(r.acc_iqr, 2),
+            str(r.reference or "-"),
+            str(r.n_pairs),
+            _pct(r.gain_median, 2),
+            _pct(r.share_improved, 0),
             "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
         )
     return table

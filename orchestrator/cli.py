@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from orchestrator import layout
-from orchestrator.errors import USAGE_EXIT, UserError, fail, usage_error_line, user_errors
+from orchestrator.errors import TRACKING_EXIT, USAGE_EXIT, UserError, fail, usage_error_line, user_errors
 from trainers.config import SCHEMES
 
 
@@ -160,6 +161,10 @@ def sweep(
 
     Results go to <storage_path>/<name>/ (storage_path from the spec, else $LOTTERY_HOME, else ./runs).
     One driver per sweep: a second one at the same time is refused. SIGTERM stops it as Ctrl-C does.
+
+    Exit codes: 0 every trial ended and is tracked; 1 interrupted (run it again to resume);
+    2 a mistake in the input (nothing started); 3 every trial ended but some MLflow runs are
+    missing (run `lottery sync`).
     """
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.run.sweep import run_sweep
@@ -196,12 +201,19 @@ def sweep(
     c = outcome.counts
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
-        f"{c['unfinished']} unfinished in {outcome.sweep_dir} (MLflow parent run {outcome.parent_run_id}); "
-        f"next: lottery aggregate {outcome.sweep_dir}"
+        f"{c['damaged']} damaged, {c['unfinished']} unfinished in {outcome.sweep_dir} "
+        f"(MLflow parent run {outcome.parent_run_id}); next: lottery aggregate {outcome.sweep_dir}"
     )
     if not outcome.complete:
         console.print(f"interrupted: run `lottery sweep {spec}` again to resume", soft_wrap=True)
         raise typer.Exit(1)
+    if not outcome.tracked:
+        console.print(
+            f"tracking incomplete (exit {TRACKING_EXIT}): run `lottery sync {outcome.sweep_dir}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(TRACKING_EXIT)
 
 
 @app.command()
@@ -211,12 +223,22 @@ def aggregate(
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
-    from orchestrator.aggregate import format_looks_table, format_summary_table, sequential_statement
+    from orchestrator.aggregate import (
+        damaged_lines,
+        format_looks_table,
+        format_rounds_table,
+        format_summary_table,
+        sequential_statement,
+    )
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    if not result.rounds.empty:
+        table_console().print(format_rounds_table(result.rounds))
+    for line in damaged_lines(result.trials):
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     statement = sequential_statement(result.looks)
     if statement:
         table_console().print(format_looks_table(result.looks))
@@ -341,22 +363,33 @@ def sync(
     ] = None,
 ) -> None:
     """Log the MLflow runs that a tracking outage left out; safe to run any number of times."""
-    from mlflow.exceptions import MlflowException
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from orchestrator.tracking.sweep import one_line
-    from orchestrator.tracking.sync import sync_sweep
+    from orchestrator.tracking.sync import STORE_ERRORS, store_error_line, sync_sweep
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    # One bar however many runs are logged, shown once logging starts (a store error stays one line).
+    bar = Progress(TextColumn(f"sync {sweep_dir.name}"), BarColumn(), MofNCompleteColumn(), console=console)
+
+    def on_logged(done: int, total: int) -> None:
+        if not bar.task_ids:
+            bar.start()
+            bar.add_task("runs", total=total)
+        bar.update(bar.task_ids[0], completed=done, total=total)
+
     try:
-        report = sync_sweep(sweep_dir, tracking_uri)
-    except MlflowException as exc:
-        console.print(f"error: tracking unavailable ({one_line(exc)})", highlight=False)
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.stop)
+            report = sync_sweep(sweep_dir, tracking_uri, on_logged)
+    except STORE_ERRORS as exc:
+        console.print(store_error_line(exc, sweep_dir, tracking_uri), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(
         f"sync {sweep_dir.name}: {report.created} created, {report.present} already present, "
         f"{report.unfinished} not finished (parent run {report.record.parent_run_id} at "
         f"{report.record.tracking_uri})",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -21,9 +21,14 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
   tune/         Tune's experiment state and per-epoch marker checkpoints (epoch.json): what
                 `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/.
                 A sequential study runs one Tune experiment per seed batch: tune/batch-<i>/
+  damaged/<trial_key>-<time>/  a trial directory whose files were damaged, moved here when the
+                next `lottery sweep` trains that trial again
   aggregate/    <table>.parquet for the trials, epochs and summary tables (`lottery aggregate`)
   report/       report.html and its figures (`lottery report`)
-  mlflow.db, mlartifacts/  the default embedded tracking store
+  mlflow.db, mlartifacts/  the default embedded tracking store; a new one is built as
+                .mlflow.db.building-<pid> and linked into place once migrated; one that is not at
+                MLflow's schema head is kept as mlflow.db.broken-<time>, a copied sweep's as
+                mlflow.db.copied-<time>
   driver.lock   locked by the driver running the sweep (`driver_lock`); says which host and pid
 `lottery train` keeps its trials in `<root>/train/trials/<trial_key>/` and its store in `<root>/`.
 
@@ -46,6 +51,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UserError
 
@@ -58,6 +64,11 @@ BATCH = "batch"  # tune/batch-<i>/: a sequential study's Tune experiment for see
 TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
 UNREADABLE = "unreadable"  # tune.unreadable-<time>/
+BROKEN = "broken"  # mlflow.db.broken-<time>: a store not at MLflow's schema head, kept
+COPIED = "copied"  # mlflow.db.copied-<time>: a copied sweep's store, which was the original's
+DAMAGED = "damaged"  # damaged/<trial_key>-<time>/: a damaged trial directory, kept when retrained
+BUILDING = "building"  # .mlflow.db.building-<pid>: a new store while it is created and migrated
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")  # sqlite's companions of a database file
 REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
 DRIVER_LOCK = "driver.lock"  # held by the running driver; names its host and pid
 CHANGED_DATA = "changed-data"  # trials/<key>.changed-data-<time>/: a result set aside by --retrain-changed
@@ -75,7 +86,7 @@ TRACE_PARTS, ATTEMPTS = "trace_parts", "attempts.jsonl"
 FAULT_MARKER = ".fault_injected"  # tests only: the injected fault has fired (orchestrator/run/trainable.py)
 EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune
 
-Status = Literal["finished", "errored", "unfinished"]
+Status = Literal["finished", "errored", "unfinished", "damaged"]
 
 
 def results_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -147,6 +158,15 @@ def report_dir(sweep_dir: Path) -> Path:
 def tracking_db(root: Path) -> Path:
     """The embedded sqlite store of a sweep directory (or of `lottery train`'s results root)."""
     return root / TRACKING_DB
+
+
+def store_under_construction(db: Path) -> Path:
+    """Where a new sqlite store is built before it is linked into place (one name per process)."""
+    return db.with_name(f".{db.name}.{BUILDING}-{os.getpid()}")
+
+
+def stores_under_construction(db: Path) -> list[Path]:
+    return sorted(db.parent.glob(f".{db.name}.{BUILDING}-*"))
 
 
 def artifacts_dir(root: Path) -> Path:
@@ -248,10 +268,8 @@ def read_json(path: Path) -> Any:
 
 
 def read_result(trial_dir: Path) -> dict[str, Any] | None:
-    try:
-        return read_json(trial_dir / RESULT)
-    except FileNotFoundError:
-        return None
+    """result.json if the trial finished and its files are sound (see `trial_status`), else None."""
+    return trial_status(trial_dir).result
 
 
 def read_spec(sweep_dir: Path) -> dict[str, Any]:
@@ -268,12 +286,37 @@ def planned_keys(sweep_dir: Path) -> list[str]:
     return [row["trial_key"] for row in read_plan(sweep_dir)]
 
 
+class ResultSchema(BaseModel):
+    """What every result.json holds (trainers.events.TrialResult): checked on every read, so a
+    damaged file (`{}`, a field lost or mistyped) is never counted as a finished trial."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    epochs_done: int = Field(ge=0)
+    final_test_acc: float  # NaN when the loss diverged
+    final_train_acc: float
+    best_test_acc: float
+    failed: bool
+    diverged: bool
+    total_resets: int = Field(ge=0)
+    reinit_fallbacks: int = Field(ge=0)
+    chance: float
+    failure_margin: float
+    failure_rule: str
+    wall_s: float
+
+
+class DamagedFile(Exception):
+    """A trial file that exists but cannot be what its name says; the message names it and why."""
+
+
 @dataclass(frozen=True)
 class TrialStatus:
     """What a trial directory says about its trial (see `trial_status`)."""
 
     kind: Status
     result: dict[str, Any] | None = None  # result.json, for a finished trial
+    problem: str | None = None  # for a damaged trial: which file, and what is wrong with it
 
     @property
     def finished(self) -> bool:
@@ -288,21 +331,89 @@ class TrialStatus:
     def errored(self) -> bool:
         return self.kind == "errored"
 
+    @property
+    def damaged(self) -> bool:
+        return self.kind == "damaged"
+
 
 def trial_status(trial_dir: Path) -> TrialStatus:
-    """The one reading of a trial's state: finished (result.json, failed or not), errored (error.txt and
-    no result: its last try raised), else unfinished (never started, running or interrupted)."""
-    result = read_result(trial_dir)
+    """The one reading of a trial's state: damaged (config.json, metrics.parquet or result.json
+    exists but is unreadable, or the result fails its schema), finished (result.json, failed or
+    not), errored (error.txt and no result: its last try raised), else unfinished (never
+    started, running or interrupted)."""
+    try:
+        _checked_json(trial_dir / CONFIG, lambda doc: "trial_key" in doc or "no trial_key")
+        _checked_table(trial_dir / METRICS, required=("epoch",))
+        result = _checked_json(trial_dir / RESULT, _result_problem)
+    except DamagedFile as exc:
+        return TrialStatus("damaged", problem=str(exc))
     if result is not None:
         return TrialStatus("finished", result)
     return TrialStatus("errored" if (trial_dir / ERROR).exists() else "unfinished")
 
 
+def _result_problem(doc: dict[str, Any]) -> bool | str:
+    try:
+        ResultSchema.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        return f"{field}: {first['msg']}" + (
+            f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        )
+    return True
+
+
+def _checked_json(path: Path, check: Callable[[dict[str, Any]], bool | str]) -> dict[str, Any] | None:
+    """The JSON object at `path` if it passes `check` (True, or a problem), None if there is no file."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        raise DamagedFile(f"{path}: a dangling symlink (to {os.readlink(path)})") from None
+    except (OSError, ValueError) as exc:  # truncated, empty, garbage, not UTF-8
+        what = "empty" if _size(path) == 0 else f"not JSON ({' '.join(str(exc).split())[:120]})"
+        raise DamagedFile(f"{path}: {what}") from None
+    verdict = check(doc) if isinstance(doc, dict) else f"a JSON {type(doc).__name__}, not an object"
+    if verdict is not True:
+        raise DamagedFile(f"{path}: {verdict}")
+    return doc
+
+
+def _checked_table(path: Path, required: tuple[str, ...]) -> None:
+    """A Parquet file's footer is readable and has the `required` columns (a footer read, no data)."""
+    if not os.path.lexists(path):
+        return
+    try:
+        names = pq.read_schema(path).names
+    except FileNotFoundError:
+        raise DamagedFile(f"{path}: a dangling symlink (to {os.readlink(path)})") from None
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        what = "empty" if _size(path) == 0 else f"not Parquet ({' '.join(str(exc).split())[:120]})"
+        raise DamagedFile(f"{path}: {what}") from None
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise DamagedFile(f"{path}: no {', '.join(missing)} column")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def count_trials(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
-    """planned, finished (failed included), failed, errored and unfinished, from the trial directories."""
-    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "unfinished": 0}
+    """planned, finished (failed included), failed, errored, damaged and unfinished, from the trial dirs."""
+    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "damaged": 0, "unfinished": 0}
     for key in keys:
         status = trial_status(trial_dir(sweep_dir, key))
         counts[status.kind] += 1
         counts["failed"] += status.failed
     return counts
+
+
+def damaged_aside(sweep_dir: Path, trial_key: str) -> Path:
+    """Where a damaged trial directory is kept when its trial is trained again: outside trials/."""
+    return sweep_dir / DAMAGED / f"{trial_key}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,17 @@ class Resources(_Strict):
         if value > 1 and not value.is_integer():
             raise ValueError(f"a fraction in [0, 1] or a whole number of GPUs, got {value:g}")
         return value
+
+    @property
+    def threads(self) -> int:
+        """torch intra-op threads of a trial: its whole CPUs, at least one.
+
+        The one rule for every trial, in a sweep and under `lottery train` (which trains with the
+        default resources, 1 CPU, so 1 thread): the thread count changes summation order and so a
+        trial's exact numbers (BatchNorm trials differed in the 3rd digit between 1 and 2 threads),
+        and it is recorded in every result and run as `threads`.
+        """
+        return max(1, math.floor(self.cpu))
 
 
 class SchemeEntry(_Strict):

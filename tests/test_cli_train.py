@@ -136,3 +136,51 @@ def test_trial_yaml_is_loaded_and_flags_override_it(tmp_path):
     path.write_text("scheme: {name: randomout, tau: 1.0e-6}\nmodel: {filters: 3}\nepochs: 7\n")
     cfg = build_trial_config(path, {"epochs": 2}, ["scheme.active_fraction=0.5"])
     assert (cfg.epochs, cfg.model.filters, cfg.scheme.tau, cfg.scheme.active_fraction) == (2, 3, 1e-6, 0.5)
+
+
+def test_train_uses_a_sweep_trials_thread_rule_and_its_numbers(tmp_path):
+    """`lottery train` and a sweep trial at the default resources train with the same thread count,
+    so a BatchNorm trial (whose sums depend on it) gives the same numbers both ways."""
+    import json
+
+    import torch
+
+    from orchestrator.run.single import build_trial_config
+    from orchestrator.run.trial import run_trial
+    from orchestrator.spec import Resources
+
+    overrides = ["model.filters=8", "model.hidden_fc=64"]
+    done = subprocess.run(
+        [*LOTTERY, "train", "--scheme=batchnorm", "--epochs=2", *(f"--set={o}" for o in overrides)]
+        + [f"--out={tmp_path / 'cli'}", "--no-mlflow"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+    )
+    assert done.returncode == 0, done.stderr
+    cli = json.loads(next((tmp_path / "cli").glob("train/trials/*/result.json")).read_text())
+    assert cli["threads"] == Resources().threads == 1
+
+    config = build_trial_config(None, {"scheme.name": "batchnorm", "epochs": 2}, overrides)
+    before = torch.get_num_threads()
+    torch.set_num_threads(Resources().threads)  # what the trainable does with a sweep's resources.cpu
+    try:
+        swept = run_trial(config, tmp_path / "sweep" / config.trial_key(), sweep="train")
+    finally:
+        torch.set_num_threads(before)
+    assert swept["threads"] == cli["threads"]
+    numbers = ("final_test_acc", "final_test_loss", "final_train_acc")
+    assert [swept[k] for k in numbers] == [cli[k] for k in numbers]
+
+
+def test_train_into_an_existing_out_says_it_reused_the_stored_result(tmp_path):
+    args = ["train", "--epochs=1", f"--out={tmp_path}", "--no-mlflow", "--set=model.filters=2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    trial_dir = next(tmp_path.glob("train/trials/*"))
+    said = " ".join(again.output.split())
+    assert f"reused the stored result in {trial_dir}" in said and "to retrain, remove that directory" in said
+    assert "epoch 1" not in said  # no training progress: nothing was trained

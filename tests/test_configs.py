@@ -18,6 +18,8 @@ EXPECTED_TRIALS = {
     "repr_c3_32.yaml": (8 + 1) * 20,
     "resnet20_cifar10.yaml": 2 * 10,
     "crater_width_study.yaml": 6 * 2 * 30,
+    "lottery_imp_digits.yaml": 3 * 20,
+    "lottery_edgepopup_digits.yaml": (1 + 4 * 2) * 20,
     "sequential_failure_rate.yaml": 400,  # at most: a sequential study opens 40 seeds at a time
     "sequential_paired.yaml": 2 * 400,
 }
@@ -84,6 +86,22 @@ def test_paper_specs_match_their_papers_settings():
         and t.batch_size == 128
         for t in resnet
     )
+
+
+def test_lottery_specs_pair_their_arms_by_seed():
+    """The ticket control names the rewound IMP of the same settings as its reference; edge-popup
+    shares the baseline's pair key, so every arm is compared seed by seed."""
+    imp = load_plan(CONFIGS / "lottery_imp_digits.yaml").trials
+    arms = {(t.scheme.name, getattr(t.scheme, "reinit", None)): t for t in imp if t.seed == 0}
+    rewound, control = arms[("imp", False)], arms[("imp", True)]
+    assert control.reference_hash() == rewound.config_hash() and rewound.reference_hash() is None
+    assert rewound.pair_key() == arms[("baseline", None)].pair_key()
+    assert (rewound.scheme.rounds, rewound.scheme.rate, rewound.scheme.rewind_step) == (4, 0.5, 0)
+    edge = load_plan(CONFIGS / "lottery_edgepopup_digits.yaml").trials
+    assert len({t.pair_key() for t in edge}) == 1
+    assert {(t.scheme.k, t.scheme.weights) for t in edge if t.scheme.name == "edgepopup"} == {
+        (k, w) for k in (0.1, 0.3, 0.5, 0.7) for w in ("signed_constant", "kaiming_normal")
+    }
 
 
 def test_kuberay_rayjob_runs_a_spec_of_this_repo_on_the_compose_image_with_token_auth():

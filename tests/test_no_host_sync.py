@@ -65,15 +65,17 @@ def syncs(monkeypatch):
         ({"name": "randomout", "tau": 50.0}, 3),
         ({"name": "repr", "s1": 1, "s2": 2, "n_iter": 1}, 1),  # epochs 2-3 train with masks applied
         ({"name": "repr", "s1": 1, "s2": 2, "n_iter": 1}, 3),
+        ({"name": "imp", "rounds": 1, "reinit": True}, 3),  # every epoch after the first is masked
+        ({"name": "edgepopup", "k": 0.3}, 3),
     ],
-    ids=["baseline", "randomout", "randomout-pack", "repr", "repr-pack"],
+    ids=["baseline", "randomout", "randomout-pack", "repr", "repr-pack", "imp-pack", "edgepopup-pack"],
 )
 def test_training_epochs_make_no_host_reads(syncs, scheme, pack):
     cfg = config(scheme=scheme, model__filters=4, epochs=3, trace_every=3)
     data = load_data(cfg.data, 0, torch.device("cpu"))
     sink = MemorySink()
     loop.train(cfg, sink, seeds=[1, 2, 3][:pack], pack_size=pack, data=data)
-    assert len(sink.epochs) == 3 * pack
+    assert len(sink.epochs) == cfg.total_epochs * pack
     assert syncs.calls == []
 
 

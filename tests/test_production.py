@@ -1,6 +1,7 @@
 """The production path, end to end: sweeps logging to the compose-defined MLflow server on PostgreSQL,
 a tracking outage and `lottery sync`, a trial process killed mid-trial, the MLflow UI in Chromium,
-credentials kept out of everything a sweep writes, and `lottery submit` to a real Ray head.
+credentials kept out of everything a sweep writes, and `lottery submit` to a real Ray head with
+token auth.
 
 Every sweep runs `lottery` as a subprocess with a private RAY_TMPDIR; whatever Ray process still
 carries that directory in its environment afterwards is killed by PID (never `ray stop`, which
@@ -15,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,7 @@ import pytest
 import yaml
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from mlflow.tracking import MlflowClient
+from raynodes import is_loopback, listening, new_token, start_node, stop_node
 from server import stop_process_group
 
 from orchestrator.run.trainable import read_attempts
@@ -44,7 +45,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
 SMOKE_SPEC = "tests/specs/cluster_smoke.yaml"
-CANARIES = {"MLFLOW_TRACKING_PASSWORD": "sekrit-canary", "RAY_AUTH_TOKEN": "canary-token"}
+# The Ray token is a real one: the embedded sweeps and the submit test's head run with it.
+CANARIES = {"MLFLOW_TRACKING_PASSWORD": "sekrit-canary", "RAY_AUTH_TOKEN": "canary" + "0" * 58}
 CREDENTIALS = CANARIES | {"MLFLOW_TRACKING_USERNAME": "lottery-test"}
 BASE = {
     "data": {"name": "digits"},
@@ -105,7 +107,7 @@ def private_ray_tmpdir() -> Iterator[str]:
 def clean_env(ray_tmpdir: str, home: Path, tracking_uri: str | None = None) -> dict[str, str]:
     """This environment minus any Ray, MLflow or lottery setting of the developer's, plus the test's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "LOTTERY_"))}
-    env |= {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env |= {"LOTTERY_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
     return env | ({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})
 
@@ -378,7 +380,7 @@ def test_server_killed_mid_sweep_loses_nothing_and_sync_restores_every_run(
         exited = time.time()
 
         output = (tmp_path / "driver.log").read_text()
-        assert returncode == 0, output
+        assert returncode == 3, output  # every trial ended, some runs missing: TRACKING_EXIT
         assert all(path.exists() for path in result_files(sweep_dir, keys)), output
         ended_during_outage = [p for p in result_files(sweep_dir, keys) if p.stat().st_mtime > down]
         assert ended_during_outage, "the outage hit no trial: make the trials longer"
@@ -435,9 +437,11 @@ def test_sweep_started_while_the_server_was_down_is_synced_to_another_uri(
         record = SweepRecord.load(sweep_dir)
         again = lottery("sync", str(sweep_dir), env=env)  # sweep.json now names the server
 
-    assert swept.returncode == 0 and "tracking unavailable" in swept.stderr, swept.stderr
+    assert swept.returncode == 3 and "tracking unavailable" in swept.stderr, swept.stderr
     assert f"run: lottery sync {sweep_dir}" in swept.stderr
     assert sync_counts(first) == (len(keys), 0, 0) and sync_counts(again) == (0, len(keys), 0)
+    # One progress bar and one summary line, not MLflow's two "View run" lines per run.
+    assert len((first.stdout + first.stderr).strip().splitlines()) == 2, first.stdout + first.stderr
     assert record is not None and record.tracking_uri == mlflow_server
     parent = rest(mlflow_server, "runs/get", run_id=record.parent_run_id)["run"]
     assert parent["info"]["status"] == "FINISHED" and tags(parent)["role"] == "sweep"
@@ -491,57 +495,51 @@ def test_sigkilled_trial_process_is_retried_from_its_last_epoch_checkpoint(tmp_p
 # --- `lottery submit` to a Ray head ----------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports, held open together so none is handed out twice."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-
-
-def start_head(ray_tmpdir: str, env: dict[str, str]) -> str:
-    """`ray start --head` with the dashboard (Jobs API) on loopback; every port fresh. Returns its URL."""
-    gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}",
-        f"--ray-client-server-port={client}",
-        "--num-cpus=1",
-        "--object-store-memory=200000000",
-        f"--temp-dir={ray_tmpdir}",  # also keeps its address file away from every other Ray here
-        "--disable-usage-stats",
-    ]
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    return f"http://127.0.0.1:{dashboard}"
+def jobs_api_status(url: str, token: str | None) -> int:
+    """HTTP status of the Jobs API's job list, asked with `token` (or none)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/", headers=headers), timeout=10):
+            return 200
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def test_submitted_sweep_runs_on_a_ray_head_and_logs_to_mlflow(mlflow_server: str, tmp_path: Path) -> None:
+    """A token-auth head on 127.0.0.1 (its token is the canary): submit, follow, status; and refusals."""
     from ray.job_submission import JobSubmissionClient
 
-    home = tmp_path / "home"
-    with private_ray_tmpdir() as ray_tmpdir:
-        head_env = clean_env(ray_tmpdir, home)
-        address = start_head(ray_tmpdir, head_env)
-        caller = clean_env(ray_tmpdir, home, mlflow_server) | CREDENTIALS
+    home, token = tmp_path / "home", CANARIES["RAY_AUTH_TOKEN"]
+    head = start_node(token, ip="127.0.0.1", num_cpus=1, dashboard=True, base_env=clean_env("", home))
+    try:
+        address = head.dashboard_url
+        caller = clean_env(head.temp_dir, home, mlflow_server) | CREDENTIALS
+        refused = {
+            "none": jobs_api_status(address, None),
+            "wrong": jobs_api_status(address, new_token()),
+            "right": jobs_api_status(address, token),
+        }
+        no_token = caller | {"RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}
+        missing = lottery("submit", SMOKE_SPEC, "--address", address, env=no_token, timeout=120)
+        wrong_token = caller | {"RAY_AUTH_TOKEN": "x" * 64}
+        wrong = lottery("status", "raysubmit_x", "--address", address, env=wrong_token)
         submitted = lottery("submit", SMOKE_SPEC, "--address", address, env=caller, timeout=120)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         job_id = submitted.stdout.split()[-1]
         followed = lottery("logs", job_id, "--address", address, "--follow", env=caller, timeout=300)
         status = lottery("status", job_id, "--address", address, env=caller, timeout=60)
-        runtime_env = JobSubmissionClient(address).get_job_info(job_id).runtime_env
+        client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+        runtime_env = client.get_job_info(job_id).runtime_env
+        ports = listening(head.pids())
+    finally:
+        stop_node(head)
 
+    assert refused == {"none": 401, "wrong": 403, "right": 200}
+    for result, words in ((missing, "requires a token and none was found"), (wrong, "refused the token")):
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert result.stderr.startswith("error: RAY_AUTH_TOKEN: ") and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ports and [row for row in ports if not is_loopback(row[2])] == []
     assert followed.returncode == 0, followed.stdout + followed.stderr
     assert (
         "2/2 finished" in followed.stdout

@@ -35,6 +35,7 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "trial_key": f"{config}-{seed}",
         "config_hash": config,
         "pair_key": pair,
+        "reference_hash": kw.pop("reference", None),
         "sweep": "hand",
         "scheme": scheme,
         "hparam_label": kw.pop("label", ""),
@@ -51,10 +52,12 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "diverged": diverged,
         "epochs_done": 4 if finished else pd.NA,
         "total_resets": 0 if finished else pd.NA,
+        "sparsity": kw.pop("sparsity", 0.0) if finished else math.nan,
         "chance": CHANCE if finished else math.nan,
         "failure_margin": MARGIN,
         "failure_rule": RULE,
         "wall_s": 1.0,
+        "problem": f"trials/{config}-{seed}/result.json: empty" if status == "damaged" else pd.NA,
     }
     assert not kw, kw
     return row
@@ -67,6 +70,7 @@ def trials() -> pd.DataFrame:
         _trial("A", "ctx8", "baseline", 11, status="errored"),
         _trial("A", "ctx8", "baseline", 12, status="incomplete"),
         _trial("A", "ctx8", "baseline", 13, status="pending"),
+        _trial("A", "ctx8", "baseline", 14, 0.99, status="damaged"),  # its number must count nowhere
     ]
     rows += [
         _trial("B", "ctx8", "randomout", s, a + g, label="tau=1e-08 P=1")
@@ -113,7 +117,7 @@ def test_bootstrap_std_ci() -> None:
 
 def test_counts_keep_unfinished_out_of_n(summary: pd.DataFrame) -> None:
     a = summary.loc["A"]
-    assert (a.n_planned, a.n, a.n_errored, a.n_incomplete, a.n_pending) == (13, 10, 1, 1, 1)
+    assert (a.n_planned, a.n, a.n_errored, a.n_damaged, a.n_incomplete, a.n_pending) == (14, 10, 1, 1, 1, 1)
     assert a.n_failed == 3 and a.failure_rate == pytest.approx(0.3)
     assert (a.failure_ci_low, a.failure_ci_high) == pytest.approx((0.10779, 0.60322), abs=1e-4)
     assert a.failure_rule == RULE
@@ -165,3 +169,22 @@ def test_summary_schema(summary: pd.DataFrame) -> None:
     assert {c: str(t) for c, t in table.dtypes.items()} == SUMMARY_COLUMNS
     assert list(table["config_hash"]) == ["A", "B", "C", "D"]
     assert table.set_index("config_hash").loc["D", "filters"] == 16
+
+
+def test_a_trial_naming_a_reference_pairs_with_that_arm_not_the_baseline() -> None:
+    """The IMP ticket control (fresh init) is compared seed by seed with the rewound IMP it names."""
+    rows = [_trial("base", "p", "baseline", s, 0.50) for s in (1, 2, 3)]
+    rewound = zip((1, 2, 3), (0.80, 0.70, 0.90), strict=True)
+    rows += [_trial("rew", "p", "imp", s, a, sparsity=0.5) for s, a in rewound]
+    rows += [
+        _trial("ctl", "p", "imp", s, a, reference="rew", label="reinit=True", sparsity=0.5)
+        for s, a in zip((1, 2, 4), (0.60, 0.75, 0.10), strict=True)
+    ]
+    trials = pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    gains = paired_gains(trials).set_index(["config_hash", "seed"])["gain"]
+    # rewound vs baseline: +.30 +.20 +.40; control vs rewound (seed 4 has no rewound pair): -.20 +.05
+    assert gains.loc["rew"].to_dict() == pytest.approx({1: 0.30, 2: 0.20, 3: 0.40})
+    assert gains.loc["ctl"].to_dict() == pytest.approx({1: -0.20, 2: 0.05})
+    table = summarise(trials).set_index("config_hash")
+    assert list(table["reference"]) == ["baseline", "baseline", "imp"]
+    assert table.loc["ctl", "n_pairs"] == 2 and table.loc["ctl", "sparsity"] == pytest.approx(0.5)

@@ -1,8 +1,9 @@
 """`lottery sweep` end to end on a real local Ray and a real MLflow sqlite store (no mocks).
 
-In-process tests share one Ray started per module (2 CPUs, 200 MB object store); the driver
-detects it and reuses it. The SIGKILL test runs the CLI as a subprocess with its own Ray, whose
-processes it finds by a private RAY_TMPDIR in their environment and kills by PID afterwards.
+In-process tests share one embedded Ray started per module (the driver's own: token auth on,
+loopback only); the driver detects it and reuses it. The SIGKILL test runs the CLI as a subprocess
+with its own Ray, whose processes it finds by a private RAY_TMPDIR in their environment and kills
+by PID afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.aggregate import aggregate
-from orchestrator.run.sweep import run_sweep
+from orchestrator.run.sweep import ray_session, run_sweep
 from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord
@@ -45,17 +46,10 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """The driver's own embedded Ray (token auth on, loopback only), shared by the module's sweeps."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=2,
-        object_store_memory=200 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
+    with ray_session(None):
+        yield
 
 
 def write_spec(tmp_path: Path, name: str, **changes) -> Path:
@@ -259,7 +253,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
     spec = write_spec(tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size)
     keys = [t.trial_key() for t in load_plan(spec).trials]
     sweep_dir = tmp_path / "runs" / "killed"
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
     log = (tmp_path / "first.log").open("w")
@@ -296,3 +290,61 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
     after = {r.data.tags["trial_key"]: (r.info.run_id, r.info.start_time) for r in children}
     assert {k: after[k] for k in logged} == logged  # runs logged before the kill were kept, not redone
     assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+
+
+# --- damaged trial files, and a sweep whose tracking is incomplete ---------------------------------
+
+
+def test_damaged_trials_are_set_aside_and_trained_again_to_the_same_numbers(tmp_path, local_ray):
+    spec = write_spec(tmp_path, "damaged", pack_size=1)
+    keys = [t.trial_key() for t in load_plan(spec).trials]
+    sweep_dir = run_sweep(load_plan(spec), root=tmp_path).sweep_dir
+    before = {k: json.loads((sweep_dir / "trials" / k / "result.json").read_text()) for k in keys}
+    (sweep_dir / "trials" / keys[0] / "result.json").write_text("{}")  # once counted as a finished trial
+    (sweep_dir / "trials" / keys[1] / "metrics.parquet").write_bytes(b"not parquet")
+
+    console = Console(file=io.StringIO(), width=400)
+    again = run_sweep(load_plan(spec), root=tmp_path, console=console)
+    said = console.file.getvalue()
+    assert said.count("is damaged") == 2 and "result.json" in said and "metrics.parquet" in said, said
+    assert (again.counts["finished"], again.counts["damaged"], again.counts["unfinished"]) == (4, 0, 0)
+    assert again.tracked
+    assert len(list((sweep_dir / "damaged").iterdir())) == 2  # kept, never deleted
+    after = {k: json.loads((sweep_dir / "trials" / k / "result.json").read_text()) for k in keys}
+    numbers = ("final_test_acc", "final_train_acc", "final_test_loss", "total_resets", "threads")
+    assert [[after[k][n] for n in numbers] for k in keys] == [[before[k][n] for n in numbers] for k in keys]
+    assert [len(read_attempts(sweep_dir / "trials" / k)) for k in keys[2:]] == [1, 1]  # not retrained
+    runs = child_runs(sweep_dir)[2]
+    assert sorted(r.data.tags["trial_key"] for r in runs) == sorted(keys)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_sweep_that_ends_with_tracking_incomplete_exits_3_and_names_lottery_sync(tmp_path, ray_tmpdir):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = write_spec(
+        tmp_path,
+        "untracked",
+        base=BASE | {"epochs": 1},
+        seeds=[0],
+        schemes=[{"name": "baseline"}],
+        tracking_uri=f"http://127.0.0.1:{port}",
+    )
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop(FAULT_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 3, done.stderr
+    sweep_dir = tmp_path / "runs" / "untracked"
+    assert "1/1 finished" in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"tracking incomplete (exit 3): run `lottery sync {sweep_dir}`"
+    )

@@ -93,13 +93,54 @@ class ReprScheme(Strict):
     reset_optimizer_state: bool = True
 
 
+class ImpScheme(Strict):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; trainers/schemes/imp.py).
+
+    A trial trains `rounds + 1` rounds of `epochs` each: round 0 dense, then each round prunes
+    `rate` of the remaining conv/linear weights by magnitude, rewinds the survivors to their values
+    after `rewind_step` optimizer steps of round 0 and retrains with a fresh optimizer state.
+    `reinit: true` is the ticket control: the same masks (found by the rewound path, retrained
+    inside the trial) with a fresh initialisation, the one a trial of seed + `reinit_offset` starts from.
+    """
+
+    name: Literal["imp"] = "imp"
+    rounds: int = Field(3, ge=1)  # pruning rounds after the dense round 0
+    rate: float = Field(0.2, gt=0.0, lt=1.0)  # fraction of the remaining weights pruned per round
+    scope: Literal["layer", "global"] = "layer"  # rank within each layer, or over all pruned layers
+    layers: Literal["all", "conv", "linear"] = "all"  # which weights are pruned (biases never are)
+    rewind_step: int = Field(0, ge=0)  # 0: the original initialisation (the LTH setting)
+    reinit: bool = False  # the ticket control: same masks, fresh init from seed + reinit_offset
+    reinit_offset: int = Field(1_000_003, ge=1)
+
+    def phases(self) -> list[tuple[int, bool]]:
+        """(round, from a fresh init) per phase of `epochs` epochs. The control retrains the rewound
+        path (which finds the next mask) between its own fresh-init rounds: 0, 1*, 1, 2*, ..., R*."""
+        if not self.reinit:
+            return [(r, False) for r in range(self.rounds + 1)]
+        path = [(0, False)]
+        for r in range(1, self.rounds + 1):
+            path += [(r, True)] + ([(r, False)] if r < self.rounds else [])
+        return path
+
+
+class EdgePopupScheme(Strict):
+    """Edge-popup (Ramanujan et al. 2020; trainers/schemes/edgepopup.py): frozen random weights, a
+    trained score per weight, and in each conv/linear layer the top `k` fraction of |score| kept."""
+
+    name: Literal["edgepopup"] = "edgepopup"
+    k: float = Field(0.5, gt=0.0, le=1.0)  # fraction of each layer's weights KEPT (their `prune_rate`)
+    weights: Literal["signed_constant", "kaiming_normal"] = "signed_constant"
+
+
 Scheme = Annotated[
-    BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme, Field(discriminator="name")
+    BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme | ImpScheme | EdgePopupScheme,
+    Field(discriminator="name"),
 ]
 # The scheme names, in the union's order, without importing torch (the CLI's help and spec checks need
 # only these); trainers.schemes.REGISTRY holds an implementation for each, and a test keeps them equal.
 SCHEMES: tuple[str, ...] = tuple(
-    c.model_fields["name"].default for c in (BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme)
+    c.model_fields["name"].default
+    for c in (BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme, ImpScheme, EdgePopupScheme)
 )
 
 
@@ -163,6 +204,21 @@ class TrialConfig(Strict):
             if scheme.metric == "oracle" and self.data.val_fraction <= 0:
                 raise ValueError("scheme.metric 'oracle' needs data.val_fraction > 0 (a held-out split)")
         return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`."""
+        if isinstance(self.scheme, ImpScheme):
+            return self.epochs * len(self.scheme.phases())
+        return self.epochs
+
+    def reference_hash(self) -> str | None:
+        """config_hash of the trial this one is compared with seed by seed, when it is not the
+        `baseline` of its pair_key: the IMP ticket control is compared with the rewound IMP."""
+        if isinstance(self.scheme, ImpScheme) and self.scheme.reinit:
+            rewound = self.scheme.model_copy(update={"reinit": False})
+            return self.model_copy(update={"scheme": rewound}).config_hash()
+        return None
 
     @property
     def count_tau(self) -> float:

@@ -39,17 +39,19 @@ class EpochRecord:
     test_acc: float
     wall_s: float  # wall time of this epoch (training + evaluation)
     layers: tuple[LayerEpochStats, ...]
+    # The scheme's own columns (IMP: round, round_end, sparsity, mask_overlap).
+    extra: dict[str, float | int | bool] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
-        """One wide row: totals over layers plus a column per layer and statistic."""
-        row: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "layers"}
+        """One wide row: totals over layers plus a column per layer and statistic, and the scheme's."""
+        row: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("layers", "extra")}
         n = sum(s.n_filters for s in self.layers)
         row["cgn_mean"] = sum(s.cgn_mean * s.n_filters for s in self.layers) / max(n, 1)
         row["cgn_min"] = min((s.cgn_min for s in self.layers), default=float("nan"))
         for key in ("below_tau", "resets", "dropped"):
             row[key] = sum(getattr(s, key) for s in self.layers)
         row["ortho_sum"] = sum(s.ortho_sum for s in self.layers)
-        return row
+        return row | self.extra
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class TrialResult:
     reinit_fallbacks: int  # RePr re-inits that fell back to the initializer (null space too small)
     wall_s: float  # wall time of the whole pack this seed trained in
     pack_size: int = 1  # seeds trained at once with this one (1 = alone)
+    sparsity: float = 0.0  # share of conv/linear weights held at zero at the end (IMP, edge-popup)
     failure_rule: str = field(default="")
     # Provenance outside the trial key that still changes exact numbers (summation order, kernels).
     device: str = ""  # e.g. "cpu", "cuda:0"

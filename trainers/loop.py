@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainers.augment import crop_flip, draw_epoch
@@ -26,7 +25,7 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
-from trainers.models import build_model
+from trainers.models import build_model, derive_seeds
 from trainers.optim import RowAdam
 from trainers.pack import PACKABLE, PackedNet
 from trainers.ranking import ortho_scores, pack_logits, pack_loss
@@ -41,12 +40,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def derive_seeds(seed: int) -> tuple[int, int]:
-    """Independent streams for initialization and the scheme's draws, both from the trial seed."""
-    init_seed, scheme_seed = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
-    return int(init_seed), int(scheme_seed)
 
 
 def can_pack(config: TrialConfig) -> bool:
@@ -156,9 +149,8 @@ class _EpochSums:
         return [cls(*values) for values in zip(*columns, strict=True)]
 
 
-def _make_optimizer(config: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrialConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """Elementwise optimizers: one over a pack's stacked tensors equals K independent ones."""
-    params = [p for p in model.parameters() if p.requires_grad]
     o = config.optim
     if o.name == "adam":
         return RowAdam(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -208,13 +200,16 @@ def train_pack(
     resume: dict[str, Any] | None = None,
 ) -> list[TrialResult]:
     model = build_pack(config, seeds, data).to(device)
-    optimizer = _make_optimizer(config, model)
-    groups = filter_groups(model)
-    monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every)
     scheme = build_scheme(config.scheme)
     data_gen = torch.Generator().manual_seed(config.data_seed)
     scheme_gens = [torch.Generator(device=device).manual_seed(derive_seeds(s)[1]) for s in seeds]
-    ctx = TrainContext(config, model, groups, optimizer, monitor, data, scheme_gens)
+    scheme.prepare(model, scheme_gens)
+    optimizer = _make_optimizer(config, scheme.parameters(model))
+    groups = filter_groups(model)
+    monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every)
+    ctx = TrainContext(
+        config, model, groups, optimizer, monitor, data, scheme_gens, seeds=list(seeds), data_gen=data_gen
+    )
     progress = _Progress.start(seeds)
     if resume is not None:
         if resume["progress"]["seeds"] != seeds:
@@ -227,7 +222,7 @@ def train_pack(
     n_train, n_test = len(data.x_train), len(data.x_test)
     check_batch_size(config.batch_size, config.full_batch, data)
     batch = n_train if config.full_batch else config.batch_size
-    for epoch in range(progress.epoch, config.epochs):
+    for epoch in range(progress.epoch, config.total_epochs):
         if not any(ctx.alive):
             break
         started = time.perf_counter()
@@ -276,6 +271,7 @@ def train_pack(
                 test_acc=seed_progress.test_acc,
                 wall_s=epoch_wall,
                 layers=stats,
+                extra=scheme.epoch_metrics(k),
             )
             sink.on_epoch(record, trace)
             if seed_progress.diverged:
@@ -364,6 +360,7 @@ def _result(
         failed=seed.diverged or not (seed.test_acc > chance + config.failure_margin),
         diverged=seed.diverged,
         total_resets=seed.total_resets,
+        sparsity=scheme.sparsity(k),
         reinit_fallbacks=scheme.reinit_fallbacks[k] if scheme.reinit_fallbacks else 0,
         wall_s=progress.wall_s,
         pack_size=len(progress.seeds),

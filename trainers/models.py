@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,12 @@ _INITIALIZERS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     "xavier": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
     "kaiming": lambda t, g: nn.init.kaiming_normal_(t, mode="fan_in", nonlinearity="relu", generator=g),
 }
+
+
+def derive_seeds(seed: int) -> tuple[int, int]:
+    """Independent streams for initialization and the scheme's draws, both from the trial seed."""
+    init_seed, scheme_seed = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+    return int(init_seed), int(scheme_seed)
 
 
 @dataclass

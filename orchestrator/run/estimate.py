@@ -71,7 +71,7 @@ def estimate(plan: SweepPlan, sweep_dir: Path) -> Estimate:
             if result and result.get("epochs_done") and result.get("wall_s"):
                 stored.setdefault(kind, float(result["wall_s"]) / int(result["epochs_done"]))
         if not all(results):
-            remaining.append((kind, first.epochs))
+            remaining.append((kind, first.total_epochs))  # IMP: epochs per round x phases
 
     needed = {kind for kind, _ in remaining}
     rates = {kind: stored[kind] for kind in needed if kind in stored}
@@ -110,7 +110,8 @@ def _probe(config: TrialConfig, pack: int, device: object, threads: int) -> floa
         results = train(one_epoch, MemorySink(), seeds=list(range(pack)), pack_size=pack, data=data)
     finally:
         torch.set_num_threads(before)
-    return results[0].wall_s if results and results[0].wall_s > 0 else time.perf_counter() - started
+    elapsed = results[0].wall_s if results and results[0].wall_s > 0 else time.perf_counter() - started
+    return elapsed / one_epoch.total_epochs  # IMP trains one epoch per phase
 
 
 def _duration(seconds: float) -> str:

@@ -9,10 +9,12 @@ terminal it is a live line; otherwise (logs, `ray job logs`) it prints a line at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -121,7 +123,7 @@ class ProgressCallback(Callback):
 
     def _say(self, message: str) -> None:
         if self._console is not None:
-            self._console.print(message)
+            self._console.print(message, soft_wrap=True, highlight=False)  # one line, even in a log
 
     def _update(self, trials: list[Trial]) -> None:
         self.counts = Counts.of(trials, self.total)
@@ -139,10 +141,13 @@ class ProgressCallback(Callback):
 
 
 class OneLineErrors(logging.Filter):
-    """Condense a logger's tracebacks to their exception line (the compact view stays compact).
+    """Condense a logger's tracebacks to one line: the message and the exception line.
 
     Used for Tune's experiment-state syncer: with state saved after every event, its background
     copy can race the next save and log a FileNotFoundError traceback; the next sync repairs it.
+    Ray's storage syncer pastes the traceback into the message text itself ("Last sync command
+    failed with the following error:\n<traceback>", ~25 lines after a killed worker), so a
+    multi-line message is condensed the same way: its first line and its last.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -151,10 +156,31 @@ class OneLineErrors(logging.Filter):
             record.msg = f"{record.getMessage()} {type(error).__name__}: {str(error).splitlines()[0]}"
             record.args = None
             record.exc_info = None
+        lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+        if len(lines) > 1:
+            record.msg = f"{lines[0]} {lines[-1]}" if lines[-1] != lines[0] else lines[0]
+            record.args = None
         return True
+
+
+# Ray loggers that print tracebacks about its own state copies, which it repairs on the next copy.
+CONDENSED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer")
+
+
+def quiet_ray_logs() -> None:
+    """Every traceback those loggers print becomes one line (added once, however often called)."""
+    for name in CONDENSED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineErrors) for f in logger.filters):
+            logger.addFilter(OneLineErrors())
 
 
 def _last_line(trial: Trial) -> str:
     """The exception line of a trial's error (Tune's full traceback stays in its error.txt)."""
-    lines = [line.strip() for line in str(trial.get_error() or "").splitlines() if line.strip()]
+    text = None
+    # Tune writes error.txt in the driver's staging directory first and syncs it to storage later
+    # (on a cluster, after this callback), so the local copy is read first.
+    with contextlib.suppress(OSError, TypeError):
+        text = Path(trial.error_file).read_text()
+    lines = [line.strip() for line in str(text or trial.get_error() or "").splitlines() if line.strip()]
     return lines[-1] if lines else "an error"

@@ -1,4 +1,9 @@
-"""`lottery train`: one trial from flags or YAML, a progress bar, the trial directory, one MLflow run."""
+"""`lottery train`: one trial from flags or YAML, a progress bar, the trial directory, one MLflow run.
+
+It trains with the thread count a sweep trial gets at the default resources (`Resources.threads`:
+1 CPU, 1 thread), so the same trial gives the same numbers here and in a sweep. A trial that
+already has a result in `--out` is not trained again: its stored result is reported and logged.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchestrator import layout
 from orchestrator.errors import UserError
-from orchestrator.spec import apply_overrides, load_yaml, set_dotted
+from orchestrator.spec import Resources, apply_overrides, load_yaml, set_dotted
 from trainers.config import TrialConfig
 from trainers.events import EpochRecord
 
@@ -47,6 +52,8 @@ def run_single(
     log: bool = True,
     retrain_changed: bool = False,
 ) -> dict[str, Any]:
+    import torch
+
     from orchestrator.run.trial import (
         changed_data_message,
         data_fingerprint,
@@ -67,17 +74,33 @@ def run_single(
         console.print(f"set aside the result trained on other data: {set_aside_changed(changed)[0]}")
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
-    with _progress() as bar:
-        task = bar.add_task("epochs", total=config.epochs)
+    stored = layout.trial_status(trial_dir)
+    if stored.damaged:
+        aside = layout.damaged_aside(layout.train_dir(root), config.trial_key())
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        trial_dir.rename(aside)
+        console.print(f"[yellow]stored trial damaged ({stored.problem}); moved to {aside}, training again[/]")
+    if stored.finished:
+        result = stored.result
+        console.print(
+            f"reused the stored result in {trial_dir} (nothing trained); to retrain, remove that "
+            "directory or pass another --out",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        torch.set_num_threads(Resources().threads)  # a sweep trial's rule, at a sweep's default resources
+        with _progress() as bar:
+            task = bar.add_task("epochs", total=config.total_epochs)
 
-        def on_epoch(record: EpochRecord) -> None:
-            bar.update(
-                task,
-                completed=record.epoch + 1,
-                description=f"epoch {record.epoch + 1}: test acc {record.test_acc:.3f}",
-            )
+            def on_epoch(record: EpochRecord) -> None:
+                bar.update(
+                    task,
+                    completed=record.epoch + 1,
+                    description=f"epoch {record.epoch + 1}: test acc {record.test_acc:.3f}",
+                )
 
-        result = run_trial(config, trial_dir, sweep=layout.TRAIN, data=data, on_epoch=on_epoch)
+            result = run_trial(config, trial_dir, sweep=layout.TRAIN, data=data, on_epoch=on_epoch)
     verdict = "FAILED (lottery loss)" if result["failed"] else "ok"
     console.print(
         f"final test acc {result['final_test_acc']:.4f} ({verdict}; {result['failure_rule']}), "
@@ -90,9 +113,11 @@ def run_single(
 
 def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> None:
     from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
+    from orchestrator.tracking.store import prepare_store
 
     uri = tracking_uri or default_tracking_uri(root)
     try:
+        prepare_store(uri, console)  # built whole, or rebuilt if a kill left it half-migrated
         client = client_for(uri)
         run_id = log_trial(
             client, ensure_experiment(client, experiment, layout.artifacts_dir(root)), trial_dir

@@ -10,8 +10,10 @@ temporary copy.
 Only configuration travels in the job's runtime_env: MLFLOW_TRACKING_URI and LOTTERY_*.
 Credentials never do (anyone who can read the job's details could read them, and Ray keeps
 runtime_envs in its dashboard): the cluster nodes hold their own MLFLOW_TRACKING_USERNAME /
-PASSWORD and RAY_AUTH_TOKEN. The client reads RAY_AUTH_TOKEN from this environment itself, for
-the request header only.
+PASSWORD and RAY_AUTH_TOKEN. The client sends the cluster's token (Ray token auth, on by default
+since Ray 2.60) as an `Authorization: Bearer` header only: from RAY_AUTH_TOKEN, else the file
+RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token, the places Ray itself looks, whatever
+RAY_AUTH_MODE says here. A missing or refused token is one line naming the variable to set.
 
 The Jobs API is served by the head's dashboard, which needs `ray[default]` on the cluster (Ray's
 images have it; a pip-installed head needs the extra).
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TOKEN_FILE = Path("~/.ray/auth_token")  # Ray's default token file
 # Ray also honours .gitignore (which covers .venv, runs and .env); these hold even if that is turned off.
 EXCLUDES = [".venv", layout.RESULTS_ROOT, ".git", ".env", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 PASSED_VARIABLES = ("MLFLOW_TRACKING_URI",)
@@ -136,10 +139,16 @@ def jobs_client(address: str) -> Iterator[JobSubmissionClient]:
 
     for name, level in CHATTY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    from ray.exceptions import AuthenticationError
+
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = address
+    token = auth_token(os.environ)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        yield JobSubmissionClient(address)
+        yield JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        raise UserError(auth_error(address, str(exc), sent=token is not None)) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"ray jobs at {address}: {' '.join(str(exc).split())[:400]}") from None
     finally:
@@ -147,3 +156,21 @@ def jobs_client(address: str) -> Iterator[JobSubmissionClient]:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def auth_token(environ: Mapping[str, str]) -> str | None:
+    """The cluster token, looked up where Ray looks: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray."""
+    if token := environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    path = Path(environ["RAY_AUTH_TOKEN_PATH"]) if environ.get("RAY_AUTH_TOKEN_PATH") else TOKEN_FILE
+    with contextlib.suppress(OSError):
+        return path.expanduser().read_text().strip() or None
+    return None
+
+
+def auth_error(address: str, message: str, *, sent: bool) -> str:
+    """One line for a Jobs API that wants a token we lack (401) or refused ours (403)."""
+    fix = "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token (`ray get-auth-token` on the head)"
+    if not sent or "Authentication required" in message:
+        return f"RAY_AUTH_TOKEN: the Ray cluster at {address} requires a token and none was found; {fix}"
+    return f"RAY_AUTH_TOKEN: the Ray cluster at {address} refused the token; {fix}"

@@ -23,10 +23,17 @@ against the data now loaded. Then the driver takes the sweep's lock (`layout.dri
 driver per sweep) and turns SIGTERM into what Ctrl-C does, so a scheduler's stop saves Tune's state
 and marks the parent run KILLED.
 
+The embedded local cluster is secure by default: Ray 2.60's token auth stays on (ray.init
+generates a token into ~/.ray/auth_token unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH name one;
+every GCS, raylet and worker RPC must carry it) and every Ray port listens on loopback only.
+Ray binds its servers to all interfaces unless the node's IP is literally 127.0.0.1, and on Linux
+it resolves 127.0.0.1 to the machine's routable IP unless its single-machine mode is on
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows), so the embedded cluster
+sets that. A cluster (--address, the spec's ray_address, $RAY_ADDRESS) keeps the caller's auth
+environment: RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN.
+
 Environment, set here before Ray starts (all `setdefault`, so the caller can override):
-  RAY_AUTH_MODE=disabled        only for the embedded local cluster: Ray 2.60 would otherwise
-                                turn on token auth for a fresh local cluster; a remote cluster
-                                keeps whatever mode the caller's environment says
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  embedded cluster only: node IP 127.0.0.1, loopback ports
   RAY_USAGE_STATS_ENABLED=0     no usage reporting
   TUNE_GLOBAL_CHECKPOINT_S=0    save Tune's experiment state after every event, so a driver
                                 killed with SIGKILL never re-runs a trial that had finished
@@ -42,7 +49,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -66,6 +72,7 @@ if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
     from orchestrator.tracking.sweep import SweepRecord
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
+REUSE_ACTORS = True  # Tune's actor reuse; bench/retry_delay.py measures both ways after a worker kill
 DRIVER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_GLOBAL_CHECKPOINT_S": "0",
@@ -74,17 +81,20 @@ DRIVER_ENV = {
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # one line per error from ProgressCallback instead
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
 }
+# The embedded cluster only (see the module docstring): node IP 127.0.0.1, so Ray binds loopback.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
 class SweepOutcome:
     sweep_dir: Path
-    counts: dict[str, int]  # planned, finished, failed, errored, unfinished
+    counts: dict[str, int]  # planned, finished, failed, errored, damaged, unfinished
     parent_run_id: str | None
+    tracked: bool = True  # every ended trial has its run and the parent was closed
 
     @property
     def complete(self) -> bool:
-        return self.counts["unfinished"] == 0
+        return self.counts["unfinished"] == 0 and self.counts.get("damaged", 0) == 0
 
 
 def sweep_dir_for(plan: SweepPlan, root: Path) -> Path:
@@ -377,7 +387,7 @@ def run_sweep(
     allow_mixed: bool = False,
     retrain_changed: bool = False,
 ) -> SweepOutcome:
-    from orchestrator.run.progress import OneLineErrors
+    from orchestrator.run.progress import quiet_ray_logs
     from orchestrator.tracking.runs import default_tracking_uri, refuse_password
 
     console = console or Console(stderr=True)
@@ -401,6 +411,7 @@ def run_sweep(
             _set_aside_changed(changed, sweep_dir, console)
         resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
         keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
+        set_aside_damaged(sweep_dir, keys, console)
         record = _open_tracking(plan, sweep_dir, uri, keys, console)
 
         console.print(
@@ -409,7 +420,7 @@ def run_sweep(
             f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; "
             f"results in {sweep_dir}"
         )
-        logging.getLogger("ray.tune.execution.experiment_state").addFilter(OneLineErrors())
+        quiet_ray_logs()
         # Lists every never-started trial after an interrupt; our counts come from the trial directories.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
@@ -427,8 +438,10 @@ def run_sweep(
                 tuner.fit()
 
         counts = layout.count_trials(sweep_dir, keys)
-        outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None)
-        if record is None or not _close_tracking(record, sweep_dir, keys, counts, outcome.complete, console):
+        complete = SweepOutcome(sweep_dir, counts, None).complete
+        tracked = record is not None and _close_tracking(record, sweep_dir, keys, counts, complete, console)
+        outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked)
+        if not tracked:
             console.print(
                 f"[yellow]tracking: MLflow at {uri} may miss some trials (results safe on disk); "
                 f"once it is reachable run: lottery sync {sweep_dir}[/]",
@@ -436,6 +449,33 @@ def run_sweep(
                 soft_wrap=True,  # one line, so the command can be copied whole
             )
     return outcome
+
+
+def set_aside_damaged(sweep_dir: Path, keys: list[str], console: Console) -> list[str]:
+    """Move each damaged trial directory to damaged/ (kept, never deleted) so the trial trains again.
+
+    Tune's saved state counts those trials as done, so it is set aside too and Tune starts
+    afresh: finished trials only report their stored results, unfinished ones resume from their
+    own checkpoints. Returns the keys moved.
+    """
+    moved = []
+    for key in keys:
+        status = layout.trial_status(layout.trial_dir(sweep_dir, key))
+        if not status.damaged:
+            continue
+        aside = layout.damaged_aside(sweep_dir, key)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        layout.trial_dir(sweep_dir, key).rename(aside)
+        moved.append(key)
+        console.print(
+            f"[yellow]trial {key} is damaged ({status.problem}); moved to {aside}, training it again[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    tune_dir = layout.tune_dir(sweep_dir)
+    if moved and tune_dir.exists():
+        tune_dir.rename(layout.set_aside(tune_dir, layout.DAMAGED))
+    return moved
 
 
 def _no_tune_resume_hint(record: logging.LogRecord) -> bool:
@@ -575,21 +615,45 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
+    with contextlib.ExitStack() as stack:
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            stack.enter_context(loopback_only())
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                logging_level="WARNING",
+                log_to_driver=False,
+            )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode for a local ray.init: node IP 127.0.0.1, so every port binds loopback.
+
+    The environment variable reaches the processes Ray starts; this process read it when it first
+    imported Ray, so its copy of the constant is set too (and both are restored afterwards). A value
+    the caller set explicitly wins.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    if saved_env is None:
+        os.environ[name] = LOCAL_RAY_ENV[name]
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
 
 
 def unreadable_tune_state(path: Path) -> str | None:
@@ -657,7 +721,7 @@ def _tuner(
         sweep_dir=str(sweep_dir),
         plan=tuple(t.model_dump(mode="json") for t in plan.trials),
         units=plan.units,
-        threads=max(1, math.floor(spec.resources.cpu)),
+        threads=spec.resources.threads,
         fault_once=os.environ.get(FAULT_ENV),
     )
     trainable = tune.with_resources(
@@ -673,7 +737,7 @@ def _tuner(
         param_space={"unit": tune.grid_search(list(range(len(plan.units))))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent_trials,
-            reuse_actors=True,
+            reuse_actors=REUSE_ACTORS,
             trial_name_creator=functools.partial(trial_name, names=names),
             trial_dirname_creator=functools.partial(trial_name, names=names),
         ),

@@ -13,9 +13,9 @@ leaves a state that points at a deleted checkpoint and the trial can never be re
 Marker checkpoints cost a few bytes each, so none needs deleting; the model state is written
 once per epoch instead of twice.
 
-Every attempt appends a line to `<trial_dir>/attempts.jsonl` (pid, start time, the epoch
-it resumed from, from which checkpoint, and the epoch of the checkpoint Tune restored), so a
-retry is visible on disk.
+Every attempt appends a line to `<trial_dir>/attempts.jsonl` (pid, the Ray node's id and IP,
+start time, the epoch it resumed from, from which checkpoint, and the epoch of the checkpoint
+Tune restored), so a retry, and where it ran, is visible on disk.
 
 Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
 passes it here; that trial raises once, right after epoch `<epoch>` has been reported with
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -132,6 +133,8 @@ def _record_attempt(trial_dir: Path, epoch: int, source: str | None, tune_epoch:
     trial_dir.mkdir(parents=True, exist_ok=True)
     line = {
         "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # which cluster node ran this attempt
+        "node_ip": ray.util.get_node_ip_address(),
         "started": time.time(),
         "resumed_from_epoch": epoch,
         "checkpoint": source,
@@ -150,12 +153,28 @@ def _load_data_or_record(members: list[TrialConfig], trial_dirs: list[Path], swe
     """Data outside run_trials (to cache it), so a loading error is recorded here, as run_trials would."""
     trial = members[0]
     try:
-        device = pick_device(trial.device)
+        device = _device_here(trial.device)
         return _cached_data(trial.data.model_dump_json(), trial.data_seed, str(device))
     except Exception:
         for member, trial_dir in zip(members, trial_dirs, strict=True):
             TrialDirSink(trial_dir, member, sweep).on_error(traceback.format_exc())
         raise
+
+
+class DeviceUnavailable(RuntimeError):
+    """The trial's device does not exist on the Ray node that runs it (e.g. cuda on a CPU node)."""
+
+
+def _device_here(name: str) -> torch.device:
+    """The trial's device on this node; if it is missing, one line naming the device and the node."""
+    try:
+        return pick_device(name)
+    except ValueError:
+        node = f"{ray.util.get_node_ip_address()} (node id {ray.get_runtime_context().get_node_id()[:12]})"
+        raise DeviceUnavailable(
+            f"device: '{name}' requested but Ray node {node} has no CUDA device; give the trial "
+            "resources.gpu only on nodes with CUDA, or use device 'auto' or 'cpu'"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1)

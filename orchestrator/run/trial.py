@@ -55,6 +55,7 @@ def trial_meta(config: TrialConfig, sweep: str) -> dict[str, Any]:
         "trial_key": config.trial_key(),
         "config_hash": config.config_hash(),
         "pair_key": config.pair_key(),
+        "reference_hash": config.reference_hash(),
         "sweep": sweep,
         "scheme": config.scheme.name,
         "hparams": config.scheme_hparams(),

@@ -21,6 +21,7 @@ for _key, _value in {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # two "View run" lines per run on a server
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -43,7 +44,14 @@ EPOCH_METRICS = (
     "dropped",
     "ortho_sum",
     "wall_s",
+    "sparsity",
 )
+# IMP: one point per round (step = round) at the round's last epoch that counts (metrics.parquet round_end).
+ROUND_METRICS = {
+    "test_acc": "round_test_acc",
+    "sparsity": "round_sparsity",
+    "mask_overlap": "round_mask_overlap",
+}
 RESULT_METRICS = (
     "final_test_acc",
     "final_train_acc",
@@ -131,7 +139,14 @@ def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
         for key in EPOCH_METRICS:
             if hasattr(row, key):
                 metrics.append(Metric(key, float(getattr(row, key)), start_ms + step, step))
+        if _flag(getattr(row, "round_end", None)):
+            for key, name in ROUND_METRICS.items():
+                metrics.append(Metric(name, float(getattr(row, key)), start_ms + step, int(row.round)))
     return metrics
+
+
+def _flag(value: object) -> bool:
+    return value is not None and not pd.isna(value) and bool(value)
 
 
 def log_trial(
@@ -193,6 +208,8 @@ def log_trial(
     if result is not None:
         last = start_ms + len(metrics)
         metrics += [Metric(k, float(result[k]), last, 0) for k in RESULT_METRICS]
+        if "sparsity" in result:  # results written before sparsity was recorded lack it
+            metrics.append(Metric("final_sparsity", float(result["sparsity"]), last, 0))
         metrics.append(Metric("failed", float(result["failed"]), last, 0))
     for chunk in _batched(metrics, BATCH):
         client.log_batch(run_id, metrics=chunk)

@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -37,6 +38,7 @@ from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
+from orchestrator.tracking.store import prepare_store
 
 LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 PAGE = 1000
@@ -45,12 +47,17 @@ OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long (see Trac
 
 @dataclass(frozen=True)
 class SweepRecord:
-    """sweep.json: where this sweep's runs live."""
+    """sweep.json: where this sweep's runs live, and the directory it was written for.
+
+    The tracking URI is absolute, so a copied (or moved) sweep directory would log into the
+    original's store; `sweep_dir` tells a copy apart (records written before it existed have None).
+    """
 
     name: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    sweep_dir: str | None = None
 
     def save(self, sweep_dir: Path) -> None:
         layout.atomic_write_json(layout.record_file(sweep_dir), asdict(self))
@@ -60,24 +67,83 @@ class SweepRecord:
         path = layout.record_file(sweep_dir)
         return cls(**layout.read_json(path)) if path.exists() else None
 
+    def written_elsewhere(self, sweep_dir: Path) -> str | None:
+        """The directory this record was written for, when `sweep_dir` is another one (a copy)."""
+        if self.sweep_dir is None or self.sweep_dir == str(Path(sweep_dir).resolve()):
+            return None
+        return self.sweep_dir
 
-def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str) -> SweepRecord:
-    """Create (or reopen) the experiment and the parent run before any trial starts."""
+
+class CopiedSweep(UserError):
+    """A sweep directory whose sweep.json was written for another directory: logging is refused."""
+
+
+def check_own_record(record: SweepRecord, sweep_dir: Path) -> None:
+    """Refuse to log a copied sweep into the store and parent run of the directory it was copied from."""
+    original = record.written_elsewhere(sweep_dir)
+    if original is not None:
+        here = Path(sweep_dir).resolve()
+        raise CopiedSweep(
+            f"tracking: {here} is a copy of {original} ({layout.RECORD} names that directory and its "
+            f"store), so nothing is logged; run `lottery sync {here}` to make the copy its own store, "
+            "or pass --tracking-uri to `lottery sync` for another one"
+        )
+
+
+def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str, *, adopt: bool = False) -> SweepRecord:
+    """Create (or reopen) the experiment and the parent run before any trial starts.
+
+    The parent is found again by what it is, not only by sweep.json: a driver killed between
+    creating it and writing sweep.json must not leave a second parent behind. Parents of the
+    same plan and directory still RUNNING besides the one kept (an older driver's) are closed.
+    `adopt` ignores a sweep.json written for another directory (`lottery sync` of a copy);
+    otherwise such a record is refused (CopiedSweep).
+    """
     spec = plan.spec
+    sweep_dir = Path(sweep_dir).resolve()
+    previous = SweepRecord.load(sweep_dir)
+    if previous is not None and adopt and previous.written_elsewhere(sweep_dir):
+        previous = None
+    elif previous is not None:
+        check_own_record(previous, sweep_dir)
+    prepare_store(tracking_uri)
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, layout.artifacts_dir(sweep_dir))
-    previous = SweepRecord.load(sweep_dir)
     parent = _reusable_parent(client, previous, tracking_uri)
+    found = _parents_of(client, experiment_id, plan, sweep_dir)
+    if parent is None and found:
+        parent = found[0].info.run_id  # the newest; its artifacts may not have been logged yet
+        _log_plan_files(client, parent, sweep_dir)
     if parent is None:
-        run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan))
+        run = client.create_run(
+            experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan, sweep_dir)
+        )
         parent = run.info.run_id
-        client.log_artifact(parent, str(layout.spec_file(sweep_dir)))
-        client.log_artifact(parent, str(layout.plan_file(sweep_dir)))
+        _log_plan_files(client, parent, sweep_dir)
     else:
         client.update_run(parent, status="RUNNING")
-    record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
+    for run in found:
+        if run.info.run_id != parent and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    record = SweepRecord(spec.name, tracking_uri, experiment_id, parent, str(sweep_dir))
     record.save(sweep_dir)
     return record
+
+
+def _log_plan_files(client: MlflowClient, parent: str, sweep_dir: Path) -> None:
+    client.log_artifact(parent, str(layout.spec_file(sweep_dir)))
+    client.log_artifact(parent, str(layout.plan_file(sweep_dir)))
+
+
+def _parents_of(client: MlflowClient, experiment_id: str, plan: SweepPlan, sweep_dir: Path) -> list:
+    """Active parent runs of this plan in this directory, newest first (tags set at creation)."""
+    if "'" in str(sweep_dir):  # not expressible in a filter string; sweep.json alone then
+        return []
+    clause = (
+        f"tags.role = 'sweep' and tags.fingerprint = '{plan.fingerprint}' and tags.sweep_dir = '{sweep_dir}'"
+    )
+    runs = client.search_runs([experiment_id], filter_string=clause, max_results=PAGE)
+    return sorted(runs, key=lambda run: run.info.start_time or 0, reverse=True)
 
 
 def _reusable_parent(client: MlflowClient, previous: SweepRecord | None, uri: str) -> str | None:
@@ -90,10 +156,11 @@ def _reusable_parent(client: MlflowClient, previous: SweepRecord | None, uri: st
     return run.info.run_id if run.info.lifecycle_stage == "active" else None
 
 
-def _parent_tags(plan: SweepPlan) -> dict[str, str]:
+def _parent_tags(plan: SweepPlan, sweep_dir: Path) -> dict[str, str]:
     spec = plan.spec
     tags = {
         "sweep": spec.name,
+        "sweep_dir": str(sweep_dir),
         "role": "sweep",
         "n_trials": str(len(plan.trials)),
         "seeds": json.dumps(spec.seeds),
@@ -175,17 +242,29 @@ def tracking_gaps(
     return TrackingGaps(missing, present, unfinished)
 
 
-def reconcile(record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, errored: bool) -> TrackingGaps:
+def reconcile(
+    record: SweepRecord,
+    sweep_dir: Path,
+    trial_keys: list[str],
+    *,
+    errored: bool,
+    on_logged: Callable[[int, int], None] | None = None,
+) -> TrackingGaps:
     """Log every finished (and, if `errored`, errored) trial directory whose run is missing or stale.
 
-    Returns the gaps found before logging: `missing` is what was logged now.
+    Returns the gaps found before logging: `missing` is what was logged now. `on_logged(done,
+    total)` is called once before the first run and after each (a progress bar).
     """
     gaps = tracking_gaps(record, sweep_dir, trial_keys, errored=errored)
     client = client_for(record.tracking_uri)
-    for key in gaps.missing:
+    if on_logged:
+        on_logged(0, len(gaps.missing))
+    for done, key in enumerate(gaps.missing, 1):
         log_trial(
             client, record.experiment_id, layout.trial_dir(sweep_dir, key), parent_run_id=record.parent_run_id
         )
+        if on_logged:
+            on_logged(done, len(gaps.missing))
     return gaps
 
 
@@ -209,6 +288,11 @@ def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, con
         console.print(f"[yellow]tracking: {layout.record_file(sweep_dir)} is missing; nothing attached[/]")
         return
     try:
+        check_own_record(record, sweep_dir)
+    except CopiedSweep as exc:
+        console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        return
+    try:
         client = client_for(record.tracking_uri)
         for path in paths:
             client.log_artifact(record.parent_run_id, str(path), artifact_path)
@@ -221,6 +305,8 @@ def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, con
 def ui_argv(sweep_dir: Path, port: int) -> list[str]:
     """`mlflow ui` on the sweep's own store (a tracking server has its own UI already)."""
     record = SweepRecord.load(sweep_dir)
+    if record is not None:
+        check_own_record(record, sweep_dir)
     uri = record.tracking_uri if record else default_tracking_uri(sweep_dir)
     if uri.startswith(("http://", "https://")):
         raise UserError(f"sweep '{sweep_dir.name}' is tracked on a server: open {uri}")
@@ -276,6 +362,8 @@ class TrackingCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         self._record = SweepRecord.load(self.sweep_dir)
+        if self._record is not None and self._record.written_elsewhere(self.sweep_dir):
+            self._record = None  # a copy: never log into the original's store (the driver said so)
         self._client = client_for(self._record.tracking_uri) if self._record else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._paused_until = 0.0

@@ -14,19 +14,28 @@ have. Once every trial has ended, a parent run left RUNNING by an outage is clos
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan, SweepSpec, expand
 from orchestrator.tracking.runs import client_for, default_tracking_uri, refuse_password
-from orchestrator.tracking.sweep import SweepRecord, close_sweep, open_sweep, reconcile
+from orchestrator.tracking.store import embedded_uri, move_aside, prepare_store
+from orchestrator.tracking.sweep import SweepRecord, close_sweep, one_line, open_sweep, reconcile
 
 PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
+# What a store can raise: MLflow's own errors, SQLAlchemy's (OperationalError: locked, disk full,
+# a broken schema), sqlite's from the store check, and the OS's (permissions, a missing mount).
+STORE_ERRORS = (MlflowException, SQLAlchemyError, sqlite3.Error, OSError)
 
 
 @dataclass(frozen=True)
@@ -37,23 +46,50 @@ class SyncReport:
     unfinished: int  # trials with neither a result nor an error yet
 
 
-def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None) -> SyncReport:
-    """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring."""
+def sync_sweep(
+    sweep_dir: Path, tracking_uri: str | None = None, on_logged: Callable[[int, int], None] | None = None
+) -> SyncReport:
+    """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring.
+
+    `on_logged(done, total)` follows the logging (the CLI's one progress bar)."""
     keys = layout.planned_keys(sweep_dir)
     record = _sweep_record(sweep_dir, tracking_uri)
-    gaps = reconcile(record, sweep_dir, keys, errored=True)
+    gaps = reconcile(record, sweep_dir, keys, errored=True, on_logged=on_logged)
     counts = layout.count_trials(sweep_dir, keys)
     parent = client_for(record.tracking_uri).get_run(record.parent_run_id)
-    if counts["unfinished"] == 0 and parent.info.status != RunStatus.to_string(RunStatus.FINISHED):
+    if (
+        counts["unfinished"] == 0
+        and counts["damaged"] == 0
+        and parent.info.status != RunStatus.to_string(RunStatus.FINISHED)
+    ):
         close_sweep(record, counts, complete=True)
     return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
 
 
+def store_error_line(exc: BaseException, sweep_dir: Path, tracking_uri: str | None) -> str:
+    """A store failure as one line with the fix: the trial directories are intact either way."""
+    record = SweepRecord.load(sweep_dir)
+    uri = tracking_uri or (record.tracking_uri if record else None) or _planned_uri(sweep_dir)
+    return (
+        f"error: tracking store {uri} failed ({one_line(exc, 200)}); every result is safe in "
+        f"{layout.trials_root(sweep_dir)}: make the store reachable (not locked, server up, disk "
+        f"not full) and run `lottery sync {sweep_dir}` again, or pass --tracking-uri for another store"
+    )
+
+
 def _sweep_record(sweep_dir: Path, tracking_uri: str | None) -> SweepRecord:
-    """The recorded experiment and parent run if `tracking_uri` holds them, else newly opened ones."""
+    """The recorded experiment and parent run if `tracking_uri` holds them, else newly opened ones.
+
+    A copied sweep (its sweep.json names another directory) becomes its own: a new parent in
+    `--tracking-uri`, or in a new sqlite store inside the copy (the copied store file, which
+    holds the original's runs and points at the original's artifacts, is moved aside).
+    """
     record = SweepRecord.load(sweep_dir)
     uri = tracking_uri and refuse_password(tracking_uri, "--tracking-uri")
+    if record is not None and record.written_elsewhere(sweep_dir):
+        return open_sweep(recorded_plan(sweep_dir), sweep_dir, uri or _own_store(sweep_dir), adopt=True)
     uri = uri or (record.tracking_uri if record else None) or _planned_uri(sweep_dir)
+    prepare_store(uri)  # a broken sqlite store is set aside here, and rebuilt below
     if record is not None:
         try:
             parent = client_for(uri).get_run(record.parent_run_id)
@@ -64,6 +100,19 @@ def _sweep_record(sweep_dir: Path, tracking_uri: str | None) -> SweepRecord:
             if parent.info.lifecycle_stage == "active":
                 return replace(record, tracking_uri=uri)
     return open_sweep(recorded_plan(sweep_dir), sweep_dir, uri)
+
+
+def _own_store(sweep_dir: Path) -> str:
+    """A new embedded store for a copied sweep; a store file copied along is kept aside."""
+    db = layout.tracking_db(sweep_dir)
+    if os.path.lexists(db):
+        aside = move_aside(db, layout.COPIED)
+        Console(stderr=True).print(
+            f"tracking: {db} came with the copy and holds the original's runs; kept as {aside}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return embedded_uri(sweep_dir)
 
 
 def _planned_uri(sweep_dir: Path) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from trainers.config import SCHEMES, RandomOutScheme, ReprScheme
+from trainers.config import SCHEMES, EdgePopupScheme, ImpScheme, RandomOutScheme, ReprScheme
 from trainers.schemes.base import Scheme, TrainContext
+from trainers.schemes.edgepopup import EdgePopup
+from trainers.schemes.imp import Imp
 from trainers.schemes.randomout import RandomOut
 from trainers.schemes.repr import RePr
 
@@ -17,6 +19,8 @@ REGISTRY: dict[str, Callable[..., Scheme]] = {
     "batchnorm": lambda cfg: Scheme(),  # the model differs (BN after every conv), not the loop
     "randomout": lambda cfg: RandomOut(cfg),
     "repr": lambda cfg: RePr(cfg),
+    "imp": lambda cfg: Imp(cfg),
+    "edgepopup": lambda cfg: EdgePopup(cfg),
 }
 assert tuple(REGISTRY) == SCHEMES, "trainers.config's Scheme union and REGISTRY must list the same schemes"
 
@@ -30,6 +34,10 @@ def build_scheme(cfg: object) -> Scheme:
 
 __all__ = [
     "REGISTRY",
+    "EdgePopup",
+    "EdgePopupScheme",
+    "Imp",
+    "ImpScheme",
     "SCHEMES",
     "RandomOut",
     "RandomOutScheme",

@@ -35,6 +35,8 @@ class TrainContext:
     epoch: int = 0
     step: int = 0
     alive: list[bool] = field(default_factory=list)  # False once a seed's loss diverged
+    seeds: list[int] = field(default_factory=list)  # the trial seeds, in pack order
+    data_gen: torch.Generator | None = None  # batch order and augmentation (IMP replays it per round)
 
     def __post_init__(self) -> None:
         if not self.alive:
@@ -53,6 +55,13 @@ class Scheme:
     def __init__(self) -> None:
         self.reinit_fallbacks: list[int] = []
 
+    def prepare(self, model: torch.nn.Module, generators: list[torch.Generator]) -> None:
+        """Called once on the fresh model, before the optimizer exists (edge-popup swaps what trains)."""
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """What the optimizer updates: the model's trainable parameters unless the scheme says otherwise."""
+        return [p for p in model.parameters() if p.requires_grad]
+
     def setup(self, ctx: TrainContext) -> None:
         """Called once after the model and optimizer exist (and after a resume)."""
         if len(self.reinit_fallbacks) != len(ctx.generators):
@@ -66,6 +75,15 @@ class Scheme:
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
         """Epoch `epoch` (0-based) is complete and has been evaluated."""
+
+    def epoch_metrics(self, seed_index: int) -> dict[str, float | int | bool]:
+        """Extra per-epoch columns for the seed at `seed_index` (e.g. IMP's round and sparsity), as
+        they stood when the epoch that just ended was evaluated."""
+        return {}
+
+    def sparsity(self, seed_index: int) -> float:
+        """Share of the seed's conv/linear weights held at zero by the scheme at the end."""
+        return 0.0
 
     def dropped_masks(self) -> list[torch.Tensor] | None:
         """Filters currently masked out, per layer [K, F] (True = dropped), or None when none are."""

@@ -1,0 +1,257 @@
+"""Multi-node Ray on one machine: real `ray start` nodes on loopback addresses, with token auth.
+
+A head (no CPUs: it only schedules) on 127.0.0.2 and workers on 127.0.0.3, 127.0.0.4, each with
+its own --temp-dir and a distinct logical resource; the sweep's driver attaches with --address.
+Trials record the Ray node of every attempt in attempts.jsonl, so placement is read from disk.
+
+  - a sweep lands on both workers; one worker node is SIGKILLed mid-sweep and its trials are
+    retried on the other and finish, with one MLflow run per trial key;
+  - a worker with --num-gpus 2 (logical, no CUDA here) runs `resources.gpu: 0.25` trials 8 at a
+    time, and a `device: cuda` trial fails there with one line naming the device and the node.
+
+STORAGE is where the sweeps keep their results: a local directory today (all nodes share this
+machine's disk); pointed at an object store URI, the same tests check that no node needs another's
+disk. Numbers (placement, the kill's cost) are written to tests/artifacts/cluster_*.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from raynodes import Node, cluster, kill_pids, new_token, processes_with, ray_env
+
+from orchestrator.run.trainable import read_attempts
+from orchestrator.spec import load_plan
+from orchestrator.tracking.sweep import SweepRecord
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
+BASE = {
+    "data": {"name": "digits"},
+    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
+    "optim": {"name": "adam", "lr": 0.002},
+    "device": "cpu",
+}
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    """The sweeps' storage_path (a local directory; the parameter an object store URI replaces)."""
+    return str(tmp_path / "storage")
+
+
+def write_spec(directory: Path, name: str, storage: str, **changes: Any) -> Path:
+    doc = {
+        "name": name,
+        "base": BASE | {"epochs": 4},
+        "seeds": [0, 1, 2, 3],
+        "schemes": [{"name": "baseline"}],
+        "pack_size": 1,
+        "storage_path": storage,
+        "max_failures": 2,
+    } | changes
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@contextlib.contextmanager
+def driver(spec: Path, head: Node, token: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`lottery sweep SPEC --address HEAD` in its own process group, with its own RAY_TMPDIR."""
+    temp_dir = tempfile.mkdtemp(prefix="ld", dir="/tmp")
+    env = ray_env(temp_dir, token)
+    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "LOTTERY_"))}
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--address", head.gcs_address]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        kill_pids(processes_with(f"RAY_TMPDIR={temp_dir}"))
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+def trial_dirs(spec: Path, storage: str) -> dict[str, Path]:
+    plan = load_plan(spec)
+    return {t.trial_key(): Path(storage) / plan.spec.name / "trials" / t.trial_key() for t in plan.trials}
+
+
+def attempts(dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    return {key: read_attempts(path) for key, path in dirs.items()}
+
+
+def wait_until(condition: Any, timeout_s: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail("the driver ended early:\n" + log.read_text())
+        if time.monotonic() > deadline:
+            pytest.fail(f"not true within {timeout_s:.0f} s:\n" + log.read_text())
+        time.sleep(0.1)
+
+
+def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_other(
+    tmp_path: Path, storage: str
+) -> None:
+    token = new_token()
+    spec = write_spec(tmp_path, "multinode", storage, seeds=list(range(6)))
+    dirs = trial_dirs(spec, storage)
+    log = tmp_path / "driver.log"
+    workers = [
+        {"num_cpus": 1, "resources": '{"worker_a": 1}'},
+        {"num_cpus": 1, "resources": '{"worker_b": 1}'},
+    ]
+    with cluster(token, workers) as (head, a, b):
+        ids = {a.node_id(): "a", b.node_id(): "b"}
+        started = time.time()
+        with driver(spec, head, token, log) as process:
+
+            def running_on_b() -> bool:
+                seen = attempts(dirs)
+                on = {ids.get(line["node_id"]) for lines in seen.values() for line in lines}
+                busy_b = [
+                    k
+                    for k, lines in seen.items()
+                    if lines
+                    and ids.get(lines[-1]["node_id"]) == "b"
+                    and not (dirs[k] / "result.json").exists()
+                    and time.time() - lines[-1]["started"] > 3  # training, not just starting
+                ]
+                return on == {"a", "b"} and bool(busy_b)
+
+            wait_until(running_on_b, 240, process, log)
+            before = attempts(dirs)
+            victims = [
+                k
+                for k, lines in before.items()
+                if lines and ids[lines[-1]["node_id"]] == "b" and not (dirs[k] / "result.json").exists()
+            ]
+            b.kill()
+            killed = time.time()
+            returncode = process.wait(timeout=400)
+            ended = time.time()
+        output = log.read_text()
+        node_ips = {a.node_id(): a.ip}
+
+    after = attempts(dirs)
+    assert returncode == 0, output
+    assert all((d / "result.json").exists() for d in dirs.values()), output
+    first_nodes = {ids[lines[0]["node_id"]] for lines in after.values()}
+    assert first_nodes == {"a", "b"}  # placement: both workers ran trials
+    assert victims
+    for key in victims:
+        last = after[key][-1]
+        assert len(after[key]) >= 2 and ids[last["node_id"]] == "a", after[key]  # retried on the survivor
+        assert node_ips[last["node_id"]] == last["node_ip"] == "127.0.0.3"
+    record = SweepRecord.load(Path(storage) / "multinode")
+    runs = MlflowClient(record.tracking_uri).search_runs(
+        [record.experiment_id], filter_string="tags.trial_key LIKE '%'", max_results=1000
+    )
+    assert sorted(r.data.tags["trial_key"] for r in runs) == sorted(dirs)  # one run per trial key
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    retry_starts = [after[key][len(before[key])]["started"] for key in victims]
+    timing = {
+        "trials": len(dirs),
+        "first_attempt_on": {
+            node: sum(ids[lines[0]["node_id"]] == node for lines in after.values()) for node in "ab"
+        },
+        "trials_on_killed_worker": len(victims),
+        "kill_to_first_retry_start_s": round(min(retry_starts) - killed, 1),
+        "kill_to_sweep_end_s": round(ended - killed, 1),
+        "sweep_wall_s": round(ended - started, 1),
+    }
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    (ARTIFACTS_DIR / "cluster_kill.json").write_text(json.dumps(timing, indent=2))
+    print(f"\ncluster kill: {timing}")
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster() -> Iterator[tuple[str, list[Node]]]:
+    """A head and one worker with 2 logical GPUs and 8 logical CPUs (this machine has no CUDA)."""
+    token = new_token()
+    with cluster(token, [{"num_cpus": 8, "num_gpus": 2, "resources": '{"gpu_node": 1}'}]) as nodes:
+        yield token, nodes
+
+
+def test_quarter_gpu_trials_run_eight_at_a_time_on_two_logical_gpus(
+    tmp_path: Path, storage: str, gpu_cluster: tuple[str, list[Node]]
+) -> None:
+    token, (head, worker) = gpu_cluster
+    spec = write_spec(
+        tmp_path,
+        "quarter-gpu",
+        storage,
+        base=BASE | {"epochs": 3},
+        seeds=list(range(12)),
+        resources={"cpu": 0.25, "gpu": 0.25},
+    )
+    dirs = trial_dirs(spec, storage)
+    log = tmp_path / "driver.log"
+    with driver(spec, head, token, log) as process:
+        returncode = process.wait(timeout=400)
+    output = log.read_text()
+
+    assert returncode == 0, output
+    intervals = [(read_attempts(d)[0]["started"], (d / "result.json").stat().st_mtime) for d in dirs.values()]
+    assert max_overlap(intervals) == 8, sorted(intervals)  # 2 GPUs / 0.25: never more, and reached
+    assert {json.loads((d / "result.json").read_text())["device"] for d in dirs.values()} == {"cpu"}
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    (ARTIFACTS_DIR / "cluster_gpu_packing.json").write_text(
+        json.dumps({"trials": len(dirs), "max_concurrent": max_overlap(intervals)}, indent=2)
+    )
+
+
+def test_a_cuda_trial_on_a_node_without_cuda_fails_with_one_line_naming_device_and_node(
+    tmp_path: Path, storage: str, gpu_cluster: tuple[str, list[Node]]
+) -> None:
+    token, (head, worker) = gpu_cluster
+    spec = write_spec(
+        tmp_path,
+        "no-cuda",
+        storage,
+        base=BASE | {"epochs": 1, "device": "cuda"},
+        seeds=[0],
+        resources={"cpu": 0.25, "gpu": 0.25},
+        max_failures=0,
+    )
+    log = tmp_path / "driver.log"
+    with driver(spec, head, token, log) as process:
+        returncode = process.wait(timeout=300)
+    output = log.read_text()
+
+    node_id = worker.node_id()[:12]
+    lines = [line for line in output.splitlines() if "has no CUDA device" in line]
+    assert returncode == 0 and "0/1 finished (0 failed), 1 errored" in output, output  # recorded, not lost
+    assert len(lines) == 1, output
+    assert f"device: 'cuda' requested but Ray node {worker.ip} (node id {node_id})" in lines[0]
+    assert "Traceback" not in output, output

@@ -1,0 +1,81 @@
+"""The embedded Ray of `lottery sweep` is secure by default: token auth on, loopback only.
+
+While a real sweep runs (the CLI as a subprocess with a private RAY_TMPDIR), its Ray processes
+are read from /proc: every TCP port they listen on must be a loopback address, and the GCS must
+refuse a call without the token or with a wrong one while accepting the right one. The Jobs API
+side (a head with a dashboard) is checked in tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from raynodes import gcs_call, is_loopback, kill_pids, listening, new_token, processes_with
+
+from orchestrator.run.trainable import read_attempts
+from orchestrator.spec import load_plan
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_the_token(tmp_path: Path) -> None:
+    spec = tmp_path / "secure.yaml"
+    base = {
+        "data": {"name": "digits"},
+        "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
+        "epochs": 4,
+        "device": "cpu",
+    }
+    doc = {"name": "secure", "base": base, "seeds": [0, 1], "schemes": [{"name": "baseline"}], "pack_size": 1}
+    spec.write_text(yaml.safe_dump(doc | {"storage_path": str(tmp_path / "runs")}))
+    trial_dirs = [tmp_path / "runs" / "secure" / "trials" / t.trial_key() for t in load_plan(spec).trials]
+    ray_tmpdir, token = tempfile.mkdtemp(prefix="ls", dir="/tmp"), new_token()
+    # RAY_AUTH_MODE unset, as a new user runs it; the token is given so the test can present it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "LOTTERY_"))}
+    env |= {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    marker = f"RAY_TMPDIR={ray_tmpdir}"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not all(read_attempts(d) for d in trial_dirs) and driver.poll() is None:
+            assert time.monotonic() < deadline, "no trial started within 120 s"
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.communicate()[0]
+        pids = processes_with(marker)
+        ports = listening(pids)
+        gcs = next((port for _, name, _, port in ports if name == "gcs_server"), None)
+        assert gcs is not None, ports
+        answers = {
+            "none": gcs_call(f"127.0.0.1:{gcs}", None),
+            "wrong": gcs_call(f"127.0.0.1:{gcs}", new_token()),
+            "right": gcs_call(f"127.0.0.1:{gcs}", token),
+        }
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, 9)
+        kill_pids(processes_with(marker))
+        subprocess.run(["rm", "-rf", ray_tmpdir], check=False)
+
+    names = {name for _, name, _, _ in ports}
+    assert {"gcs_server", "raylet"} <= names, ports
+    assert [row for row in ports if not is_loopback(row[2])] == []
+    assert answers == {"none": "UNAUTHENTICATED", "wrong": "UNAUTHENTICATED", "right": "OK"}
+    assert driver.returncode == 0 and "2/2 finished" in output, output

@@ -1,0 +1,302 @@
+"""Faults in the tracking layer, injected for real: a process creating the sqlite store killed with
+SIGKILL at chosen statements of MLflow's migration, a driver killed between creating the parent
+run and writing sweep.json, a half-migrated store left by an older version, a copied sweep, a
+locked store. After each, the trial directories (the source of truth) must come back as one
+parent run and one FINISHED run per trial key.
+
+No Ray and no server: the trials are trained in this process once, the store is real sqlite,
+and each fault is injected into a `python` subprocess that runs the same `open_sweep` the driver
+runs, paused at the chosen point (a SQLAlchemy statement hook, or SweepRecord.save) and then
+killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import layout
+from orchestrator.run.sweep import record_plan
+from orchestrator.run.trial import run_trial
+from orchestrator.spec import load_plan
+from orchestrator.tracking.store import embedded_uri, head_revision, store_revision
+from orchestrator.tracking.sweep import SweepRecord, attach_to_parent
+from orchestrator.tracking.sync import sync_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDE_FILES = layout.SQLITE_SIDE_FILES
+NAME = "faults"
+SPEC = {
+    "name": NAME,
+    "base": {
+        "data": {"name": "digits"},
+        "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
+        "optim": {"name": "adam", "lr": 0.002},
+        "epochs": 1,
+        "device": "cpu",
+    },
+    "seeds": [0, 1],
+    "schemes": [{"name": "baseline"}],
+    "pack_size": 1,
+}
+
+# Runs in a subprocess: pause at the chosen point (print "paused", then wait to be killed).
+OPEN_SWEEP = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    spec, sweep_dir, uri, where = sys.argv[1:5]
+    count = 0
+
+    def pause(what):
+        print(f"paused {what}", flush=True)
+        time.sleep(600)
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _count(conn, cursor, statement, *args):
+        global count
+        count += 1
+        if where == f"statement:{count}":
+            pause(f"at statement {count}: {' '.join(statement.split())[:60]}")
+
+    from orchestrator.spec import load_plan
+    from orchestrator.tracking import sweep
+    if where == "before-sweep.json":
+        sweep.SweepRecord.save = lambda self, d: pause("after the parent run, before sweep.json")
+    if where.startswith("mlflow-only:"):  # what an older driver did: MLflow creates the file in place
+        where = where.removeprefix("mlflow-only:")
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri=uri).search_experiments()
+    else:
+        sweep.open_sweep(load_plan(Path(spec)), Path(sweep_dir), uri)
+    print(f"done after {count} statements", flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep directory whose two trials finished, with no tracking store yet (trained here, no Ray)."""
+    root = tmp_path_factory.mktemp("trained")
+    spec = root / f"{NAME}.yaml"
+    spec.write_text(yaml.safe_dump(SPEC | {"storage_path": str(root / "runs")}))
+    plan = load_plan(spec)
+    sweep_dir = root / "runs" / NAME
+    record_plan(plan, sweep_dir)
+    for trial in plan.trials:
+        run_trial(trial, layout.trial_dir(sweep_dir, trial.trial_key()), sweep=NAME)
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep(trained: Path, tmp_path: Path) -> Iterator[Path]:
+    """A fresh copy of the trained sweep, as if it had been trained in `tmp_path` (its own spec file)."""
+    sweep_dir = tmp_path / "runs" / NAME
+    shutil.copytree(trained, sweep_dir)
+    (tmp_path / f"{NAME}.yaml").write_text(yaml.safe_dump(SPEC | {"storage_path": str(tmp_path / "runs")}))
+    yield sweep_dir
+
+
+def planned_keys(sweep_dir: Path) -> list[str]:
+    return sorted(layout.planned_keys(sweep_dir))
+
+
+def kill_while_paused(sweep_dir: Path, where: str, uri: str | None = None) -> str:
+    """Run open_sweep in a subprocess paused at `where`, SIGKILL it there; returns what it printed."""
+    spec = sweep_dir.parent.parent / f"{NAME}.yaml"
+    uri = uri or embedded_uri(sweep_dir)
+    process = subprocess.Popen(
+        [sys.executable, "-c", OPEN_SWEEP, str(spec), str(sweep_dir), uri, where],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("paused"), f"never reached {where}: {line!r}"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    return line
+
+
+def parents(sweep_dir: Path) -> list:
+    record = SweepRecord.load(sweep_dir)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    return client.search_runs([record.experiment_id], filter_string="tags.role = 'sweep'")
+
+
+def finished_children(sweep_dir: Path) -> dict[str, list[str]]:
+    """trial_key -> statuses of the parent's complete child runs."""
+    record = SweepRecord.load(sweep_dir)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    runs = client.search_runs(
+        [record.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.parent_run_id}' and tags.logged = 'complete'",
+    )
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        found.setdefault(run.data.tags["trial_key"], []).append(run.info.status)
+    return found
+
+
+def assert_one_parent_and_one_finished_run_per_trial(sweep_dir: Path) -> None:
+    db = layout.tracking_db(sweep_dir)
+    assert store_revision(db) == head_revision()
+    assert layout.stores_under_construction(db) == []
+    found = parents(sweep_dir)
+    assert [run.info.run_id for run in found] == [SweepRecord.load(sweep_dir).parent_run_id]
+    assert found[0].info.status == "FINISHED"
+    assert finished_children(sweep_dir) == {key: ["FINISHED"] for key in planned_keys(sweep_dir)}
+
+
+# MLflow's creation of a sqlite store runs ~1,700 statements: early table creation, the middle of
+# the alembic migrations, and near their end.
+@pytest.mark.parametrize("statement", [3, 700, 1600])
+def test_a_kill_inside_the_store_migration_leaves_a_store_that_sync_completes(sweep: Path, statement: int):
+    said = kill_while_paused(sweep, f"statement:{statement}")
+    db = layout.tracking_db(sweep)
+    # Killed mid-creation: no complete store is in place (an older version left a half-migrated one).
+    assert not db.exists() or store_revision(db) != head_revision(), said
+
+    sync_sweep(sweep)
+    assert_one_parent_and_one_finished_run_per_trial(sweep)
+
+
+def test_a_half_migrated_store_from_before_is_moved_aside_and_rebuilt_from_the_trial_dirs(sweep: Path):
+    kill_while_paused(sweep, "mlflow-only:statement:900")  # MLflow itself, killed mid-migration in place
+    db = layout.tracking_db(sweep)
+    assert db.exists() and store_revision(db) != head_revision()
+    broken = db.read_bytes()
+
+    sync_sweep(sweep)
+    assert_one_parent_and_one_finished_run_per_trial(sweep)
+    [aside] = [p for p in sweep.glob(f"{db.name}.{layout.BROKEN}-*") if not p.name.endswith(SIDE_FILES)]
+    assert aside.read_bytes() == broken  # kept as it was, never deleted
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_store_file_that_is_not_a_database_is_rebuilt(sweep: Path, damage: str):
+    sync_sweep(sweep)
+    db = layout.tracking_db(sweep)
+    whole = db.read_bytes()
+    db.write_bytes({"empty": b"", "garbage": b"not a database" * 500, "truncated": whole[:8192]}[damage])
+    sync_sweep(sweep)
+    assert_one_parent_and_one_finished_run_per_trial(sweep)
+
+
+def test_a_kill_between_the_parent_run_and_sweep_json_leaves_one_parent(sweep: Path):
+    said = kill_while_paused(sweep, "before-sweep.json")
+    assert "before sweep.json" in said and not layout.record_file(sweep).exists()
+
+    sync_sweep(sweep)
+    assert_one_parent_and_one_finished_run_per_trial(sweep)
+
+
+def test_a_stale_running_parent_of_the_same_sweep_is_closed(sweep: Path):
+    sync_sweep(sweep)
+    kept = SweepRecord.load(sweep)
+    client = MlflowClient(tracking_uri=kept.tracking_uri)
+    original = client.get_run(kept.parent_run_id)
+    # What an older version left after a kill in the gap: an earlier parent, RUNNING, no children.
+    stale = client.create_run(
+        kept.experiment_id,
+        start_time=original.info.start_time - 60_000,
+        run_name="sweep faults",
+        tags=original.data.tags,
+    )
+    layout.record_file(sweep).unlink()
+
+    sync_sweep(sweep)
+    statuses = {run.info.run_id: run.info.status for run in parents(sweep)}
+    assert SweepRecord.load(sweep).parent_run_id == original.info.run_id  # the newest is reused
+    assert statuses == {original.info.run_id: "FINISHED", stale.info.run_id: "KILLED"}
+
+
+def test_a_copied_sweep_never_writes_into_the_originals_store(sweep: Path, tmp_path: Path):
+    sync_sweep(sweep)
+    original = SweepRecord.load(sweep)
+    client = MlflowClient(tracking_uri=original.tracking_uri)
+    before = {run.info.run_id for run in client.search_runs([original.experiment_id])}
+    artifacts_before = sorted(p for p in layout.artifacts_dir(sweep).rglob("*") if p.is_file())
+    copy = tmp_path / "elsewhere" / NAME
+    shutil.copytree(sweep, copy)
+    extra = layout.aggregate_dir(copy) / "summary.parquet"
+    extra.parent.mkdir()
+    extra.write_bytes(b"PAR1")
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=400)
+    attach_to_parent(copy, [extra], layout.AGGREGATE, console)
+    said = console.file.getvalue().strip()
+    assert said.count("\n") == 0 and "is a copy of" in said and f"lottery sync {copy}" in said, said
+    assert not client.list_artifacts(original.parent_run_id, layout.AGGREGATE)
+
+    sync_sweep(copy)  # the copy becomes its own store, rebuilt from its own trial directories
+    record = SweepRecord.load(copy)
+    assert record.sweep_dir == str(copy.resolve()) and record.tracking_uri == embedded_uri(copy)
+    assert_one_parent_and_one_finished_run_per_trial(copy)
+    assert list(copy.glob(f"{layout.TRACKING_DB}.{layout.COPIED}-*"))
+    assert {run.info.run_id for run in client.search_runs([original.experiment_id])} == before
+    assert sorted(p for p in layout.artifacts_dir(sweep).rglob("*") if p.is_file()) == artifacts_before
+    attach_to_parent(copy, [extra], layout.AGGREGATE, console)
+    attached = MlflowClient(record.tracking_uri).list_artifacts(record.parent_run_id, layout.AGGREGATE)
+    assert [a.path for a in attached] == [f"{layout.AGGREGATE}/summary.parquet"]
+
+
+def test_sync_reports_a_locked_store_in_one_line(sweep: Path):
+    sync_sweep(sweep)
+    lock = sqlite3.connect(layout.tracking_db(sweep), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "sync", str(sweep)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tracking store"), done.stderr
+    assert "locked" in lines[0] and "lottery sync" in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_lottery_sync_prints_one_progress_bar_and_one_summary_line(sweep: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sync", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 2, done.stdout + done.stderr
+    assert lines[0].startswith(f"sync {NAME}") and "2/2" in lines[0]
+    assert "2 created, 0 already present, 0 not finished" in lines[1]
+    assert_one_parent_and_one_finished_run_per_trial(sweep)

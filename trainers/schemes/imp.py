@@ -1,0 +1,201 @@
+"""Iterative magnitude pruning with rewinding (Frankle & Carbin 2019) as an epoch callback.
+
+A trial is a list of phases of `epochs` epochs each (`ImpScheme.phases`), so the loop stays one
+loop: at the end of a phase the scheme prunes (when the next phase starts a new round), loads the
+next phase's starting weights with the mask applied, and restarts the optimizer state. Round 0 is
+the dense net; round r keeps (1 - rate)^r of the pruned layers' weights (exactly: round(rate * kept)
+more are pruned each round).
+
+Rewinding: the whole model state after `rewind_step` optimizer steps of round 0 (0: the initial
+weights) is kept and every rewound round starts from it, times the mask. Pruned weights get zero
+gradient (a hook on the weight, so CGN statistics see it too) and are multiplied by the mask after
+every step, so they stay exactly zero.
+
+The ticket control (`reinit`) must use the rewound path's masks, so it trains that path itself:
+between its own rounds (fresh init times the mask) it retrains the rewound round that finds the next
+mask. Each fresh-init round replays the batch order of the rewound round with the same mask (the data
+generator is stashed and restored around it), so the path, and with it every mask, is bit-identical
+to the rewound trial's of the same seed on the same device and pack size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from trainers.config import ImpScheme
+from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
+from trainers.models import build_model, derive_seeds
+from trainers.pack import PackedNet
+from trainers.schemes.base import Scheme, TrainContext
+
+
+class Imp(Scheme):
+    def __init__(self, cfg: ImpScheme) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.phases = cfg.phases()
+        self.masks: list[torch.Tensor] | None = None  # per layer [K, N], True = kept; None in round 0
+        self.previous: list[torch.Tensor] | None = None  # the masks of the round before
+        self.rewind_state: dict[str, torch.Tensor] | None = None
+        self.fresh_state: dict[str, torch.Tensor] | None = None  # the control's init (seed + offset)
+        self.stashed_data_gen: torch.Tensor | None = None  # batch order of the rewound path
+        self.weights: list[MaskedWeight] = []
+        self._last: list[dict[str, float | int | bool]] = []
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        self.weights = masked_weights(ctx.model, self.cfg.layers)
+        if not self.weights:
+            raise ValueError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
+        for i, w in enumerate(self.weights):
+            w.weight.register_hook(lambda grad, i=i: self._masked_grad(grad, i))
+        if self.rewind_state is None and self.cfg.rewind_step == 0:  # a fresh start: a resume restored it
+            self.rewind_state = _copy(ctx.model.state_dict())
+        if self.cfg.reinit and self.fresh_state is None:
+            self.fresh_state = self._fresh_init(ctx)
+
+    def _fresh_init(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """The initial weights a trial of seed + reinit_offset starts from (packed like this one)."""
+        data, config = ctx.data, ctx.config
+        assert data is not None
+        models = [
+            build_model(
+                config.model,
+                in_channels=data.in_channels,
+                image_size=data.image_size,
+                num_classes=data.num_classes,
+                batchnorm=config.uses_batchnorm,
+                generator=torch.Generator().manual_seed(derive_seeds(seed + self.cfg.reinit_offset)[0]),
+            )
+            for seed in ctx.seeds
+        ]
+        model = models[0] if len(models) == 1 else PackedNet(models)
+        device = self.weights[0].weight.device
+        return {k: v.to(device) for k, v in model.state_dict().items()}
+
+    def _masked_grad(self, grad: torch.Tensor, i: int) -> torch.Tensor | None:
+        return None if self.masks is None else grad * self.masks[i].view(grad.shape)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
+        if self.rewind_state is None and ctx.step + 1 == self.cfg.rewind_step:
+            self.rewind_state = _copy(ctx.model.state_dict())
+        if self.masks is not None:
+            self._apply_masks()
+
+    def _apply_masks(self) -> None:
+        assert self.masks is not None
+        for w, mask in zip(self.weights, self.masks, strict=True):
+            w.per_seed(w.weight).mul_(mask)
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
+        per_phase = ctx.config.epochs
+        phase = epoch // per_phase
+        round_, fresh = self.phases[phase]
+        ends = (epoch + 1) % per_phase == 0
+        measured = ends and (round_ == 0 or fresh == self.cfg.reinit)
+        self._record(round_, measured, len(ctx.generators))
+        if not ends or phase + 1 == len(self.phases):
+            return
+        if self.rewind_state is None:
+            steps = ctx.step + 1
+            raise ValueError(
+                f"scheme.rewind_step: {self.cfg.rewind_step} is past the {steps} optimizer steps of "
+                "round 0; lower it or raise epochs"
+            )
+        next_round, next_fresh = self.phases[phase + 1]
+        if next_round > round_:
+            self._prune(ctx)
+        if self.cfg.reinit:
+            self._replay_batches(ctx, starting_fresh=next_fresh)
+        self._start_phase(ctx, self.fresh_state if next_fresh else self.rewind_state)
+
+    @torch.no_grad()
+    def _prune(self, ctx: TrainContext) -> None:
+        dense = [torch.ones_like(w.per_seed(w.weight), dtype=torch.bool) for w in self.weights]
+        current = self.masks or dense
+        trained = [w.per_seed(w.weight) for w in self.weights]
+        self.previous = current
+        self.masks = prune_smallest(trained, current, self.cfg.rate, self.cfg.scope)
+
+    def _replay_batches(self, ctx: TrainContext, *, starting_fresh: bool) -> None:
+        """A fresh-init round sees the batches of the rewound round with its mask; the rewound path
+        then continues its own stream, as in the rewound trial."""
+        assert ctx.data_gen is not None
+        if starting_fresh:
+            self.stashed_data_gen = ctx.data_gen.get_state()
+        elif self.stashed_data_gen is not None:
+            ctx.data_gen.set_state(self.stashed_data_gen)
+            self.stashed_data_gen = None
+
+    @torch.no_grad()
+    def _start_phase(self, ctx: TrainContext, state: dict[str, torch.Tensor] | None) -> None:
+        assert state is not None
+        ctx.model.load_state_dict(state)
+        self._apply_masks()
+        ctx.optimizer.state.clear()  # a fresh optimizer per round (Adam moments and step count)
+
+    # -- what is recorded --------------------------------------------------------------------------
+
+    def _record(self, round_: int, measured: bool, seeds: int) -> None:
+        sparsity = self._sparsity()
+        overlap = (
+            jaccard(torch.cat(self.masks, dim=1), torch.cat(self.previous, dim=1)).tolist()
+            if measured and self.masks is not None and self.previous is not None
+            else [math.nan] * seeds
+        )
+        self._last = [
+            {
+                "round": round_,
+                "round_end": measured,
+                "sparsity": sparsity[k],
+                "mask_overlap": overlap[k],
+            }
+            for k in range(seeds)
+        ]
+
+    def _sparsity(self) -> list[float]:
+        seeds = self.weights[0].seeds
+        if self.masks is None:
+            return [0.0] * seeds
+        kept = torch.stack([m.sum(dim=1) for m in self.masks]).sum(dim=0)
+        total = sum(m.shape[1] for m in self.masks)
+        return (1.0 - kept.double() / total).tolist()
+
+    def epoch_metrics(self, seed_index: int) -> dict[str, float | int | bool]:
+        return self._last[seed_index] if self._last else {}
+
+    def sparsity(self, seed_index: int) -> float:
+        return self._sparsity()[seed_index]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {
+            "masks": self.masks,
+            "previous": self.previous,
+            "rewind_state": self.rewind_state,
+            "fresh_state": self.fresh_state,
+            "stashed_data_gen": self.stashed_data_gen,
+            "last": self._last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.masks = state.get("masks")
+        self.previous = state.get("previous")
+        self.rewind_state = state.get("rewind_state")
+        self.fresh_state = state.get("fresh_state")
+        self.stashed_data_gen = state.get("stashed_data_gen")
+        self._last = state.get("last", [])
+
+
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
