@@ -6,7 +6,8 @@ rule and the interval shown, or the reason the figure could not be drawn. Figure
 `Figure` objects (Agg canvas, no pyplot state), so building a report never opens a window.
 
 Seed pairing only makes sense within one context (model, dataset, width: a `pair_key`), so the
-per-seed and per-epoch figures show the context with the most finished trials and say so.
+per-seed and per-epoch figures draw one panel per context (grid point), up to MAX_PANELS, and
+say how many there are. Figures of a scheme the sweep does not have are left out altogether.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import pandas as pd
 import scipy.stats
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dashboards.stats import BASELINE, paired_gains
+from dashboards.stats import BASELINE, paired_gains, wilson_interval
 
 IQR_BAND = "line = median over seeds, band = interquartile range (25th-75th percentile)"
+MAX_PANELS = 12  # grid points drawn per figure; the caption names what was left out
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,29 @@ class Rendered:
     caption: str = ""  # states n, the failure rule and the interval shown
     figure: Figure | None = None
     skipped: str = ""  # why `figure` is None
+
+
+def alt_text(fig: Figure) -> str:
+    """What a figure draws, read back from its artists: per axes, each series and its interval bars.
+
+    The report uses it as the image's alt text, so a reader without the picture (or a test in a
+    browser) learns the panels, the series and which ones carry intervals.
+    """
+    parts = []
+    for ax in fig.get_axes():
+        if not ax.get_ylabel():
+            continue  # a colorbar
+        series = []
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        in_bars = {id(c.lines[0]) for c in bars}
+        for c in bars:
+            series.append(f"{c.get_label()}: {len(c.lines[0].get_xdata())} points with interval bars")
+        for line in ax.get_lines():
+            if id(line) not in in_bars and not line.get_label().startswith("_"):
+                series.append(f"{line.get_label()}: line")
+        where = f" [{ax.get_title()}]" if ax.get_title() else ""
+        parts.append(f"panel {ax.get_ylabel()}{where}: " + "; ".join(series or ["no labelled series"]))
+    return " | ".join(parts)
 
 
 def arm_label(scheme: object, hparam_label: object) -> str:
@@ -66,6 +92,49 @@ def _context(done: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return ctx, text
 
 
+def _contexts(done: pd.DataFrame) -> tuple[list[tuple[pd.DataFrame, str]], str]:
+    """One (trials, title) per context, ordered by width; and a sentence for the caption."""
+    groups = []
+    for _, ctx in done.groupby("pair_key", sort=False):
+        first = ctx.iloc[0]
+        groups.append(
+            (first["filters"], ctx, f"{first['model']}, {first['dataset']}, {first['filters']} filters")
+        )
+    groups.sort(key=lambda g: (pd.isna(g[0]), g[0] if not pd.isna(g[0]) else 0))
+    text = f"one panel per context ({len(groups)} in this sweep)"
+    if len(groups) > MAX_PANELS:
+        text += f"; the first {MAX_PANELS} by width are drawn"
+    return [(ctx, title) for _, ctx, title in groups[:MAX_PANELS]], text
+
+
+def _panels(
+    title: str, subtitle: str, n: int, rows_per_panel: int = 1, panel_size: tuple[float, float] = (4.6, 3.2)
+) -> tuple[Figure, list[list[Axes]]]:
+    """A figure of n panels (each `rows_per_panel` stacked axes sharing x), caption on top."""
+    cols = min(n, 3)
+    grid_rows = -(-n // cols)
+    width = max(9.0, panel_size[0] * cols)
+    lines = textwrap.wrap(subtitle, int(17 * width))
+    header_h = 0.45 + 0.13 * len(lines)
+    body_h = panel_size[1] * grid_rows * (1 if rows_per_panel == 1 else 1.4)
+    fig = Figure(figsize=(width, header_h + body_h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    header, body = fig.subfigures(2, 1, height_ratios=[header_h, body_h])
+    header.text(0.005, 0.97, title, fontsize=12, fontweight="bold", va="top")
+    header.text(0.005, 0.97 - 0.3 / header_h, "\n".join(lines), fontsize=7.5, va="top")
+    outer = body.add_gridspec(grid_rows, cols)
+    panels = []
+    for i in range(n):
+        inner = outer[i // cols, i % cols].subgridspec(rows_per_panel, 1, hspace=0.05)
+        axes: list[Axes] = []
+        for j in range(rows_per_panel):
+            ax = body.add_subplot(inner[j], sharex=axes[0] if axes else None)
+            ax.grid(alpha=0.3)
+            axes.append(ax)
+        panels.append(axes)
+    return fig, panels
+
+
 def _new_figure(title: str, subtitle: str, size: tuple[float, float] = (9.0, 5.0)) -> tuple[Figure, Axes]:
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg whatever the process-wide backend is
@@ -86,41 +155,43 @@ def _n_range(counts: pd.Series) -> str:
 
 
 def seed_scatter(trials: pd.DataFrame, summary: pd.DataFrame) -> Rendered:
-    """Fig. 4: final accuracy of every seed, seeds sorted by the baseline's accuracy."""
+    """Fig. 4: final accuracy of every seed, seeds sorted by the baseline's accuracy, per context."""
     name, title = "fig4_seed_scatter", "Final test accuracy per seed (RandomOut Fig. 4)"
     done = _finished(trials)
     done = done[np.isfinite(done["final_test_acc"])]
     if done.empty:
         return Rendered(name, title, skipped="no finished trial has a final test accuracy")
-    ctx, ctx_text = _context(done)
-    wide = ctx.pivot_table(index="seed", columns="config_hash", values="final_test_acc")
-    base = ctx.loc[ctx["scheme"] == BASELINE, "config_hash"].unique()
-    order_by = wide[base[0]] if len(base) else wide.mean(axis=1)
-    wide = wide.loc[order_by.sort_values(na_position="last").index, ctx["config_hash"].unique()]
-    rows = summary.set_index("config_hash")
-    sorted_by = "the baseline's accuracy" if len(base) else "the mean accuracy over arms (no baseline arm)"
+    contexts, ctx_text = _contexts(done)
     caption = (
         f"{ctx_text}. Each marker is one finished seed (raw values, no interval); x = seeds sorted by "
-        f"{sorted_by}. Legend: n finished seeds per arm, failures k/n with the Wilson 95% CI. "
-        f"Dotted line = chance, dashed = failure threshold. Failure rule: {failure_rule(trials)}."
+        "the baseline's accuracy (by the mean over arms where a context has no baseline). Legend: n "
+        "finished seeds per arm, failures k/n with the Wilson 95% CI. Dotted line = chance, dashed = "
+        f"failure threshold. Failure rule: {failure_rule(trials)}."
     )
-    fig, ax = _new_figure(title, caption)
-    x = np.arange(len(wide))
+    fig, panels = _panels(title, caption, len(contexts))
+    rows = summary.set_index("config_hash")
     markers = "os^Dv<>pPX*h"
-    for i, config in enumerate(wide.columns):
-        r = rows.loc[config]
-        label = (
-            f"{arm_label(r.scheme, r.hparam_label)} (n={r.n}, failed {r.n_failed}/{r.n}, "
-            f"CI {100 * r.failure_ci_low:.0f}-{100 * r.failure_ci_high:.0f}%)"
-        )
-        ax.plot(x, 100 * wide[config], markers[i % len(markers)], ms=5, alpha=0.8, label=label)
-    chance = float(ctx["chance"].median())
-    ax.axhline(100 * chance, color="grey", ls=":", lw=1)
-    ax.axhline(100 * (chance + float(ctx["failure_margin"].median())), color="grey", ls="--", lw=1)
-    ax.set_xticks(x, [str(s) for s in wide.index] if len(x) <= 40 else [""] * len(x), fontsize=6)
-    ax.set_xlabel("seed (sorted)")
-    ax.set_ylabel("final test accuracy (%)")
-    _legend(ax, len(wide.columns))
+    for (ctx, ctx_title), (ax,) in zip(contexts, panels, strict=True):
+        wide = ctx.pivot_table(index="seed", columns="config_hash", values="final_test_acc")
+        base = ctx.loc[ctx["scheme"] == BASELINE, "config_hash"].unique()
+        order_by = wide[base[0]] if len(base) else wide.mean(axis=1)
+        wide = wide.loc[order_by.sort_values(na_position="last").index, ctx["config_hash"].unique()]
+        x = np.arange(len(wide))
+        for i, config in enumerate(wide.columns):
+            r = rows.loc[config]
+            label = (
+                f"{arm_label(r.scheme, r.hparam_label)} (n={r.n}, failed {r.n_failed}/{r.n}, "
+                f"CI {100 * r.failure_ci_low:.0f}-{100 * r.failure_ci_high:.0f}%)"
+            )
+            ax.plot(x, 100 * wide[config], markers[i % len(markers)], ms=4, alpha=0.8, label=label)
+        chance = float(ctx["chance"].median())
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1)
+        ax.axhline(100 * (chance + float(ctx["failure_margin"].median())), color="grey", ls="--", lw=1)
+        ax.set_xticks(x, [str(s) for s in wide.index] if len(x) <= 20 else [""] * len(x), fontsize=6)
+        ax.set_title(ctx_title, fontsize=8)
+        ax.set_xlabel("seed (sorted)", fontsize=7)
+        ax.set_ylabel("final test accuracy (%)", fontsize=7)
+        ax.legend(fontsize=6, loc="lower right", framealpha=0.85)
     return Rendered(name, title, caption, fig)
 
 
@@ -193,102 +264,264 @@ def _quartiles(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
 
 
 def accuracy_vs_filters(trials: pd.DataFrame) -> Rendered:
-    """Fig. 6: final accuracy against filters per layer, one line per arm."""
-    name, title = "fig6_accuracy_vs_filters", "Final test accuracy vs filters per layer (Fig. 6)"
+    """Fig. 6: final accuracy and failure rate against filters per layer, one series per arm.
+
+    Mean with a 95% t-interval, the median as a second marker and every seed as a dot, on the
+    full accuracy range, so dead seeds stay in view; below, the failure rate with Wilson bars.
+    """
+    name, title = (
+        "fig6_accuracy_vs_filters",
+        "Final test accuracy and failure rate vs filters per layer (Fig. 6)",
+    )
     done = _finished(trials)
-    done = done[np.isfinite(done["final_test_acc"])]
     if done["filters"].nunique() < 2:
         return Rendered(name, title, skipped="the number of filters does not vary in this sweep")
-    q = _quartiles(done, ["arm", "filters"], "final_test_acc")
+    acc = done[np.isfinite(done["final_test_acc"])]
+    n_acc = acc.groupby(["arm", "filters"])["final_test_acc"].count()
     caption = (
-        f"{IQR_BAND}, of the final test accuracy of finished trials; n = {_n_range(q['n'])} seeds per point; "
-        f"failed trials included. Failure rule: {failure_rule(trials)}."
+        "Top: circle = mean final test accuracy of finished trials with its 95% t-interval (bars), "
+        "x = median, dots = every seed (failed ones included, jittered sideways); "
+        f"n = {_n_range(n_acc)} seeds per point. Bottom: failure rate with the Wilson 95% interval, "
+        f"n = finished trials per point. Failure rule: {failure_rule(trials)}."
     )
-    fig, ax = _new_figure(title, caption)
-    for arm, g in q.groupby(level="arm", sort=False):
-        g = g.sort_index()
-        w = g.index.get_level_values("filters").astype(float)
-        (line,) = ax.plot(w, 100 * g["median"], "o-", ms=3, label=f"{arm} (n={_n_range(g['n'])})")
-        ax.fill_between(w, 100 * g["q25"], 100 * g["q75"], color=line.get_color(), alpha=0.15)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("filters per layer")
-    ax.set_ylabel("final test accuracy (%)")
-    _legend(ax, q.index.get_level_values("arm").nunique())
+    fig, [[top, bottom]] = _panels(title, caption, 1, rows_per_panel=2, panel_size=(9.0, 4.0))
+    arms = list(dict.fromkeys(done["arm"]))
+    widths = sorted(done["filters"].dropna().unique())
+    step = min(np.diff(widths)) if len(widths) > 1 else 1.0
+    offsets = np.linspace(-0.15, 0.15, len(arms)) * step if len(arms) > 1 else [0.0]
+    rng = np.random.default_rng(0)  # jitter only; the same picture every build
+    for arm, offset in zip(arms, offsets, strict=True):
+        g = acc[acc["arm"] == arm]
+        stats = g.groupby("filters")["final_test_acc"].agg(["mean", "median", "count", _t_half_width])
+        w = stats.index.to_numpy(dtype=float) + offset
+        bars = top.errorbar(
+            w,
+            100 * stats["mean"],
+            yerr=100 * stats["_t_half_width"].fillna(0),
+            fmt="o-",
+            ms=4,
+            capsize=3,
+            label=f"{arm} (n={_n_range(stats['count'])})",
+        )
+        color = bars.lines[0].get_color()
+        top.plot(w, 100 * stats["median"], "x", color=color, ms=6)
+        x = g["filters"].to_numpy(dtype=float) + offset + rng.uniform(-0.04, 0.04, len(g)) * step
+        top.plot(x, 100 * g["final_test_acc"], ".", color=color, ms=3, alpha=0.35)
+        f = done[done["arm"] == arm].groupby("filters")["failed"].agg(["sum", "count"])
+        ci = np.array([wilson_interval(int(k), int(n)) for k, n in zip(f["sum"], f["count"], strict=True)])
+        rate = f["sum"] / f["count"]
+        bottom.errorbar(
+            f.index.to_numpy(dtype=float) + offset,
+            100 * rate,
+            yerr=[100 * (rate - ci[:, 0]), 100 * (ci[:, 1] - rate)],
+            fmt="s-",
+            ms=4,
+            capsize=3,
+            color=color,
+            label=f"{arm} failure rate",
+        )
+    top.set_ylim(0, 100)
+    top.set_ylabel("final test accuracy (%)")
+    top.legend(fontsize=7, loc="lower right", framealpha=0.85)
+    top.tick_params(labelbottom=False)
+    bottom.set_ylim(-2, 102)
+    bottom.set_ylabel("failed (%)")
+    bottom.set_xlabel("filters per layer")
+    bottom.set_xticks(widths)
     return Rendered(name, title, caption, fig)
+
+
+def _epoch_rows(trials: pd.DataFrame, epochs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per-epoch rows of finished trials with a finite `column`, labelled by arm and failure."""
+    done = _finished(trials)
+    rows = epochs[epochs["trial_key"].isin(done["trial_key"])].copy()
+    rows[column] = rows[column].astype(float)
+    rows = rows[np.isfinite(rows[column])]
+    info = done.set_index("trial_key")
+    rows["arm"] = [arm_label(s, h) for s, h in zip(rows["scheme"], rows["hparam_label"], strict=True)]
+    rows["failed"] = info.loc[rows["trial_key"], "failed"].to_numpy(dtype=bool)
+    rows["pair_key"] = info.loc[rows["trial_key"], "pair_key"].to_numpy()
+    rows["model"] = info.loc[rows["trial_key"], "model"].to_numpy()
+    rows["dataset"] = info.loc[rows["trial_key"], "dataset"].to_numpy()
+    return rows
+
+
+def _band(ax: Axes, rows: pd.DataFrame, column: str, label: str, color: object = None) -> object:
+    q = _quartiles(rows, ["epoch"], column).sort_index()
+    e = q.index.to_numpy(dtype=float)
+    (line,) = ax.plot(e, q["median"], "-", lw=1.5, color=color, label=f"{label} (n={_n_range(q['n'])})")
+    ax.fill_between(e, q["q25"], q["q75"], color=line.get_color(), alpha=0.15)
+    return line.get_color()
 
 
 def _epoch_figure(
-    trials: pd.DataFrame,
-    epochs: pd.DataFrame,
-    column: str,
-    name: str,
-    title: str,
-    ylabel: str,
-    yscale: str,
+    trials: pd.DataFrame, epochs: pd.DataFrame, column: str, name: str, title: str, ylabel: str, kind: str
 ) -> Rendered:
-    """Median over seeds with IQR band of one per-epoch metric, one line per arm, main context."""
-    done = _finished(trials)
-    if done.empty or epochs.empty:
+    """One panel per context of a per-epoch metric, one series per arm (finished trials only).
+
+    kind: "band" = median and IQR; "cgn" = the same on a symlog axis that keeps CGN 0 (dead
+    seeds) in view and counts them; "below" = mean over seeds above, share of seeds with any
+    filter below tau beneath; "accuracy" = median and IQR of non-failed seeds, failed seeds drawn
+    one by one.
+    """
+    if epochs.empty or _finished(trials).empty:
         return Rendered(name, title, skipped="no per-epoch metrics of finished trials")
-    ctx, ctx_text = _context(done)
-    rows = epochs[epochs["trial_key"].isin(ctx["trial_key"])].copy()
-    rows[column] = rows[column].astype(float)
-    rows = rows[np.isfinite(rows[column]) & ((rows[column] > 0) if yscale == "log" else True)]
+    rows = _epoch_rows(trials, epochs, column)
     if column == "ortho_sum":  # only arms that compute the metric (RePr) record non-zero values
         rows = rows[rows.groupby("config_hash")[column].transform(lambda v: (v != 0).any())]
     if rows.empty:
-        return Rendered(name, title, skipped=f"no finite {column} values recorded in the {ctx_text}")
-    rows["arm"] = [arm_label(s, h) for s, h in zip(rows["scheme"], rows["hparam_label"], strict=True)]
-    q = _quartiles(rows, ["arm", "epoch"], column)
-    caption = (
-        f"{ctx_text}; finished trials only. {IQR_BAND}; n = {_n_range(q['n'])} seeds per point. "
-        f"Failure rule: {failure_rule(trials)}."
-    )
-    fig, ax = _new_figure(title, caption)
-    for arm, g in q.groupby(level="arm", sort=False):
-        g = g.sort_index()
-        e = g.index.get_level_values("epoch").astype(float)
-        (line,) = ax.plot(e, g["median"], "-", lw=1.5, label=f"{arm} (n={_n_range(g['n'])})")
-        ax.fill_between(e, g["q25"], g["q75"], color=line.get_color(), alpha=0.15)
-    if yscale == "symlog":
-        ax.set_yscale("symlog", linthresh=1)
-    else:
-        ax.set_yscale(yscale)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    _legend(ax, q.index.get_level_values("arm").nunique())
+        return Rendered(name, title, skipped=f"no finite {column} values recorded")
+    contexts, ctx_text = _contexts(rows.drop_duplicates("trial_key").assign(filters=lambda f: f["filters"]))
+    keys = [ctx["pair_key"].iloc[0] for ctx, _ in contexts]
+    how = {
+        "band": IQR_BAND,
+        "cgn": f"{IQR_BAND}; symmetric-log axis (linear below the smallest positive value), so a CGN of 0 "
+        "is drawn at 0, not dropped",
+        "below": "upper axis = mean over seeds of (step, filter) checks with CGN < tau; lower axis = share "
+        "of seeds with at least one filter below tau in that epoch",
+        "accuracy": "line = median over non-failed seeds, band = their interquartile range; thin dashed "
+        "lines = each failed seed",
+    }[kind]
+    caption = f"{ctx_text}; finished trials only. {how}."
+    if kind == "cgn":
+        dead = rows.loc[rows[column] <= 0, "trial_key"].unique()
+        caption += (
+            f" {len(dead)} of {rows['trial_key'].nunique()} seeds reach a mean CGN of 0 (dead) in some epoch."
+        )
+    caption += f" Failure rule: {failure_rule(trials)}."
+    fig, panels = _panels(title, caption, len(keys), rows_per_panel=2 if kind == "below" else 1)
+    colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(rows["arm"]))}
+    for key, (_, ctx_title), axes in zip(keys, contexts, panels, strict=True):
+        ctx = rows[rows["pair_key"] == key]
+        ax = axes[0]
+        for arm, g in ctx.groupby("arm", sort=False):
+            color = colors[arm]
+            if kind == "below":
+                per_epoch = g.groupby("epoch")[column]
+                e = np.array(sorted(g["epoch"].unique()), dtype=float)
+                n = _n_range(per_epoch.count())
+                ax.plot(e, per_epoch.mean().sort_index(), "-", color=color, label=f"{arm} (n={n})")
+                share = per_epoch.apply(lambda v: float((v > 0).mean())).sort_index()
+                axes[1].plot(e, 100 * share, "o-", ms=3, color=color)
+            elif kind == "accuracy":
+                ok, bad = g[~g["failed"]], g[g["failed"]]
+                if not ok.empty:
+                    _band(ax, ok.assign(**{column: 100 * ok[column]}), column, f"{arm} non-failed", color)
+                for i, (_, seed) in enumerate(bad.groupby("trial_key")):
+                    seed = seed.sort_values("epoch")
+                    label = f"{arm} failed ({bad['trial_key'].nunique()})" if i == 0 else None
+                    ax.plot(
+                        seed["epoch"], 100 * seed[column], "--", lw=0.8, alpha=0.6, color=color, label=label
+                    )
+            else:
+                _band(ax, g, column, arm, color)
+        if kind == "cgn":
+            positive = ctx.loc[ctx[column] > 0, column]
+            ax.set_yscale("symlog", linthresh=float(positive.min()) if len(positive) else 1e-12)
+        if kind == "below":
+            ax.set_yscale("symlog", linthresh=1)
+            axes[1].set_ylim(-5, 105)
+            axes[1].set_ylabel("seeds below tau (%)", fontsize=7)
+            axes[1].set_xlabel("epoch", fontsize=7)
+            ax.tick_params(labelbottom=False)
+        else:
+            ax.set_xlabel("epoch", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(ctx_title, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=7)
+        ax.legend(fontsize=6, loc="best", framealpha=0.85)
     return Rendered(name, title, caption, fig)
 
 
+def accuracy_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
+    """Test accuracy per epoch: how non-failed seeds learn, and where failed ones stall."""
+    title = "Test accuracy over training"
+    return _epoch_figure(
+        trials, epochs, "test_acc", "accuracy_epochs", title, "test accuracy (%)", "accuracy"
+    )
+
+
 def cgn_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
-    """Fig. 7: mean convolutional gradient norm (CGN) per epoch, log scale."""
+    """Fig. 7: mean convolutional gradient norm (CGN) per epoch; zeros kept on a symlog axis."""
     title = "Mean CGN over training (Fig. 7)"
-    return _epoch_figure(trials, epochs, "cgn_mean", "fig7_cgn", title, "mean CGN per filter", "log")
+    return _epoch_figure(trials, epochs, "cgn_mean", "fig7_cgn", title, "mean CGN per filter", "cgn")
 
 
 def below_tau_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
     """Fig. 8: (step, filter) checks with CGN below tau per epoch: what RandomOut resets, or would."""
     title = "Filters below tau per epoch (Fig. 8)"
-    ylabel = "filter checks with CGN < tau"
-    return _epoch_figure(trials, epochs, "below_tau", "fig8_below_tau", title, ylabel, "symlog")
+    return _epoch_figure(
+        trials, epochs, "below_tau", "fig8_below_tau", title, "mean checks with CGN < tau", "below"
+    )
 
 
 def ortho_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
     """RePr's summed Ortho score per epoch: how much filter overlap the ranking sees."""
     title = "RePr Ortho sum over training"
     return _epoch_figure(
-        trials, epochs, "ortho_sum", "repr_ortho", title, "sum over filters of $O_l^f$", "linear"
+        trials, epochs, "ortho_sum", "repr_ortho", title, "sum over filters of $O_l^f$", "band"
     )
 
 
 def all_figures(trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFrame) -> list[Rendered]:
-    """Every figure of the report, in reading order; absent data gives a `skipped` entry."""
-    return [
-        seed_scatter(trials, summary),
-        tau_p_heatmap(trials),
+    """Every figure of the report, in reading order; absent data gives a `skipped` entry.
+
+    A figure about one scheme (the tau x P map: RandomOut; the Ortho sum: RePr) is left out, not
+    skipped, when the sweep has no trial of that scheme: it has nothing to say there.
+    """
+    schemes = set(trials["scheme"].dropna())
+    figures = [seed_scatter(trials, summary)]
+    if "randomout" in schemes:
+        figures.append(tau_p_heatmap(trials))
+    figures += [
         accuracy_vs_filters(trials),
+        accuracy_over_epochs(trials, epochs),
         cgn_over_epochs(trials, epochs),
         below_tau_over_epochs(trials, epochs),
-        ortho_over_epochs(trials, epochs),
     ]
+    if "repr" in schemes:
+        figures.append(ortho_over_epochs(trials, epochs))
+    return figures
+
+
+def filter_cgn_figure(trace: pd.DataFrame, title: str, max_filters: int = 64) -> Figure:
+    """One trial's per-filter CGN over epochs (epoch means), one panel per layer, resets marked.
+
+    Small and cheap on purpose (it is drawn for every MLflow run: one plot call per layer, no
+    layout engine). A layer with more than `max_filters` filters draws the ones that were ever
+    reset and then the lowest by mean CGN, and says so. Symmetric-log axis, so a dead filter
+    (CGN 0) is drawn at 0.
+    """
+    rows = trace[trace["step"] == -1] if "step" in trace else trace
+    layers = list(dict.fromkeys(rows["layer"]))
+    fig = Figure(figsize=(3.2 * max(1, len(layers)), 2.8), dpi=80)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.12 / max(1, len(layers)) + 0.05, right=0.98, bottom=0.16, top=0.8, wspace=0.35)
+    positive = rows.loc[rows["cgn"] > 0, "cgn"]
+    linthresh = float(positive.min()) if len(positive) else 1e-12
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(1, len(layers), i + 1)
+        g = rows[rows["layer"] == layer]
+        cgn = g.pivot_table(index="epoch", columns="filter", values="cgn", aggfunc="mean").sort_index()
+        resets = g.pivot_table(index="epoch", columns="filter", values="reset", aggfunc="sum").reindex_like(
+            cgn
+        )
+        ever = resets.sum() > 0
+        order = list(cgn.columns[ever]) + list(cgn.mean()[~ever].sort_values().index)
+        shown = order[:max_filters]
+        ax.plot(cgn.index, cgn[shown].to_numpy(), "-", lw=0.7, alpha=0.6)
+        marked = resets[shown].fillna(0).to_numpy() > 0
+        epochs = np.broadcast_to(cgn.index.to_numpy()[:, None], marked.shape)
+        total = int(resets.fillna(0).to_numpy().sum())
+        ax.plot(
+            epochs[marked], cgn[shown].to_numpy()[marked], "x", color="red", ms=5, label=f"reset ({total})"
+        )
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_title(f"{layer}: {len(shown)} of {cgn.shape[1]} filters", fontsize=7)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.set_ylabel("CGN (epoch mean)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=6, loc="best")
+    return fig

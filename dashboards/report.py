@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dashboards.figures import Rendered, all_figures, arm_label, failure_rule
+from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE
-from dashboards.stats import BASELINE
+from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
+from dashboards.stats import BASELINE, EXACT_MAX_N, ZERO_METHOD
 
 ALPHA = 0.05
 
@@ -63,6 +64,8 @@ def verdict(row: pd.Series) -> str:
         return f"not compared: no finished same-seed {against} trials"
     p, n_pairs = row["wilcoxon_p"], row["n_pairs"]
     gain = f"median gain {_pts(row['gain_median'])} pts over {n_pairs} paired seeds"
+    if not math.isnan(p):
+        gain += f", test on {row['wilcoxon_n']} non-tied, {row['wilcoxon_method']}"
     if math.isnan(p):
         return f"not tested: fewer than 2 seeds with a non-zero gain ({gain})"
     if p >= ALPHA:
@@ -74,17 +77,25 @@ def verdict(row: pd.Series) -> str:
 
 
 def _summary_html(summary: pd.DataFrame) -> str:
+    _, varying = split_setting(summary["setting"])
     head = (
-        "<tr><th class=l>arm</th><th>filters</th><th>n finished / planned</th><th>errored / damaged / "
+        "<tr><th class=l>scheme</th><th class=l>hyperparameters (all)</th>"
+        + ("<th class=l>setting</th>" if varying else "")
+        + "<th>filters</th><th>n finished / planned</th><th>errored / damaged / "
         "incomplete / pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
         "<th>median acc % (IQR width)</th>"
-        "<th>mean acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th><th>median gain pts</th>"
-        "<th>seeds improved %</th><th>Wilcoxon p</th><th class=l>what the seeds say</th></tr>"
+        "<th>mean acc %</th><th>min acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th>"
+        "<th>better / tied / worse</th><th>median gain pts</th><th>Wilcoxon p (n used, method)</th>"
+        "<th class=l>what the seeds say</th></tr>"
     )
     body = []
     for _, r in summary.iterrows():
+        is_base = r["scheme"] == BASELINE
+        tested = not pd.isna(r["wilcoxon_p"])
         cells = [
-            arm_label(r["scheme"], r["hparam_label"]),
+            str(r["scheme"]),
+            hparams_text(r["hparams"]),
+            *([row_setting_text(r["setting"], varying)] if varying else []),
             "–" if pd.isna(r["filters"]) else str(r["filters"]),
             f"{r['n']} / {r['n_planned']}",
             f"{r['n_errored']} / {r.get('n_damaged', 0)} / {r['n_incomplete']} / {r['n_pending']}",
@@ -92,19 +103,31 @@ def _summary_html(summary: pd.DataFrame) -> str:
             f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
             f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",
             _pct(r["acc_mean"], 2),
+            _pct(r["acc_min"], 2),
             f"{_pct(r['acc_std'], 2)} [{_pct(r['std_ci_low'], 2)}, {_pct(r['std_ci_high'], 2)}]",
             str(r["n_pairs"]),
+            "–" if is_base or not r["n_pairs"] else f"{r['n_better']} / {r['n_tied']} / {r['n_worse']}",
             _pts(r["gain_median"]),
-            _pct(r["share_improved"], 0),
-            "–" if pd.isna(r["wilcoxon_p"]) else f"{r['wilcoxon_p']:.3g}",
+            f"{r['wilcoxon_p']:.3g} (n={r['wilcoxon_n']}, {r['wilcoxon_method']})" if tested else "–",
             verdict(r),
         ]
+        left = {0, 1, len(cells) - 1} | ({2} if varying else set())
         tds = "".join(
-            f"<td{' class=l' if i in (0, len(cells) - 1) else ''}>{html.escape(c)}</td>"
-            for i, c in enumerate(cells)
+            f"<td{' class=l' if i in left else ''}>{html.escape(c)}</td>" for i, c in enumerate(cells)
         )
         body.append(f"<tr>{tds}</tr>")
     return f"<table id=summary>{head}{''.join(body)}</table>"
+
+
+def _provenance_html(provenance: dict[str, str] | None) -> str:
+    """Where the numbers come from: date, code revision, library versions, seeds, the MLflow run."""
+    if not provenance:
+        return "<p id=provenance class=note>Provenance: not recorded for this report.</p>"
+    items = "".join(
+        f"<tr><th class=l>{html.escape(k)}</th><td class=l>{html.escape(str(v))}</td></tr>"
+        for k, v in provenance.items()
+    )
+    return f"<h2>Provenance</h2><table id=provenance>{items}</table>"
 
 
 def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str) -> str:
@@ -116,10 +139,14 @@ def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str) -> str
         f"<p><b>Trials:</b> {len(trials)} planned: {status}. Only finished trials enter n, failure rates "
         "and accuracy statistics; a diverged trial is finished and failed.</p>"
         f"<p><b>Failure rule:</b> {html.escape(failure_rule(trials))}.</p>"
+        f"<p id=setting><b>Setting:</b> {html.escape(setting_line(summary))}. Every hyperparameter of a "
+        "scheme is listed per row, defaults included.</p>"
         "<p class=note>Intervals: failure rates with the Wilson 95% score interval; the std of final "
         "accuracy with a BCa bootstrap 95% interval (2000 resamples); gains are paired by seed against the "
-        "baseline of the same context and tested with the two-sided Wilcoxon signed-rank test, "
-        f"not adjusted for the {n_tests} comparisons in this table.</p>"
+        "baseline of the same context and tested with the two-sided Wilcoxon signed-rank test "
+        f"(zero method '{ZERO_METHOD}': tied pairs are dropped, so the test's n is the better + worse "
+        f"pairs, stated per row; exact distribution of the signed-rank sum up to {EXACT_MAX_N} pairs, normal "
+        f"approximation above), not adjusted for the {n_tests} comparisons in this table.</p>"
     )
 
 
@@ -131,8 +158,9 @@ def _png(fig: Figure) -> bytes:
 
 def _figure_html(r: Rendered, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
+    alt = html.escape(f"{r.title}. {alt_text(r.figure)}" if r.figure is not None else r.title, quote=True)
     return (
-        f"<figure id={r.name}><img alt='{html.escape(r.title)}' src='data:image/png;base64,{data}'>"
+        f"<figure id={r.name}><img alt='{alt}' src='data:image/png;base64,{data}'>"
         f"<figcaption><b>{html.escape(r.title)}.</b> {html.escape(r.caption)}</figcaption></figure>"
     )
 
@@ -196,12 +224,14 @@ def build_report(
     out_dir: Path,
     *,
     name: str,
+    provenance: dict[str, str] | None = None,
     looks: pd.DataFrame | None = None,
 ) -> Path:
     """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
 
     The tables are the aggregated ones (dashboards.stats: TRIAL_COLUMNS, SUMMARY_COLUMNS; the
     epochs table of orchestrator.aggregate). The page is titled by the trials' sweep, else `name`.
+    `provenance` (label -> value: date, git revision, versions, seeds, run id) is shown as given.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +247,7 @@ def build_report(
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>Filter lottery report: {html.escape(sweep)}</title><style>{_STYLE}</style></head><body>"
         f"{_header_html(trials, summary, sweep)}"
+        f"{_provenance_html(provenance)}"
         f"<h2>Summary per configuration</h2>{_summary_html(summary)}"
         f"{_sequential_html(looks)}"
         f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"

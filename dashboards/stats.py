@@ -13,15 +13,24 @@ Conventions, chosen so that nothing disappears silently:
   the same seed: the `baseline` trial with the same `pair_key`, or, for a trial that names a
   `reference_hash` (the IMP ticket control), the trial of that configuration (the rewound IMP).
   Accuracies are fractions, so gains are too.
+- the paired test is the two-sided Wilcoxon signed-rank test with Wilcoxon's zero method: tied
+  pairs (gain 0) are dropped and counted (`n_tied`), the test uses `wilcoxon_n` = the non-zero
+  pairs, on the exact distribution of the signed-rank sum (midranks for tied |gains|) up to
+  `EXACT_MAX_N` pairs and the normal approximation above; `wilcoxon_method` says which.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.stats
 
 BASELINE = "baseline"
+EXACT_MAX_N = 50  # exact signed-rank distribution up to here (cost ~n^3 / 4 additions), normal above
+ZERO_METHOD = "wilcox"  # tied pairs dropped before ranking (Wilcoxon 1945); stated with every p
+TIE_TOLERANCE = 1e-12  # gains and |gains| closer than this are equal (accuracies are counts / n_test)
 STATUSES: tuple[str, ...] = ("finished", "errored", "damaged", "incomplete", "pending")
 
 # The per-trial table: one row per planned trial, whatever happened to it.
@@ -34,6 +43,7 @@ TRIAL_COLUMNS: dict[str, str] = {
     "scheme": "string",
     "hparam_label": "string",
     "hparams": "string",  # canonical JSON (sorted keys) of the scheme's hyperparameters
+    "setting": "string",  # canonical JSON of what else fixes the result: lr, optimizer, epochs, ...
     "model": "string",
     "dataset": "string",
     "filters": "Int64",
@@ -59,6 +69,8 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "config_hash": "string",
     "scheme": "string",
     "hparam_label": "string",
+    "hparams": "string",  # every scheme hyperparameter, defaults included (canonical JSON)
+    "setting": "string",  # lr, optimizer, epochs, batch, init, input scale, tau (canonical JSON)
     "pair_key": "string",
     "model": "string",
     "dataset": "string",
@@ -89,6 +101,11 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "gain_median": "float64",
     "gain_mean": "float64",
     "share_improved": "float64",  # share of pairs with gain > 0
+    "n_better": "int64",  # pairs with gain > 0
+    "n_tied": "int64",  # pairs with gain 0 (dropped by the test: ZERO_METHOD)
+    "n_worse": "int64",  # pairs with gain < 0
+    "wilcoxon_n": "int64",  # pairs the test used (n_better + n_worse)
+    "wilcoxon_method": "string",  # "exact" or "normal approximation" ("" when not tested)
     "wilcoxon_p": "float64",  # two-sided signed-rank test of the paired gains
 }
 
@@ -195,7 +212,8 @@ def _first_valid(column: pd.Series) -> object:
 
 
 def _identity(group: pd.DataFrame) -> dict[str, object]:
-    keys = ("config_hash", "scheme", "hparam_label", "pair_key", "model", "dataset", "filters")
+    keys = ("config_hash", "scheme", "hparam_label", "hparams", "setting", "pair_key", "model", "dataset")
+    keys += ("filters",)
     row: dict[str, object] = {k: _first_valid(group[k]) for k in keys}
     finished_rules = group.loc[group["status"] == "finished", "failure_rule"].dropna().unique()
     rules = finished_rules if len(finished_rules) else group["failure_rule"].dropna().unique()
@@ -244,22 +262,75 @@ def _accuracy(group: pd.DataFrame) -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True)
+class SignedRankTest:
+    """A two-sided Wilcoxon signed-rank test as reported: p, the pairs it used and how p was found."""
+
+    p: float
+    n: int  # non-zero pairs: what the test used
+    n_zero: int  # tied pairs, dropped (ZERO_METHOD)
+    method: str  # "exact" | "normal approximation" | "" (not tested)
+
+
+def _exact_signed_rank_p(nonzero: np.ndarray) -> float:
+    """Exact two-sided p of the signed-rank sum, conditional on the observed (mid)ranks.
+
+    Every one of the 2^n sign patterns is equally likely under the null; a dynamic program over
+    doubled ranks (integers even with midranks) counts how many give each positive-rank sum.
+    Without ties it equals scipy's exact distribution; with ties it stays exact, where scipy
+    falls back to the normal approximation.
+    """
+    ranks2 = np.rint(2 * scipy.stats.rankdata(np.round(np.abs(nonzero), 12))).astype(np.int64)
+    counts = np.zeros(int(ranks2.sum()) + 1)
+    counts[0] = 1.0
+    for r in ranks2:
+        shifted = np.zeros_like(counts)
+        shifted[r:] = counts[: len(counts) - r]
+        counts = counts + shifted
+    total, observed = ranks2.sum(), ranks2[nonzero > 0].sum()
+    distance = np.abs(2 * np.arange(len(counts)) - total)  # |T+ - T-| in doubled units
+    p = counts[distance >= abs(2 * observed - total)].sum() / counts.sum()
+    return float(min(1.0, p))
+
+
+def signed_rank_test(gains: np.ndarray | None) -> SignedRankTest:
+    """Wilcoxon signed-rank test of paired gains with the zero method and the method stated.
+
+    NaN p with fewer than 2 non-zero gains. Exact up to EXACT_MAX_N non-zero pairs: with 5
+    non-zero pairs all positive, the exact p is 2/32 = 0.0625 where the normal approximation
+    says 0.043.
+    """
+    g = np.asarray([] if gains is None else gains, dtype=float)
+    nonzero = g[np.abs(g) > TIE_TOLERANCE]
+    n, n_zero = int(nonzero.size), int(g.size - nonzero.size)
+    if n < 2:
+        return SignedRankTest(float("nan"), n, n_zero, "")
+    if n <= EXACT_MAX_N:
+        return SignedRankTest(_exact_signed_rank_p(nonzero), n, n_zero, "exact")
+    res = scipy.stats.wilcoxon(nonzero, zero_method=ZERO_METHOD, method="asymptotic")
+    return SignedRankTest(float(res.pvalue), n, n_zero, "normal approximation")
+
+
 def wilcoxon_p(gains: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p of paired gains; NaN with fewer than 2 non-zero gains."""
-    g = np.asarray(gains, dtype=float)
-    if np.count_nonzero(g) < 2:
-        return float("nan")
-    return float(scipy.stats.wilcoxon(g).pvalue)
+    """Two-sided signed-rank p of paired gains (see `signed_rank_test`)."""
+    return signed_rank_test(gains).p
 
 
 def _gain_stats(gains: np.ndarray | None) -> dict[str, object]:
+    test = signed_rank_test(gains)
+    tested = {"wilcoxon_n": test.n, "wilcoxon_method": test.method, "wilcoxon_p": test.p}
     if gains is None or gains.size == 0:
-        return {"n_pairs": 0, "gain_median": np.nan, "gain_mean": np.nan, "share_improved": np.nan}
+        empty = {"gain_median": np.nan, "gain_mean": np.nan, "share_improved": np.nan}
+        return {"n_pairs": 0, **empty, "n_better": 0, "n_tied": 0, "n_worse": 0, **tested}
     return {
         "n_pairs": int(gains.size),
         "gain_median": float(np.median(gains)),
         "gain_mean": float(gains.mean()),
-        "share_improved": float((gains > 0).mean()),
+        "share_improved": float((gains > TIE_TOLERANCE).mean()),
+        "n_better": int((gains > TIE_TOLERANCE).sum()),
+        "n_tied": test.n_zero,
+        "n_worse": int((gains < -TIE_TOLERANCE).sum()),
+        **tested,
     }
 
 
@@ -283,7 +354,6 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
                 **_counts(group),
                 **_accuracy(group),
                 **_gain_stats(g),
-                "wilcoxon_p": wilcoxon_p(g) if g is not None else np.nan,
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(SUMMARY_COLUMNS)

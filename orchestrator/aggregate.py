@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, looks_frame
+from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
@@ -89,6 +90,26 @@ def _planned(sweep_dir: Path, on_disk: set[str]) -> list[dict[str, Any]]:
     return plan + [{"trial_key": k} for k in sorted(on_disk - listed)]
 
 
+def setting_of(trial: dict[str, Any]) -> dict[str, Any]:
+    """What fixes a trial's result besides scheme, width and seed, in reading order (from config.json's
+    `trial`). tau is the threshold the trial used: RandomOut's own, else the below-tau counting one."""
+    optim, model, data = trial.get("optim", {}), trial.get("model", {}), trial.get("data", {})
+    scheme = trial.get("scheme", {})
+    values = {
+        "lr": optim.get("lr"),
+        "optimizer": optim.get("name"),
+        "momentum": optim.get("momentum") if optim.get("name") == "sgd" else None,
+        "weight_decay": optim.get("weight_decay"),
+        "epochs": trial.get("epochs"),
+        "batch": "full" if trial.get("full_batch") else trial.get("batch_size"),
+        "init": model.get("init"),
+        "input_scale": data.get("normalize"),
+        "augment": data.get("augment"),
+        "tau": scheme.get("tau", trial.get("tau")),
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {**defaults, **planned}
     if trial_dir is None:
@@ -109,6 +130,7 @@ def _trial_row(planned: dict[str, Any], trial_dir: Path | None, defaults: dict[s
         row["filters"] = config.get("filters")
         row["reference_hash"] = config.get("reference_hash")
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
+        row["setting"] = json.dumps(setting_of(config.get("trial", {})))
     if status.result is not None:
         row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
         row["status"] = "finished"
@@ -279,18 +301,33 @@ def format_looks_table(looks: pd.DataFrame) -> Table:
 
 
 def format_summary_table(summary: pd.DataFrame) -> Table:
-    """The summary as a rich table for the CLI; accuracies and gains in percentage points."""
-    table = Table(title="Seeds per configuration (failure rate with Wilson 95% CI)")
-    for name in ("scheme", "hparams", "filters", "n", "failed", "fail % [95% CI]", "median %", "std %"):
-        table.add_column(name, justify="left" if name in ("scheme", "hparams") else "right")
+    """The summary as a rich table for the CLI; accuracies and gains in percentage points.
+
+    The caption states the setting every row shares; what differs between rows gets a column,
+    and each row lists every scheme hyperparameter, defaults included.
+    """
+    _, varying = split_setting(summary["setting"])
+    table = Table(
+        title="Seeds per configuration (failure rate with Wilson 95% CI)",
+        caption=f"setting: {setting_line(summary)}",
+        caption_justify="left",
+    )
+    columns = ["scheme", "hparams", *(["setting"] if varying else []), "filters", "n", "failed"]
+    columns += ["fail % [95% CI]", "mean %", "median %", "min %", "std %"]
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("scheme", "hparams", "setting") else "right")
     table.add_column("gain pts (median)", justify="right")
-    table.add_column("Wilcoxon p", justify="right")
+    table.add_column("better/tied/worse", justify="right")
+    table.add_column("Wilcoxon p (n, method)", justify="right")
     for r in summary.itertuples(index=False):
         pending = r.n_planned - r.n
         fail = f"{_pct(r.failure_rate)} [{_pct(r.failure_ci_low)}, {_pct(r.failure_ci_high)}]"
+        is_base = r.scheme == BASELINE
+        test = "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g} (n={r.wilcoxon_n}, {r.wilcoxon_method})"
         table.add_row(
             str(r.scheme),
-            str(r.hparam_label or ""),
+            hparams_text(r.hparams),
+            *([row_setting_text(r.setting, varying)] if varying else []),
             "-" if pd.isna(r.filters) else str(r.filters),
             f"{r.n}"
             + (f" (+{pending} not finished" if pending else "")
@@ -298,10 +335,13 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             + (")" if pending else ""),
             f"{r.n_failed}",
             fail if r.n else "-",
+            _pct(r.acc_mean, 2),
             _pct(r.acc_median, 2),
+            _pct(r.acc_min, 2),
             _pct(r.acc_std, 2),
-            "baseline" if r.scheme == BASELINE else _pct(r.gain_median, 2),
-            "-" if pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}",
+            "baseline" if is_base else _pct(r.gain_median, 2),
+            "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
+            "-" if is_base else test,
         )
     return table
 

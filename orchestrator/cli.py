@@ -230,6 +230,7 @@ def aggregate(
         format_summary_table,
         sequential_statement,
     )
+    from orchestrator.tracking.study import summary_to_parent
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
@@ -245,6 +246,7 @@ def aggregate(
         table_console().print(statement, highlight=False)
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
     attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
+    summary_to_parent(sweep_dir, result.summary, console)
 
 
 @app.command("plan")
@@ -323,16 +325,18 @@ def report(
     """Build the HTML report of an aggregated sweep; attach it and its figures to the parent run."""
     from dashboards.report import build_report
     from orchestrator.aggregate import read_aggregate
+    from orchestrator.provenance import report_provenance
     from orchestrator.tracking.sweep import attach_to_parent
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
-    tables = read_aggregate(sweep_dir)  # the report reads nothing else
+    tables = read_aggregate(sweep_dir)  # the report's numbers come from nothing else
     html = build_report(
         tables.trials,
         tables.epochs,
         tables.summary,
         layout.report_dir(sweep_dir),
         name=sweep_dir.name,
+        provenance=report_provenance(sweep_dir),
         looks=tables.looks,
     )
     attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)
@@ -345,11 +349,22 @@ def ui(
     sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Open the MLflow UI on a sweep's tracking store."""
-    from orchestrator.tracking.sweep import ui_argv
+    """Open the MLflow UI on a sweep's tracking store, its runs grouped by scheme; prints the URL."""
+    from orchestrator.tracking.study import experiment_url, refuse_busy_port, save_runs_view
+    from orchestrator.tracking.sweep import SweepRecord, ui_argv
 
-    argv = ui_argv(layout.resolve_sweep_dir(sweep, layout.results_root()), port)
-    console.print(" ".join(argv))
+    sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
+    argv = ui_argv(sweep_dir, port)
+    refuse_busy_port(port)
+    record = SweepRecord.load(sweep_dir)
+    view = None
+    if record is not None:
+        from orchestrator.tracking.runs import client_for
+
+        view = save_runs_view(client_for(record.tracking_uri), record.experiment_id)
+    console.print(" ".join(argv), highlight=False, soft_wrap=True)
+    if record is not None:
+        print(experiment_url(f"http://127.0.0.1:{port}", record.experiment_id, view), flush=True)
     os.execv(argv[0], argv)
 
 

@@ -106,6 +106,24 @@ def _layers(metrics: pa.Table, filters: int) -> pa.Table:
     )
 
 
+def _trace(metrics: pa.Table, filters: int) -> pa.Table:
+    """Per-filter epoch means (step -1): filter 0 of conv1 dies (CGN 0) unless reset, then revives."""
+    epochs = metrics["epoch"].to_numpy()
+    resets = metrics["resets"].to_numpy()
+    rows: dict[str, list] = {k: [] for k in ("epoch", "step", "layer", "filter", "cgn", "reset")}
+    for e, r in zip(epochs, resets, strict=True):
+        for layer in LAYERS:
+            for f in range(filters):
+                dead = layer == LAYERS[0] and f == 0 and e < 2
+                rows["epoch"].append(int(e))
+                rows["step"].append(-1)
+                rows["layer"].append(layer)
+                rows["filter"].append(f)
+                rows["cgn"].append(0.0 if dead else 1e-3 * (1 + f) * math.exp(-0.5 * e))
+                rows["reset"].append(int(dead and r > 0))
+    return pa.table(rows)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj))
 
@@ -128,13 +146,23 @@ def write_trial(trial_dir: Path, t: FakeTrial, sweep: str, margin: float, chance
         "dataset": DATASET,
         "filters": t.filters,
         "epochs": t.epochs,
-        "trial": {"scheme": {"name": t.scheme, **t.hparams}, "model": {"name": MODEL, "filters": t.filters}},
+        "trial": {
+            "scheme": {"name": t.scheme, **t.hparams},
+            "model": {"name": MODEL, "filters": t.filters, "init": "uniform0.01"},
+            "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
+            "data": {"name": DATASET, "normalize": "standard", "augment": "none"},
+            "epochs": t.epochs,
+            "batch_size": 64,
+            "full_batch": False,
+            "tau": 1e-8,
+        },
     }
     _write_json(trial_dir / "config.json", config)
     epochs = t.epochs if t.status == "finished" else t.epochs // 2
     metrics = _metrics(t, epochs)
     pq.write_table(metrics, trial_dir / "metrics.parquet")
     pq.write_table(_layers(metrics, t.filters), trial_dir / "layers.parquet")
+    pq.write_table(_trace(metrics, t.filters), trial_dir / "cgn_trace.parquet")
     if t.status == "errored":
         (trial_dir / "error.txt").write_text("RuntimeError: synthetic failure\n")
     if t.status != "finished":
@@ -154,6 +182,7 @@ def write_trial(trial_dir: Path, t: FakeTrial, sweep: str, margin: float, chance
         "total_resets": int(metrics["resets"].to_numpy().sum()),
         "reinit_fallbacks": 0,
         "wall_s": 0.5 * t.epochs,
+        "ended_at": 1_700_000_000.0 + 10 * t.seed,
         "failure_rule": failure_rule_text(margin, chance),
     }
     _write_json(trial_dir / "result.json", result)

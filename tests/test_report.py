@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ FIGURES = [
     "fig4_seed_scatter",
     "fig5_tau_p_heatmap",
     "fig6_accuracy_vs_filters",
+    "accuracy_epochs",
     "fig7_cgn",
     "fig8_below_tau",
     "repr_ortho",
@@ -142,9 +144,73 @@ def test_report_names_skipped_figures_and_null_results(tmp_path: Path) -> None:
     assert p >= 0.05
 
     text = report_of(sweep_dir, sweep_dir / "report").read_text()
-    assert f"no significant effect (p={p:.2g}; median gain +0.00 pts over 8 paired seeds)" in text
+    gain = "median gain +0.00 pts over 8 paired seeds, test on 8 non-tied, exact"
+    verdict = f"no significant effect (p={p:.2g}; {gain})"
+    assert verdict in text
     skipped = text.split("<ul id=skipped>")[1].split("</ul>")[0]
-    assert "needs RandomOut trials with at least 2 tau or 2 P values" in skipped
     assert "the number of filters does not vary in this sweep" in skipped
-    assert "no finite ortho_sum values recorded" in skipped
-    assert text.count("<figure ") == 3 and "data-total=3" in text
+    # no RandomOut and no RePr trial: their figures are left out, not listed as skipped
+    assert "fig5_tau_p_heatmap" not in text and "repr_ortho" not in text and "Ortho" not in skipped
+    assert text.count("<figure ") == 4 and "data-total=4" in text
+    assert "better / tied / worse" in text and "(n=8, exact)" in text
+
+
+def _figure_alt(dom: str, name: str) -> str:
+    found = re.search(rf'<figure id="{name}"><img alt="([^"]*)"', dom)
+    assert found, f"figure {name} not rendered"
+    return found[1].replace("&amp;", "&")
+
+
+@pytest.mark.integration  # Chromium
+def test_width_sweep_report_shows_both_schemes_with_intervals_and_failure_rates(tmp_path: Path) -> None:
+    """A baseline vs RandomOut sweep over three widths, read as a researcher reads it: in a browser."""
+    arms = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
+    trials = lottery_trials(arms, seeds=range(10), filters=(2, 4, 8), fail_rate=0.4)
+    sweep_dir = write_sweep(tmp_path, "width", trials)
+    aggregate(sweep_dir)
+    provenance = {"git revision": "0123abc", "seeds": "[0, 1]", "MLflow parent run": "run-42"}
+    tables = read_aggregate(sweep_dir)
+    page = build_report(
+        tables.trials, tables.epochs, tables.summary, tmp_path / "r", name="w", provenance=provenance
+    )
+    dom = _chromium(["--dump-dom"], page, tmp_path / "profile")
+
+    status = re.search(r'id="img-status"[^>]*data-loaded="(\d+)" data-total="(\d+)"', dom)
+    assert status and status[1] == status[2] == "5", dom[-1500:]
+    # figures of schemes this sweep lacks are absent, not drawn empty and not listed as skipped
+    assert 'id="repr_ortho"' not in dom and "RePr" not in dom
+    width = _figure_alt(dom, "fig6_accuracy_vs_filters")
+    for scheme in ("baseline", "randomout tau=1e-08 P=1"):
+        assert re.search(
+            rf"panel final test accuracy \(%\):[^|]*{re.escape(scheme)} \(n=10\): 3 points with interval "
+            "bars",
+            width,
+        ), width
+        assert re.search(
+            rf"panel failed \(%\):[^|]*{re.escape(scheme)} failure rate: 3 points with interval bars", width
+        ), width
+    assert "95% t-interval" in dom and "Wilson 95% interval" in dom
+    # per-seed, CGN and below-tau figures: one panel per width
+    for name in ("fig4_seed_scatter", "fig7_cgn", "fig8_below_tau", "accuracy_epochs"):
+        alt = _figure_alt(dom, name)
+        assert all(f"{w} filters]" in alt for w in (2, 4, 8)), (name, alt)
+    below = _figure_alt(dom, "fig8_below_tau")
+    assert "panel seeds below tau (%)" in below and "panel mean checks with CGN &lt; tau" in dom
+    assert "0 of 60 seeds reach a mean CGN of 0 (dead)" in dom  # stated even when none does
+    accuracy = _figure_alt(dom, "accuracy_epochs")
+    assert "baseline non-failed" in accuracy and "baseline failed (" in accuracy
+    # the setting, every hyperparameter, better/tied/worse with the test's n and method, provenance
+    assert "lr=0.01 optimizer=sgd momentum=0 weight_decay=0 epochs=4 batch=64 init=uniform0.01" in dom
+    assert "P=1 reset" not in dom and '<td class="l">P=1 tau=1e-08</td>' in dom
+    assert '<td class="l">none</td>' in dom  # the baseline has no hyperparameter, and says so
+    assert re.search(r"<td>10 / 0 / 0</td>", dom) and re.search(r"\(n=10, exact\)", dom)
+    assert "zero method 'wilcox'" in dom
+    assert re.search(r'<table id="provenance">.*0123abc.*run-42', dom)
+
+    shot = tmp_path / "width.png"
+    _chromium([f"--screenshot={shot}", "--window-size=1280,3000"], page, tmp_path / "profile")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = os.environ.get("LOTTERY_SHOTS")
+    if out:  # keep the rendered page for a reader (not a test outcome)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report_width.png").write_bytes(shot.read_bytes())

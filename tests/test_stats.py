@@ -14,6 +14,7 @@ from dashboards.stats import (
     TRIAL_COLUMNS,
     bootstrap_std_ci,
     paired_gains,
+    signed_rank_test,
     summarise,
     wilson_interval,
 )
@@ -40,6 +41,7 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "scheme": scheme,
         "hparam_label": kw.pop("label", ""),
         "hparams": "{}",
+        "setting": "{}",
         "model": "crater_cnn",
         "dataset": "synthetic",
         "filters": kw.pop("filters", 8),
@@ -154,13 +156,34 @@ def test_paired_gains(summary: pd.DataFrame) -> None:
     assert c.share_improved == pytest.approx(1 / 3)
 
 
-def test_wilcoxon_matches_scipy(trials: pd.DataFrame, summary: pd.DataFrame) -> None:
+def test_wilcoxon_is_exact_and_states_the_pairs_it_used(trials: pd.DataFrame, summary: pd.DataFrame) -> None:
     gains = paired_gains(trials).query("config_hash == 'B'").sort_values("seed")["gain"].to_numpy()
     np.testing.assert_allclose(gains, GAINS_B, atol=1e-12)
-    assert summary.loc["B"].wilcoxon_p == pytest.approx(scipy.stats.wilcoxon(gains).pvalue)
+    b = summary.loc["B"]
+    # seed 5's gain is 0: dropped (Wilcoxon's zero method), 9 pairs used; |gains| .01 and .02 tie,
+    # so the exact p is the share of the 2^9 sign flips as extreme, as scipy's permutation test counts.
+    nonzero = np.array([g for g in GAINS_B if g != 0])
+    exact = scipy.stats.wilcoxon(nonzero, method=scipy.stats.PermutationMethod(n_resamples=2**9)).pvalue
+    assert (b.n_better, b.n_tied, b.n_worse, b.wilcoxon_n) == (7, 1, 2, 9)
+    assert b.wilcoxon_method == "exact" and b.wilcoxon_p == pytest.approx(exact, rel=1e-12)
     for config in ("A", "D"):  # the baseline itself; a config with no baseline in its pair_key
         row = summary.loc[config]
         assert row.n_pairs == 0 and math.isnan(row.gain_median) and math.isnan(row.wilcoxon_p)
+        assert row.wilcoxon_method == "" and row.wilcoxon_n == 0
+
+
+def test_wilcoxon_five_nonzero_pairs_is_exact_not_normal() -> None:
+    # 5 positive gains: 2 of the 32 sign patterns are as extreme -> p = 0.0625 (normal: 0.043).
+    test = signed_rank_test(np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.0, 0.0]))
+    assert (test.p, test.n, test.n_zero, test.method) == (0.0625, 5, 2, "exact")
+    assert scipy.stats.wilcoxon([0.01, 0.02, 0.03, 0.04, 0.05], method="asymptotic").pvalue < 0.05
+    rng = np.random.default_rng(3)
+    for n in (3, 8, 14):  # no ties: the same as scipy's exact distribution
+        gains = rng.normal(0.01, 0.02, n)
+        assert signed_rank_test(gains).p == pytest.approx(scipy.stats.wilcoxon(gains, method="exact").pvalue)
+    big = signed_rank_test(rng.normal(0.01, 0.02, 60))
+    assert big.method == "normal approximation" and big.n == 60
+    assert math.isnan(signed_rank_test(np.array([0.0, 0.01])).p)
 
 
 def test_summary_schema(summary: pd.DataFrame) -> None:

@@ -159,7 +159,10 @@ def test_raising_trial_resumes_from_its_checkpoint_and_diverging_or_broken_trial
     plan = load_plan(spec)
     flaky = plan.trials[1].trial_key()
     monkeypatch.setenv(FAULT_ENV, f"{flaky}:1")
-    outcome = run_sweep(plan, root=tmp_path)
+    # Given as a cluster address, this process's Ray runs the sweep as a cluster would: the driver does
+    # not load the data there (a local run refuses the missing crater dir up front), so the batchnorm
+    # trials fail on their worker, as a trial with broken data does on a cluster.
+    outcome = run_sweep(plan, root=tmp_path, address="ray://cluster-under-test:10001")
     sweep_dir = outcome.sweep_dir
     assert (outcome.counts["finished"], outcome.counts["errored"], outcome.counts["unfinished"]) == (4, 2, 0)
 

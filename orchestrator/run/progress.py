@@ -4,7 +4,8 @@ One line: done / running / pending, lottery failures (trials that finished but f
 errored trials (retries exhausted), and an ETA from this session's completion rate; plus one
 line per trial error (Tune's own multi-line tracebacks are turned off by the driver). On a
 terminal it is a live line; otherwise (logs, `ray job logs`) it prints a line at most every
-`interval_s`, and once at the end.
+`interval_s`, and once at the end. Every count is of trials (seeds), not of Tune trials: a seed
+pack is one Tune trial holding several seeds, so each unit weighs as many seeds as it trains.
 """
 
 from __future__ import annotations
@@ -39,12 +40,22 @@ class Counts:
         return self.total - self.done - self.running - self.errored
 
     @classmethod
-    def of(cls, trials: list[Trial], total: int) -> Counts:
-        """Done = terminated with a final result: a trial stopped by an interrupt is not done."""
-        status = Counter(t.status for t in trials)
-        final = [t.last_result for t in trials if t.status == Trial.TERMINATED and FINAL_KEY in t.last_result]
-        failed = sum(1 for result in final if result.get("failed"))
-        return cls(total, len(final), status[Trial.RUNNING], failed, status[Trial.ERROR])
+    def of(cls, trials: list[Trial], unit_sizes: list[int]) -> Counts:
+        """Seeds, from Tune's units: done = terminated with a final result (an interrupted one is not).
+
+        A unit's final result says how many of its seeds finished and failed (trainable._result_metrics).
+        """
+        seeds = Counter[str]()
+        done = failed = 0
+        for t in trials:
+            size = unit_sizes[t.config["unit"]]
+            result = t.last_result or {}
+            if t.status == Trial.TERMINATED and FINAL_KEY in result:
+                done += int(result.get("seeds_finished", size))
+                failed += int(result.get("seeds_failed", round(float(result.get("failed", 0)) * size)))
+            else:
+                seeds[t.status] += size
+        return cls(sum(unit_sizes), done, seeds[Trial.RUNNING], failed, seeds[Trial.ERROR])
 
 
 def eta_text(remaining: int, done_here: int, elapsed_s: float) -> str:
@@ -61,9 +72,10 @@ def eta_text(remaining: int, done_here: int, elapsed_s: float) -> str:
 class ProgressCallback(Callback):
     """Renders `Counts` from Tune's trial list, throttled; state is rebuilt in `setup` after a restore."""
 
-    def __init__(self, name: str, total: int, interval_s: float = 30.0) -> None:
+    def __init__(self, name: str, unit_sizes: list[int], interval_s: float = 30.0) -> None:
         self.name = name
-        self.total = total
+        self.unit_sizes = list(unit_sizes)  # seeds per Tune trial, by unit index
+        self.total = sum(self.unit_sizes)
         self.interval_s = interval_s
         self._reset()
 
@@ -77,7 +89,12 @@ class ProgressCallback(Callback):
         self.counts = Counts(self.total)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name, "total": self.total, "interval_s": self.interval_s}
+        return {
+            "name": self.name,
+            "unit_sizes": self.unit_sizes,
+            "total": self.total,
+            "interval_s": self.interval_s,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -126,7 +143,7 @@ class ProgressCallback(Callback):
             self._console.print(message, soft_wrap=True, highlight=False)  # one line, even in a log
 
     def _update(self, trials: list[Trial]) -> None:
-        self.counts = Counts.of(trials, self.total)
+        self.counts = Counts.of(trials, self.unit_sizes)
         if self._done_at_start is None:
             self._done_at_start = self.counts.done + self.counts.errored
 

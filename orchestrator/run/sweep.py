@@ -138,8 +138,13 @@ def dry_run(
     console.print(plan_table(plan))
     if estimate_cost:
         from orchestrator.run.estimate import estimate
+        from trainers.errors import DataError
 
-        console.print(estimate(plan, sweep_dir).text(), soft_wrap=True)
+        try:
+            text = estimate(plan, sweep_dir).text()
+        except DataError as exc:  # a cluster's data may live on its workers only
+            text = f"estimated cost: not measured here ({exc})"
+        console.print(text, soft_wrap=True, highlight=False)
 
 
 def preflight(
@@ -748,7 +753,7 @@ def _tuner(
             # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
-                ProgressCallback(spec.name, len(plan.units)),
+                ProgressCallback(spec.name, [len(unit) for unit in plan.units]),
                 TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),
             ],
             verbose=0,

@@ -187,6 +187,7 @@ def _result_metrics(results: list[dict[str, Any] | None]) -> dict[str, Any]:
     """What Tune sees of a unit: its seeds' mean final metrics (the per-seed truth is on disk)."""
     done = [r for r in results if r]
     metrics: dict[str, Any] = {"seeds": len(results), "seeds_finished": len(done)}
+    metrics["seeds_failed"] = sum(1 for r in done if r.get("failed"))  # `failed` below is a mean
     for key in RESULT_KEYS:
         values = [float(r[key]) for r in done if key in r]
         if values:

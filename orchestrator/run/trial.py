@@ -10,6 +10,7 @@ Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, ne
 from __future__ import annotations
 
 import hashlib
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
@@ -102,6 +103,7 @@ class TrialDirSink:
             "trial_key": self.config.trial_key(),
             "config_hash": self.config.config_hash(),
             "scheme": self.config.scheme.name,
+            "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
         }
         atomic_write_json(self.dir / RESULT, doc)
         (self.dir / CHECKPOINT).unlink(missing_ok=True)

@@ -9,8 +9,8 @@ one call per value.
 
 from __future__ import annotations
 
+import json
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
+from orchestrator.tracking.source import source_tags  # noqa: E402
 
 EPOCH_METRICS = (
     "train_loss",
@@ -61,6 +62,8 @@ RESULT_METRICS = (
     "epochs_done",
 )
 BATCH = 1000  # MLflow's per-request metric limit
+CGN_FIGURE = "cgn_filters.png"  # per-filter CGN over epochs, resets marked, on every run page
+FAILED_SUFFIX = " [lottery-failed]"  # a failed trial's run name ends so, to stand out unfiltered
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the classic runs view
 
 
@@ -129,24 +132,69 @@ def _batched(items: list, size: int) -> Iterable[list]:
 
 
 def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
+    """Per-epoch metrics stamped at each epoch's end (start + cumulative epoch wall time)."""
     path = trial_dir / layout.METRICS
     if not path.exists():
         return []
-    frame = pd.read_parquet(path)
+    frame = pd.read_parquet(path).sort_values("epoch")
+    walls = frame["wall_s"].fillna(0).cumsum() if "wall_s" in frame else pd.Series(0, index=frame.index)
     metrics = []
-    for row in frame.itertuples(index=False):
-        step = int(row.epoch)
+    for row, wall in zip(frame.itertuples(index=False), walls, strict=True):
+        step, stamp = int(row.epoch), start_ms + int(1000 * wall)
         for key in EPOCH_METRICS:
             if hasattr(row, key):
-                metrics.append(Metric(key, float(getattr(row, key)), start_ms + step, step))
+                metrics.append(Metric(key, float(getattr(row, key)), stamp, step))
         if _flag(getattr(row, "round_end", None)):
             for key, name in ROUND_METRICS.items():
-                metrics.append(Metric(name, float(getattr(row, key)), start_ms + step, int(row.round)))
+                metrics.append(Metric(name, float(getattr(row, key)), stamp, int(row.round)))
     return metrics
 
 
 def _flag(value: object) -> bool:
     return value is not None and not pd.isna(value) and bool(value)
+
+
+def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]:
+    """(start, end) in ms of the trial itself, not of its logging.
+
+    A result: it ended when result.json was written (`ended_at`, else the file's mtime) and
+    started its wall time before. An error: from the first attempt's start to the error.
+    """
+    if result is not None:
+        end = float(result.get("ended_at") or (trial_dir / layout.RESULT).stat().st_mtime)
+        return int(1000 * (end - float(result.get("wall_s") or 0.0))), int(1000 * end)
+    end = (trial_dir / layout.ERROR).stat().st_mtime
+    attempts = trial_dir / layout.ATTEMPTS
+    lines = attempts.read_text().splitlines() if attempts.exists() else []
+    start = float(json.loads(lines[0]).get("started", end)) if lines else end
+    return int(1000 * start), int(1000 * end)
+
+
+def run_name(meta: dict[str, Any], result: dict[str, Any] | None) -> str:
+    """'randomout seed=3 8f tau=1e-08 P=0.5': scheme and seed first, where the table cuts names."""
+    label = f" {meta['hparam_label']}" if meta["hparam_label"] else ""
+    width = f" {meta['filters']}f" if meta.get("filters") is not None else ""
+    failed = FAILED_SUFFIX if result is not None and result.get("failed") else ""
+    return f"{meta['scheme']} seed={meta['seed']}{width}{label}{failed}"
+
+
+def failure_note(result: dict[str, Any]) -> str:
+    """The run description of a lottery-failed trial: what failed and by which rule."""
+    reason = (
+        "the loss diverged"
+        if result.get("diverged")
+        else f"final test accuracy {result['final_test_acc']:.4f}"
+    )
+    return f"**Lottery failure**: {reason}. Rule: {result['failure_rule']}."
+
+
+def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: str) -> None:
+    path = trial_dir / layout.TRACE
+    if not path.exists():
+        return
+    from dashboards.figures import filter_cgn_figure  # matplotlib only when there is a trace
+
+    client.log_figure(run_id, filter_cgn_figure(pd.read_parquet(path), title), CGN_FIGURE)
 
 
 def log_trial(
@@ -195,27 +243,28 @@ def log_trial(
         for name in PROVENANCE:
             if result.get(name) not in (None, ""):
                 run_tags[name] = str(result[name])
-    label = f" {meta['hparam_label']}" if meta["hparam_label"] else ""
-    run = client.create_run(
-        experiment_id, run_name=f"{meta['scheme']}{label} seed={meta['seed']}", tags=run_tags
-    )
+        if result["failed"]:
+            run_tags["mlflow.note.content"] = failure_note(result)
+    run_tags = source_tags() | run_tags
+    start_ms, end_ms = run_times(trial_dir, result)
+    title = run_name(meta, result)
+    run = client.create_run(experiment_id, start_time=start_ms, run_name=title, tags=run_tags)
     run_id = run.info.run_id
-    start_ms = int(time.time() * 1000)
     params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
     for chunk in _batched(params, 100):
         client.log_batch(run_id, params=chunk)
     metrics = _epoch_metrics(trial_dir, start_ms)
     if result is not None:
-        last = start_ms + len(metrics)
-        metrics += [Metric(k, float(result[k]), last, 0) for k in RESULT_METRICS]
+        metrics += [Metric(k, float(result[k]), end_ms, 0) for k in RESULT_METRICS if k in result]
         if "sparsity" in result:  # results written before sparsity was recorded lack it
-            metrics.append(Metric("final_sparsity", float(result["sparsity"]), last, 0))
-        metrics.append(Metric("failed", float(result["failed"]), last, 0))
+            metrics.append(Metric("final_sparsity", float(result["sparsity"]), end_ms, 0))
+        metrics.append(Metric("failed", float(result["failed"]), end_ms, 0))
     for chunk in _batched(metrics, BATCH):
         client.log_batch(run_id, metrics=chunk)
     for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():
             client.log_artifact(run_id, str(trial_dir / name))
+    _log_cgn_figure(client, run_id, trial_dir, title)
     client.log_batch(run_id, tags=[RunTag("logged", "complete")])
-    client.set_terminated(run_id, status)
+    client.set_terminated(run_id, status, end_time=end_ms)
     return run_id

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,9 @@ from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
+from orchestrator.tracking.source import git_state, source_tags
 from orchestrator.tracking.store import prepare_store
+from orchestrator.tracking.study import log_spec_params
 
 LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 PAGE = 1000
@@ -119,6 +120,7 @@ def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str, *, adopt: bo
             experiment_id, run_name=f"sweep {spec.name}", tags=_parent_tags(plan, sweep_dir)
         )
         parent = run.info.run_id
+        log_spec_params(client, parent, spec)
         _log_plan_files(client, parent, sweep_dir)
     else:
         client.update_run(parent, status="RUNNING")
@@ -169,29 +171,10 @@ def _parent_tags(plan: SweepPlan, sweep_dir: Path) -> dict[str, str]:
         "python": platform.python_version(),
     }
     tags |= {f"version.{lib}": metadata.version(lib) for lib in LIBRARIES}
-    tags |= git_state(Path(__file__).resolve().parent)
+    tags |= git_state(Path(__file__).resolve().parent) | source_tags()
     if spec.description:
         tags["mlflow.note.content"] = spec.description
     return tags
-
-
-def git_state(where: Path) -> dict[str, str]:
-    """Revision and dirty flag of the code that ran, if it is a git checkout."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_revision": rev, "git_dirty": str(bool(dirty)).lower()}
 
 
 def logged_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
@@ -321,6 +304,8 @@ def ui_argv(sweep_dir: Path, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        "1",  # one process: a local store needs no more, and each worker holds its own memory
     ]
 
 
