@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dashboards.figures import Rendered, all_figures, alt_text, failure_rule
+from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
+from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, EXACT_MAX_N, ZERO_METHOD
 
@@ -171,6 +172,51 @@ def _skipped_html(skipped: list[Rendered]) -> str:
     return f"<ul id=skipped>{items}</ul>"
 
 
+def _sequential_html(looks: pd.DataFrame | None) -> str:
+    """A sequential study's design, where it stopped and why, and its anytime-valid intervals."""
+    if looks is None or looks.empty:
+        return ""
+    last_look = int(looks["look"].max())
+    last = looks[looks["look"] == last_look]
+    seeds = int(last["seeds"].iloc[0])
+    held = bool(last["met"].all())
+    method = METHOD_RATE if (last["statistic"] == "failure_rate").all() else METHOD_MEDIAN
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=l' if i in (1, 7) else ''}>{html.escape(c)}</td>"
+            for i, c in enumerate(
+                [
+                    str(r.look),
+                    arm_label(r.scheme, r.hparam_label),
+                    str(r.seeds),
+                    str(r.n),
+                    _pct(r.estimate, 2),
+                    f"[{_pct(r.cs_low, 2)}, {_pct(r.cs_high, 2)}]",
+                    "yes" if r.met else "no",
+                    str(r.verdict),
+                ]
+            )
+        )
+        + "</tr>"
+        for r in looks.itertuples(index=False)
+    )
+    head = (
+        "<tr><th>look</th><th class=l>arm</th><th>seeds opened</th><th>n</th><th>estimate %</th>"
+        "<th>anytime 95% interval %</th><th>meets rule</th><th class=l>verdict</th></tr>"
+    )
+    return (
+        "<h2>Sequential design</h2>"
+        f"<p id=sequential><b>Sequential study:</b> seeds were added in batches and the stopping rule "
+        f"was checked after each. Rule: {html.escape(str(last['rule'].iloc[0]))}. It "
+        f"{'held' if held else 'did not hold'} at look {last_look}, after {seeds} seeds per configuration. "
+        f"Intervals here are anytime-valid ({html.escape(method)}), valid at whichever look the study "
+        "stopped; the Wilson intervals and Wilcoxon p above assume n was fixed in advance and do not "
+        "account for the optional stopping.</p>"
+        f"<table id=looks>{head}{rows}</table>"
+    )
+
+
 def build_report(
     trials: pd.DataFrame,
     epochs: pd.DataFrame,
@@ -179,6 +225,7 @@ def build_report(
     *,
     name: str,
     provenance: dict[str, str] | None = None,
+    looks: pd.DataFrame | None = None,
 ) -> Path:
     """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
 
@@ -202,6 +249,7 @@ def build_report(
         f"{_header_html(trials, summary, sweep)}"
         f"{_provenance_html(provenance)}"
         f"<h2>Summary per configuration</h2>{_summary_html(summary)}"
+        f"{_sequential_html(looks)}"
         f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"
         f"<h2>Skipped figures</h2>{_skipped_html([r for r in rendered if r.figure is None])}"
         f"<div id=img-status class=note data-loaded=0 data-total={len(figures)}></div>"

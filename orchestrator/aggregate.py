@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from rich.table import Table
 
+from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
@@ -75,6 +76,8 @@ class AggregateResult:
     epochs: pd.DataFrame  # EPOCH_COLUMNS
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
     rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
+    # A sequential study's looks (dashboards.sequential.LOOK_COLUMNS); empty for a fixed design.
+    looks: pd.DataFrame = field(default_factory=lambda: looks_frame([]))
 
 
 def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -214,7 +217,11 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
     trials = load_trials(sweep_dir)
     epochs = load_epochs(sweep_dir, trials)
     result = AggregateResult(
-        trials=trials, epochs=epochs, summary=summarise(trials), rounds=round_summary(trials, epochs)
+        trials=trials,
+        epochs=epochs,
+        summary=summarise(trials),
+        rounds=round_summary(trials, epochs),
+        looks=sequential_looks(sweep_dir, trials),
     )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
@@ -225,11 +232,24 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
     return result
 
 
+def sequential_looks(sweep_dir: layout.Location, trials: pd.DataFrame) -> pd.DataFrame:
+    """A sequential study's looks, replayed from its trials with the recorded rule (else empty)."""
+    from orchestrator.sequential import replay
+    from orchestrator.spec import Sequential
+
+    spec = layout.read_spec(sweep_dir)
+    if not spec.get("sequential"):
+        return looks_frame([])
+    return replay(Sequential.model_validate(spec["sequential"]), spec["seeds"], trials).looks
+
+
 def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     """The tables `aggregate` wrote (what the report is built from); one clear error if there are none."""
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
     if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
         paths.pop("rounds")
+    if not paths["looks"].exists():  # aggregated before sequential studies existed: a fixed design
+        paths.pop("looks")
     missing = [path.name for path in paths.values() if not path.exists()]
     if missing:
         raise UserError(
@@ -256,6 +276,44 @@ def _read_frame(path: layout.Location) -> pd.DataFrame:
 
 def _pct(x: float, digits: int = 1) -> str:
     return "-" if pd.isna(x) else f"{100 * x:.{digits}f}"
+
+
+def sequential_statement(looks: pd.DataFrame) -> str | None:
+    """One line on how a sequential study stopped, its rule and the interval method; None if fixed."""
+    if looks.empty:
+        return None
+    last = looks[looks["look"] == looks["look"].max()]
+    look, seeds = int(last["look"].iloc[0]), int(last["seeds"].iloc[0])
+    how = "the rule held" if bool(last["met"].all()) else "the rule did not hold (max seeds, or not finished)"
+    method = METHOD_RATE if (last["statistic"] == "failure_rate").all() else METHOD_MEDIAN
+    return (
+        f"Sequential study (seeds added in batches, looked at after each): stopped after look {look}, "
+        f"{seeds} seeds per configuration; {how}: {last['rule'].iloc[0]}. Its intervals are anytime-valid "
+        f"({method}); the fixed-n Wilson intervals and Wilcoxon p of the summary do not account for the "
+        "optional stopping."
+    )
+
+
+def format_looks_table(looks: pd.DataFrame) -> Table:
+    """The last look of a sequential study, per arm, with its anytime-valid interval."""
+    last = looks[looks["look"] == looks["look"].max()]
+    table = Table(title="Sequential study: last look (anytime-valid 95% interval, in %)")
+    for name in ("scheme", "hparams", "statistic", "n", "estimate", "interval", "met", "verdict"):
+        table.add_column(
+            name, justify="left" if name in ("scheme", "hparams", "statistic", "verdict") else "right"
+        )
+    for r in last.itertuples(index=False):
+        table.add_row(
+            str(r.scheme),
+            str(r.hparam_label or ""),
+            str(r.statistic),
+            str(r.n),
+            _pct(r.estimate, 2),
+            f"[{_pct(r.cs_low, 2)}, {_pct(r.cs_high, 2)}]",
+            "yes" if r.met else "no",
+            str(r.verdict),
+        )
+    return table
 
 
 def format_summary_table(summary: pd.DataFrame) -> Table:

@@ -223,7 +223,13 @@ def aggregate(
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
     from orchestrator.aggregate import aggregate as aggregate_sweep
-    from orchestrator.aggregate import damaged_lines, format_rounds_table, format_summary_table
+    from orchestrator.aggregate import (
+        damaged_lines,
+        format_looks_table,
+        format_rounds_table,
+        format_summary_table,
+        sequential_statement,
+    )
     from orchestrator.tracking.study import summary_to_parent
     from orchestrator.tracking.sweep import attach_to_parent
 
@@ -234,9 +240,81 @@ def aggregate(
         table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):
         console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+    statement = sequential_statement(result.looks)
+    if statement:
+        table_console().print(format_looks_table(result.looks))
+        table_console().print(statement, highlight=False)
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
     attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
     summary_to_parent(sweep_dir, result.summary, console)
+
+
+@app.command("plan")
+@user_errors
+def plan_seeds(
+    sweep: Annotated[
+        str | None, typer.Argument(help="A finished pilot sweep (name or path); or give --rate / --gain-sd.")
+    ] = None,
+    within: Annotated[float, typer.Option(help="Estimate each failure rate within +-W (95%).")] = 0.05,
+    gain: Annotated[
+        float | None, typer.Option(help="Paired gain to detect, an accuracy fraction (0.01 = 1 point).")
+    ] = None,
+    power: Annotated[float, typer.Option(help="Power for the paired gain.")] = 0.8,
+    rate: Annotated[list[float] | None, typer.Option(help="A failure rate to plan for (repeatable).")] = None,
+    gain_sd: Annotated[float | None, typer.Option(help="Standard deviation of the paired gains.")] = None,
+) -> None:
+    """Seeds per arm to estimate a failure rate within +-W, or to detect a paired gain at a given power."""
+    from rich.table import Table
+
+    from dashboards.planning import (
+        METHOD_ANYTIME,
+        METHOD_FIXED,
+        METHOD_PAIRED,
+        PLAN_COLUMNS,
+        plan_from_pilot,
+        plan_from_rates,
+    )
+
+    checks = [
+        ("--within", within, 0 < within <= 0.5, "a half-width in (0, 0.5]"),
+        ("--power", power, 0.05 < power < 1, "a probability in (0.05, 1)"),
+        ("--gain", gain, gain is None or 0 < gain < 1, "an accuracy fraction in (0, 1)"),
+        ("--gain-sd", gain_sd, gain_sd is None or gain_sd > 0, "a positive number"),
+        *[("--rate", r, 0 < r < 1, "a rate in (0, 1)") for r in rate or []],
+    ]
+    for flag, value, ok, wanted in checks:
+        if not ok:
+            raise UserError(f"{flag}: needs {wanted}, got {value:g}")
+    if sweep is None and not rate and gain_sd is None:
+        raise UserError("plan: give a finished pilot sweep, or --rate P and/or --gain-sd S with --gain D")
+    if gain_sd is not None and gain is None:
+        raise UserError("--gain-sd: give the gain to detect with --gain D")
+    if sweep is not None:
+        from orchestrator.aggregate import load_trials
+
+        rows = plan_from_pilot(
+            load_trials(layout.resolve_sweep_dir(sweep, layout.results_root())), within, gain, power
+        )
+    else:
+        rows = plan_from_rates(rate or [], within, gain, gain_sd, power)
+    gain_text = f"gain {gain:g} at power {power:g}" if gain else "no --gain given"
+    table = Table(
+        title=f"Seeds per arm: failure rate within +-{within:g} (95%); paired {gain_text}",
+        caption=f"methods: {METHOD_FIXED}; {METHOD_ANYTIME}; {METHOD_PAIRED}",
+    )
+    for column in PLAN_COLUMNS:
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for row in rows.itertuples(index=False):
+        table.add_row(*(_plan_cell(v) for v in row))
+    table_console().print(table)
+
+
+def _plan_cell(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or value != value:  # NaN
+        return "-"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
 @app.command()
@@ -259,6 +337,7 @@ def report(
         layout.report_build_dir(sweep_dir),
         name=sweep_dir.name,
         provenance=report_provenance(sweep_dir),
+        looks=tables.looks,
     )
     layout.publish(html.parent, layout.report_dir(sweep_dir))  # a URI sweep's copy on its store
     attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)

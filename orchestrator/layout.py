@@ -6,6 +6,7 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
   spec.json     the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)
   trials.json   the planned trials in order (what aggregation treats as the denominator)
   sweep.json    tracking URI, experiment id and parent run id (reused on resume)
+  sequential.json  a sequential study's state: seed batches opened, each look and why it stopped
   trials/<trial_key>/  one trial's durable record, written before anything reaches MLflow:
     config.json        resolved trial config plus its identities (trial_key, config_hash, pair_key)
     metrics.parquet    one row per completed epoch (EpochRecord.flat)
@@ -18,7 +19,8 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
     attempts.jsonl     one line per attempt: pid, the epoch it resumed from, the checkpoint it used
   packs/<pack_key>/checkpoint.pt  a seed pack's checkpoint (its seeds' records are in their trial dirs)
   tune/         Tune's experiment state and per-epoch marker checkpoints (epoch.json): what
-                `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/
+                `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/.
+                A sequential study runs one Tune experiment per seed batch: tune/batch-<i>/
   damaged/<trial_key>-<time>/  a trial directory whose files were damaged, moved here when the
                 next `lottery sweep` trains that trial again
   aggregate/    <table>.parquet for the trials, epochs and summary tables (`lottery aggregate`)
@@ -69,6 +71,8 @@ Location: TypeAlias = Path | StorePath  # a local path, or a file or folder on a
 RESULTS_ROOT = "runs"  # default results root, relative to the working directory
 TRAIN = "train"  # `lottery train`'s sweep directory in the results root
 SPEC, PLAN, RECORD = "spec.json", "trials.json", "sweep.json"
+SEQUENTIAL = "sequential.json"
+BATCH = "batch"  # tune/batch-<i>/: a sequential study's Tune experiment for seed batch i
 TRIALS, PACKS, TUNE, AGGREGATE, REPORT = "trials", "packs", "tune", "aggregate", "report"
 TRACKING_DB, ARTIFACTS = "mlflow.db", "mlartifacts"
 STORES = "stores"  # <local root>/stores/<scheme>/<bucket>/<prefix>/<sweep>/: a URI sweep's local mirror
@@ -160,8 +164,13 @@ def train_dir(root: Location) -> Location:
     return root / TRAIN
 
 
-def tune_dir(sweep_dir: Location) -> Location:
-    return sweep_dir / TUNE
+def tune_dir(sweep_dir: Location, batch: int | None = None) -> Location:
+    """Tune's experiment directory; a sequential study has one per seed batch inside it."""
+    return sweep_dir / TUNE if batch is None else sweep_dir / TUNE / f"{BATCH}-{batch:03d}"
+
+
+def sequential_file(sweep_dir: Location) -> Location:
+    return sweep_dir / SEQUENTIAL
 
 
 def unreadable_aside(path: Location) -> Location:

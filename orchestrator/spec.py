@@ -13,6 +13,12 @@ scheme, are always TrialConfig paths (`epochs` or `model.filters`).
 
 Every trial is validated before anything runs; an error names the spec field that
 caused it (`schemes[1].grid.tau: ...`), never an internal TrialConfig path.
+
+A sequential study (`seeds: {start: 0, max: 400, batch: 20, until: RULE}`) plans every seed up to
+`max` per configuration but runs them a batch at a time until RULE holds (orchestrator/sequential.py).
+Its trials are ordered batch first (batch x scheme entry x grid x seeds of the batch), so the
+trials of the first k batches are a prefix of the plan and its fingerprint does not move as
+batches are added.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError, choice_hint, did_you_mean, unknown_field_message
 from trainers.config import SCHEMES, TrialConfig
@@ -39,6 +46,9 @@ BASE_RESERVED = {
     "failure_margin": "set failure_margin at the top level",
 }
 MAX_SEEDS = 100_000
+SEQUENTIAL_KEYS = ("batch", "until")  # what makes `seeds: {start, max, batch, until}` a sequential study
+RULE_HELP = "'failure_rate_ci_width <= W' or {paired: {scheme: S, vs: baseline, decided: 0.95}}"
+_WIDTH_RULE = re.compile(r"^\s*failure_rate_ci_width\s*<=\s*([0-9.eE+-]+)\s*$")
 
 
 class _Strict(BaseModel):
@@ -89,11 +99,91 @@ class SchemeEntry(_Strict):
         return _check_grid(grid)
 
 
+class FailureRateRule(_Strict):
+    """Stop once every configuration's anytime-valid failure-rate interval is at most `width` wide."""
+
+    kind: Literal["failure_rate_ci_width"] = "failure_rate_ci_width"
+    width: float = Field(gt=0, le=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
+class PairedRule(_Strict):
+    """Stop once the median paired gain of `scheme` over `vs` is decided at level `decided`: its
+    anytime-valid interval excludes 0, or (with `smallest_effect`) lies inside (-effect, +effect)."""
+
+    kind: Literal["paired"] = "paired"
+    scheme: str
+    vs: str = "baseline"
+    decided: float = Field(0.95, gt=0.5, lt=1)
+    smallest_effect: float | None = Field(None, gt=0, lt=1)  # accuracy fraction: 0.01 = 1 point
+
+
+class Sequential(_Strict):
+    """How a sequential study grows: `batch` more seeds per configuration until `until` holds."""
+
+    batch: int = Field(ge=1)
+    until: Annotated[FailureRateRule | PairedRule, Field(discriminator="kind")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """A misspelt key is named before the key it was meant to be is reported missing."""
+        unknown = sorted(set(data) - {"batch", "until"}, key=str) if isinstance(data, dict) else []
+        if unknown:
+            raise ValueError(
+                f"unknown field {unknown[0]!r}; a sequential study takes start, max, batch and until"
+            )
+        return data
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _rule(cls, value: Any) -> Any:
+        """The spec's short forms: a comparison string, or a mapping keyed by the rule's name."""
+        if isinstance(value, str):  # the error names the value it quotes
+            match = _WIDTH_RULE.match(value)
+            if match is None:
+                raise ValueError(f"expected {RULE_HELP}")
+            width = _float(match.group(1))
+            if width is None or not 0 < width <= 1:
+                raise ValueError("failure_rate_ci_width needs a number in (0, 1]")
+            value = {"failure_rate_ci_width": width}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected {RULE_HELP}")
+        if "kind" in value:  # the recorded form (spec.json)
+            return value
+        if set(value) == {"paired"}:
+            return {"kind": "paired", **value["paired"]} if isinstance(value["paired"], dict) else value
+        if "failure_rate_ci_width" in value and set(value) <= {"failure_rate_ci_width", "confidence"}:
+            width = _float(value["failure_rate_ci_width"])
+            if width is None or not 0 < width <= 1:
+                got = value["failure_rate_ci_width"]
+                raise ValueError(f"failure_rate_ci_width needs a number in (0, 1], got {got!r}")
+            return {"kind": "failure_rate_ci_width", "width": width} | (
+                {"confidence": value["confidence"]} if "confidence" in value else {}
+            )
+        raise ValueError(f"expected {RULE_HELP}")
+
+    def describe(self) -> str:
+        rule = self.until
+        if isinstance(rule, FailureRateRule):
+            return (
+                f"every configuration's {rule.confidence:.0%} failure-rate confidence sequence "
+                f"at most {rule.width:g} wide (failure_rate_ci_width <= {rule.width:g})"
+            )
+        effect = f" or lies inside +-{rule.smallest_effect:g}" if rule.smallest_effect else ""
+        return (
+            f"the {rule.decided:.0%} confidence sequence of the median paired gain of {rule.scheme} over "
+            f"{rule.vs} excludes 0{effect}"
+        )
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)  # a directory and an MLflow experiment name
     description: str = ""
     base: dict[str, Any] = {}  # a TrialConfig document without seed, scheme or failure_margin
     seeds: list[int]  # accepts a list, {start, count} or {range: [a, b)} (Python range: b excluded)
+    # Set from `seeds: {start, max, batch, until}`: the seeds above are then the most a study may use.
+    sequential: Sequential | None = None
     schemes: list[SchemeEntry] = Field(min_length=1)
     grid: dict[str, list[Any]] = {}  # TrialConfig paths crossed for every scheme
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
@@ -107,6 +197,20 @@ class SweepSpec(_Strict):
     storage_path: str | None = None
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<sweep dir>/mlflow.db
     ray_address: str | None = None  # None: an embedded local Ray (or $RAY_ADDRESS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_sequential(cls, data: Any) -> Any:
+        """`seeds: {start, max, batch, until}`: the seed range stays in seeds, the rest goes to sequential."""
+        seeds = data.get("seeds") if isinstance(data, dict) else None
+        if not (isinstance(seeds, dict) and (set(SEQUENTIAL_KEYS) & set(seeds) or "max" in seeds)):
+            return data
+        if "sequential" in data:
+            raise ValueError("give batch and until in seeds only, not also in sequential")
+        return data | {
+            "seeds": {k: v for k, v in seeds.items() if k in ("start", "max")},
+            "sequential": {k: v for k, v in seeds.items() if k not in ("start", "max")},
+        }
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -135,6 +239,15 @@ class SweepSpec(_Strict):
         return _check_grid(grid)
 
 
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _explicit_seeds(value: Any) -> list[Any]:
     if isinstance(value, list):
         return value
@@ -143,12 +256,22 @@ def _explicit_seeds(value: Any) -> list[Any]:
         if not (isinstance(start, int) and isinstance(count, int)) or start < 0 or count < 1:
             raise ValueError("{start, count} needs whole numbers, start >= 0 and count >= 1")
         return _seed_range(start, start + count)
+    if isinstance(value, dict) and set(value) == {"start"}:
+        raise ValueError("a sequential study needs max: the most seeds per configuration")
+    if isinstance(value, dict) and "max" in value and set(value) <= {"start", "max"}:
+        start, most = value.get("start", 0), value["max"]
+        if not (isinstance(start, int) and isinstance(most, int)) or start < 0 or most < 1:
+            raise ValueError("{start, max} needs whole numbers, start >= 0 and max >= 1")
+        return _seed_range(start, start + most)
     if isinstance(value, dict) and set(value) == {"range"}:
         bounds = value["range"]
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)):
             raise ValueError("{range: [a, b]} needs two whole numbers (b excluded, as in Python)")
         return _seed_range(bounds[0], bounds[1])
-    raise ValueError("expected a list of seeds, {start: S, count: N} or {range: [a, b]}")
+    raise ValueError(
+        "expected a list of seeds, {start: S, count: N}, {range: [a, b]} "
+        "or {start: S, max: N, batch: B, until: RULE}"
+    )
 
 
 def _seed_range(start: int, stop: int) -> list[int]:
@@ -177,6 +300,24 @@ class SweepPlan:
     spec: SweepSpec
     trials: tuple[TrialConfig, ...]
     units: tuple[tuple[int, ...], ...]  # what each Tune trial trains: one trial, or a pack of seeds
+    batch_ends: tuple[int, ...] = ()  # a sequential study: the trial index where each seed batch ends
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_ends)
+
+    def opened(self, batches: int) -> SweepPlan:
+        """The first `batches` seed batches of a sequential study: a prefix of trials and units."""
+        end = self.batch_ends[batches - 1]
+        units = tuple(u for u in self.units if u[-1] < end)
+        return SweepPlan(self.spec, self.trials[:end], units, self.batch_ends[:batches])
+
+    def batch(self, index: int) -> SweepPlan:
+        """One seed batch alone (what one Tune experiment runs); its units index its own trials."""
+        start = self.batch_ends[index - 1] if index else 0
+        end = self.batch_ends[index]
+        units = tuple(tuple(i - start for i in u) for u in self.units if start <= u[0] < end)
+        return SweepPlan(self.spec, self.trials[start:end], units)
 
     @property
     def fingerprint(self) -> str:
@@ -263,7 +404,10 @@ def load_spec(path: Path) -> SweepSpec:
     try:
         return SweepSpec.model_validate(doc)
     except ValidationError as exc:
-        raise UserError(_describe(exc.errors()[0], len(exc.errors()), model=SweepSpec)) from None
+        error = exc.errors()[0]
+        if error["loc"][:1] == ("sequential",) and "sequential" not in doc:  # written inside seeds
+            error = error | {"loc": ("seeds", *error["loc"][1:])}
+        raise UserError(_describe(error, len(exc.errors()), model=SweepSpec)) from None
 
 
 def load_plan(path: Path) -> SweepPlan:
@@ -272,7 +416,8 @@ def load_plan(path: Path) -> SweepPlan:
 
 def expand(spec: SweepSpec) -> SweepPlan:
     """Every (scheme entry, grid combination) validated once, then crossed with the seeds."""
-    trials: list[TrialConfig] = []
+    _check_sequential(spec)
+    configs: list[TrialConfig] = []
     first_entry: dict[str, int] = {}
     for index, entry in enumerate(spec.schemes):
         for config in _entry_configs(spec, index, entry):
@@ -283,8 +428,40 @@ def expand(spec: SweepSpec) -> SweepPlan:
                     f"({config.scheme.name} {config.hparam_label() or 'defaults'}); remove one"
                 )
             first_entry[key] = index
-            trials.extend(config.with_seed(seed) for seed in spec.seeds)
-    return SweepPlan(spec=spec, trials=tuple(trials), units=pack_units(spec, trials))
+            configs.append(config)
+    if spec.sequential is None:
+        trials = [config.with_seed(seed) for config in configs for seed in spec.seeds]
+        return SweepPlan(spec=spec, trials=tuple(trials), units=pack_units(spec, trials))
+    trials, units, ends = [], [], []
+    size = spec.sequential.batch
+    for start in range(0, len(spec.seeds), size):  # batch first, so k batches are a prefix of the plan
+        batch = [config.with_seed(seed) for config in configs for seed in spec.seeds[start : start + size]]
+        units += [tuple(len(trials) + i for i in unit) for unit in pack_units(spec, batch)]
+        trials += batch
+        ends.append(len(trials))
+    return SweepPlan(spec=spec, trials=tuple(trials), units=tuple(units), batch_ends=tuple(ends))
+
+
+def _check_sequential(spec: SweepSpec) -> None:
+    """What a sequential study's fields mean together: a batch within max, a rule over named schemes."""
+    if spec.sequential is None:
+        return
+    if spec.sequential.batch > len(spec.seeds):
+        raise UserError(
+            f"seeds.batch: {spec.sequential.batch} seeds per batch but max is {len(spec.seeds)}; "
+            "lower batch or raise max"
+        )
+    rule = spec.sequential.until
+    if isinstance(rule, PairedRule):
+        names = list(dict.fromkeys(e.name for e in spec.schemes))
+        for field, name in (("scheme", rule.scheme), ("vs", rule.vs)):
+            if name not in names:
+                raise UserError(
+                    f"seeds.until.paired.{field}: no scheme {name!r} in this spec's schemes "
+                    f"({', '.join(names)}); name one of them"
+                )
+        if rule.scheme == rule.vs:
+            raise UserError(f"seeds.until.paired.vs: compares {rule.scheme} with itself; name another scheme")
 
 
 def pack_units(spec: SweepSpec, trials: list[TrialConfig]) -> tuple[tuple[int, ...], ...]:

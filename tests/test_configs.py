@@ -20,6 +20,8 @@ EXPECTED_TRIALS = {
     "crater_width_study.yaml": 6 * 2 * 30,
     "lottery_imp_digits.yaml": 3 * 20,
     "lottery_edgepopup_digits.yaml": (1 + 4 * 2) * 20,
+    "sequential_failure_rate.yaml": 400,  # at most: a sequential study opens 40 seeds at a time
+    "sequential_paired.yaml": 2 * 400,
 }
 
 
@@ -36,7 +38,7 @@ def test_spec_expands_to_the_exact_trial_count_with_paired_seeds(name):
     assert len({t.trial_key() for t in plan.trials}) == len(plan.trials)
     seeds_per_config = Counter(t.config_hash() for t in plan.trials)
     assert set(seeds_per_config.values()) == {len(plan.spec.seeds)}
-    assert path.read_text().startswith("# Reproduces") or name == "demo.yaml"
+    assert path.read_text().startswith(("# Reproduces", "# Sequential")) or name == "demo.yaml"
     assert "Expected cost" in path.read_text()
 
 

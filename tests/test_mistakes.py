@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from trialfactory import stored_result
 from typer.testing import CliRunner, Result
 
 from orchestrator import layout
@@ -270,26 +271,6 @@ def test_a_stored_result_is_never_reported_for_other_data(tmp_path: Path) -> Non
     assert (aside / "result.json").read_bytes() == stored["result.json"]  # kept, not deleted
 
 
-def stored_result(**fields: Any) -> dict[str, Any]:
-    """A result.json that passes the result schema (a damaged one would be set aside instead)."""
-    base = {
-        "device": "cpu",
-        "epochs_done": 3,
-        "final_test_acc": 0.9,
-        "final_train_acc": 0.9,
-        "best_test_acc": 0.9,
-        "failed": False,
-        "diverged": False,
-        "total_resets": 0,
-        "reinit_fallbacks": 0,
-        "chance": 0.5,
-        "failure_margin": 0.05,
-        "failure_rule": "failed if final test accuracy <= 0.55",
-        "wall_s": 3.0,
-    }
-    return base | fields
-
-
 def test_a_sweep_refuses_stored_results_of_other_data(tmp_path: Path) -> None:
     home = tmp_path / "home"
     spec = write_spec(tmp_path / "spec.yaml", seeds=[0])
@@ -299,7 +280,7 @@ def test_a_sweep_refuses_stored_results_of_other_data(tmp_path: Path) -> None:
     key = load_plan(spec).trials[0].trial_key()
     trial_dir = layout.trial_dir(home / "mistakes", key)
     trial_dir.mkdir(parents=True)
-    fake = stored_result(data_fingerprint="0123456789abcdef", wall_s=3.0)
+    fake = stored_result(device="cpu", data_fingerprint="0123456789abcdef", wall_s=3.0)
     (trial_dir / "result.json").write_text(json.dumps(fake))
 
     for command in (["sweep", str(spec)], ["sweep", "--dry-run", str(spec)]):
@@ -328,7 +309,7 @@ def test_dry_run_estimates_the_cost_from_a_probe_then_from_finished_trials(tmp_p
     key = load_plan(spec).trials[0].trial_key()
     trial_dir = layout.trial_dir(home / "mistakes", key)
     trial_dir.mkdir(parents=True)
-    (trial_dir / "result.json").write_text(json.dumps(stored_result(wall_s=30.0)))
+    (trial_dir / "result.json").write_text(json.dumps(stored_result(device="cpu", wall_s=30.0)))
     text = " ".join(lottery(["sweep", "--dry-run", str(spec)], home).stdout.split())
     assert "estimated cost: 3 unit-epochs x measured s/epoch = 30 s" in text  # 10 s per stored epoch
     assert "1 from finished trials" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from trainers.config import TrialConfig
 
 
@@ -21,3 +23,23 @@ def config(**overrides) -> TrialConfig:
             node = node.setdefault(part, {})
         node[last] = value
     return TrialConfig.model_validate(doc)
+
+
+def stored_result(**fields: Any) -> dict[str, Any]:
+    """A result.json that passes the result schema, without provenance fields (device, threads):
+    a hand-written result short of the schema would be set aside as damaged instead."""
+    base = {
+        "epochs_done": 3,
+        "final_test_acc": 0.9,
+        "final_train_acc": 0.9,
+        "best_test_acc": 0.9,
+        "failed": False,
+        "diverged": False,
+        "total_resets": 0,
+        "reinit_fallbacks": 0,
+        "chance": 0.5,
+        "failure_margin": 0.05,
+        "failure_rule": "failed if final test accuracy <= 0.55",
+        "wall_s": 3.0,
+    }
+    return base | fields

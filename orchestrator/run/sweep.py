@@ -66,6 +66,7 @@ from rich.table import Table
 
 from orchestrator import layout
 from orchestrator.errors import UserError
+from orchestrator.sequential import check_design, opened_plan
 from orchestrator.spec import SweepPlan
 
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
@@ -126,6 +127,12 @@ def dry_run(
             check_cluster_resources(plan, address)
     console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
     console.print(pack_text(plan))
+    if plan.spec.sequential:
+        rule = plan.spec.sequential
+        console.print(
+            f"sequential study: up to {len(plan.spec.seeds)} seeds per configuration, {rule.batch} per batch "
+            f"({plan.n_batches} batches at most), stopping once {rule.describe()}"
+        )
     console.print(f"sweep directory: {sweep_dir}")
     if changed:
         console.print(
@@ -311,7 +318,7 @@ def record_plan(plan: SweepPlan, sweep_dir: layout.Location, *, allow_mixed: boo
     spec_path = layout.spec_file(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     layout.atomic_write_json(spec_path, plan.spec_document())
-    layout.atomic_write_json(layout.plan_file(sweep_dir), plan.rows())
+    layout.atomic_write_json(layout.plan_file(sweep_dir), opened_plan(plan, sweep_dir).rows())
     return layout.tune_dir(sweep_dir).exists()
 
 
@@ -321,9 +328,12 @@ def check_recorded_plan(plan: SweepPlan, sweep_dir: Path, *, allow_mixed: bool) 
     spec_path = layout.spec_file(sweep_dir)
     if spec_path.exists():
         old = layout.read_json(spec_path)
+        check_design(old, plan)
         # The same trials, in any order (packing orders the plan); trials.json is written second.
         planned = layout.planned_keys(sweep_dir) if layout.plan_file(sweep_dir).exists() else []
-        same_trials = sorted(planned) == sorted(t.trial_key() for t in plan.trials)
+        keys = sorted(t.trial_key() for t in plan.trials)
+        # a sequential study records its open batches only
+        same_trials = set(planned) <= set(keys) if plan.batch_ends else sorted(planned) == keys
         if old.get("fingerprint") != plan.fingerprint and same_trials:
             if not allow_mixed:
                 raise UserError(
@@ -411,7 +421,7 @@ def run_sweep(
         if changed:
             _set_aside_changed(changed, sweep_dir, console)
         resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
-        keys = [t.trial_key() for t in plan.trials]
+        keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
         set_aside_damaged(sweep_dir, keys, console)
         record = _open_tracking(plan, sweep_dir, uri, keys, console)
 
@@ -423,7 +433,8 @@ def run_sweep(
                 soft_wrap=True,
             )
         console.print(
-            f"[bold]sweep[/] {plan.spec.name}: {len(plan.trials)} trials"
+            f"[bold]sweep[/] {plan.spec.name}: {len(keys)} trials"
+            f"{f' open of at most {len(plan.trials)} (sequential study)' if plan.batch_ends else ''}"
             f"{' (resuming)' if resuming else ''} on {address or 'an embedded local Ray'}; "
             f"results in {sweep_dir}"
         )
@@ -433,8 +444,16 @@ def run_sweep(
         logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
         with ray_session(address):  # a cluster's: connected above, so this one reuses it
             _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
-            tuner = _tuner(plan, sweep_dir, keys, console)
-            tuner.fit()
+            if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
+                from orchestrator.sequential import run_study
+
+                def fit(batch: SweepPlan, path: Path) -> None:
+                    _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+
+                keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
+            else:
+                tuner = _tuner(plan, sweep_dir, keys, console)
+                tuner.fit()
 
         counts = layout.count_trials(sweep_dir, keys)
         complete = SweepOutcome(sweep_dir, counts, None).complete
@@ -706,7 +725,13 @@ def _restorable(path: layout.Location, console: Console) -> bool:
     return False
 
 
-def _tuner(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: Console) -> Tuner:
+def _tuner(
+    plan: SweepPlan,
+    sweep_dir: layout.Location,
+    keys: list[str],
+    console: Console,
+    path: layout.Location | None = None,
+) -> Tuner:
     from ray import tune
 
     from orchestrator.run.progress import ProgressCallback
@@ -726,8 +751,8 @@ def _tuner(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console
         tune.with_parameters(run_planned_trial, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    path = layout.tune_dir(sweep_dir)
-    storage_path, filesystem = layout.tune_storage(sweep_dir)
+    path = path or layout.tune_dir(sweep_dir)
+    storage_path, filesystem = layout.tune_storage(path.parent)
     if _restorable(path, console):
         return tune.Tuner.restore(
             layout.tune_storage(path)[0],
@@ -747,7 +772,7 @@ def _tuner(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console
             trial_dirname_creator=functools.partial(trial_name, names=names),
         ),
         run_config=tune.RunConfig(
-            name=layout.TUNE,  # Tune's experiment directory: storage_path / name = layout.tune_dir
+            name=path.name,  # Tune's experiment directory: storage_path / name = layout.tune_dir
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
