@@ -74,7 +74,7 @@ def test_a_sigkilled_sequential_study_resumes_mid_batch_and_stops_where_its_rule
     plan = load_plan(spec)
     keys = [t.trial_key() for t in plan.trials]
     sweep_dir = tmp_path / "runs" / "study"
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
     log = (tmp_path / "first.log").open("w")

@@ -334,7 +334,7 @@ def test_a_sweep_that_ends_with_tracking_incomplete_exits_3_and_names_lottery_sy
         schemes=[{"name": "baseline"}],
         tracking_uri=f"http://127.0.0.1:{port}",
     )
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator", "sweep", str(spec)],
