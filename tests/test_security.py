@@ -79,3 +79,21 @@ def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_the_t
     assert [row for row in ports if not is_loopback(row[2])] == []
     assert answers == {"none": "UNAUTHENTICATED", "wrong": "UNAUTHENTICATED", "right": "OK"}
     assert driver.returncode == 0 and "2/2 finished" in output, output
+
+
+def test_no_file_turns_ray_token_auth_off() -> None:
+    """Token auth is the only guard on a Ray port: no Makefile, code, test, bench or compose file may
+    set RAY_AUTH_MODE to disabled (as a shell export, a dict entry or an environment default)."""
+    import re
+
+    root = ROOT
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True)
+    setting = re.compile(r"""RAY_AUTH_MODE["']?\s*(\?=|:=|=|:|,)\s*["']?disabled""")
+    offenders = [
+        f"{name}:{number}"
+        for name in files.stdout.split()
+        if name != "tests/test_security.py" and (root / name).is_file()
+        for number, line in enumerate((root / name).read_text(errors="replace").splitlines(), 1)
+        if setting.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert offenders == []
