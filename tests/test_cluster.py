@@ -4,14 +4,16 @@ A head (no CPUs: it only schedules) on 127.0.0.2 and workers on 127.0.0.3, 127.0
 its own --temp-dir and a distinct logical resource; the sweep's driver attaches with --address.
 Trials record the Ray node of every attempt in attempts.jsonl, so placement is read from disk.
 
-  - a sweep lands on both workers; one worker node is SIGKILLed mid-sweep and its trials are
-    retried on the other and finish, with one MLflow run per trial key;
+  - a sweep with its storage on the S3 server (tests/s3server.py; every node gets the AWS_*
+    settings, so trials write their directories straight to the bucket and no node reads another's
+    disk) lands on both workers; one worker node is SIGKILLed mid-sweep and its trials are retried
+    on the other and finish, with one MLflow run per trial key;
   - a worker with --num-gpus 2 (logical, no CUDA here) runs `resources.gpu: 0.25` trials 8 at a
     time, and a `device: cuda` trial fails there with one line naming the device and the node.
 
-STORAGE is where the sweeps keep their results: a local directory today (all nodes share this
-machine's disk); pointed at an object store URI, the same tests check that no node needs another's
-disk. Numbers (placement, the kill's cost) are written to tests/artifacts/cluster_*.json.
+The GPU tests keep their results in a local directory (the `storage` fixture): they measure
+scheduling, not storage. Numbers (placement, the kill's cost) are written to
+tests/artifacts/cluster_*.json.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
+from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
 from raynodes import Node, cluster, kill_pids, new_token, processes_with, ray_env
+from s3server import S3Server
 
+from orchestrator import layout
 from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
+from orchestrator.storage import StorePath, location
 from orchestrator.tracking.sweep import SweepRecord
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -71,16 +78,20 @@ def write_spec(directory: Path, name: str, storage: str, **changes: Any) -> Path
 
 
 @contextlib.contextmanager
-def driver(spec: Path, head: Node, token: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`lottery sweep SPEC --address HEAD` in its own process group, with its own RAY_TMPDIR."""
+def driver(
+    spec: Path, head: Node, token: str, log: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`lottery sweep SPEC --address HEAD` in its own process group, with its own RAY_TMPDIR
+    (set as `process.temp_dir` while it runs)."""
     temp_dir = tempfile.mkdtemp(prefix="ld", dir="/tmp")
     env = ray_env(temp_dir, token)
-    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "LOTTERY_"))}
+    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "LOTTERY_"))} | (extra_env or {})
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--address", head.gcs_address]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    process.temp_dir = temp_dir  # type: ignore[attr-defined]
     try:
         yield process
     finally:
@@ -91,9 +102,22 @@ def driver(spec: Path, head: Node, token: str, log: Path) -> Iterator[subprocess
         subprocess.run(["rm", "-rf", temp_dir], check=False)
 
 
-def trial_dirs(spec: Path, storage: str) -> dict[str, Path]:
+def trial_dirs(spec: Path, storage: str) -> dict[str, Any]:
+    """trial key -> its trial directory (a Path, or a StorePath for a URI storage)."""
     plan = load_plan(spec)
-    return {t.trial_key(): Path(storage) / plan.spec.name / "trials" / t.trial_key() for t in plan.trials}
+    sweep = location(storage) / plan.spec.name
+    return {t.trial_key(): layout.trial_dir(sweep, t.trial_key()) for t in plan.trials}
+
+
+def trial_files_on_disk(roots: Iterable[str | Path], keys: Iterable[str]) -> list[str]:
+    """Everything under `roots` that belongs to a trial or pack directory: a folder named by a trial key
+    (trials/<key>/), or a file only those directories hold. Tune's own per-trial logs are staged in the
+    session the driver joins (the head's temp dir), in folders Tune names, with files of Tune's
+    (result.json and error.txt among them): not ours, so those two names count only inside a folder
+    named by a key."""
+    names = set(keys) | {layout.TRACE_PARTS, layout.ATTEMPTS, layout.FAULT_MARKER}
+    names |= {layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.CHECKPOINT}
+    return [str(path) for root in roots for path in Path(root).rglob("*") if path.name in names]
 
 
 def attempts(dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
@@ -111,20 +135,25 @@ def wait_until(condition: Any, timeout_s: float, process: subprocess.Popen[bytes
 
 
 def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_other(
-    tmp_path: Path, storage: str
+    tmp_path: Path, s3_env: S3Server
 ) -> None:
     token = new_token()
+    storage = f"s3://{BUCKET}/multinode-{time.time_ns()}"
     spec = write_spec(tmp_path, "multinode", storage, seeds=list(range(6)))
     dirs = trial_dirs(spec, storage)
+    sweep = location(storage) / "multinode"
+    assert isinstance(sweep, StorePath)
+    home = tmp_path / "home"  # the driver's local root: its sqlite MLflow store and lock, nothing else
     log = tmp_path / "driver.log"
+    node_env = os.environ | s3_env.env  # every node reaches the bucket from its own environment
     workers = [
-        {"num_cpus": 1, "resources": '{"worker_a": 1}'},
-        {"num_cpus": 1, "resources": '{"worker_b": 1}'},
+        {"num_cpus": 1, "resources": '{"worker_a": 1}', "base_env": node_env},
+        {"num_cpus": 1, "resources": '{"worker_b": 1}', "base_env": node_env},
     ]
     with cluster(token, workers) as (head, a, b):
         ids = {a.node_id(): "a", b.node_id(): "b"}
         started = time.time()
-        with driver(spec, head, token, log) as process:
+        with driver(spec, head, token, log, {"LOTTERY_HOME": str(home)}) as process:
 
             def running_on_b() -> bool:
                 seen = attempts(dirs)
@@ -134,7 +163,7 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
                     for k, lines in seen.items()
                     if lines
                     and ids.get(lines[-1]["node_id"]) == "b"
-                    and not (dirs[k] / "result.json").exists()
+                    and not (dirs[k] / layout.RESULT).exists()
                     and time.time() - lines[-1]["started"] > 3  # training, not just starting
                 ]
                 return on == {"a", "b"} and bool(busy_b)
@@ -144,18 +173,28 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
             victims = [
                 k
                 for k, lines in before.items()
-                if lines and ids[lines[-1]["node_id"]] == "b" and not (dirs[k] / "result.json").exists()
+                if lines and ids[lines[-1]["node_id"]] == "b" and not (dirs[k] / layout.RESULT).exists()
             ]
             b.kill()
             killed = time.time()
             returncode = process.wait(timeout=400)
             ended = time.time()
+            # No trial directory on any node's disk (nor the driver's): the bucket holds them all.
+            on_disk = trial_files_on_disk([head.temp_dir, a.temp_dir, b.temp_dir, process.temp_dir], dirs)
         output = log.read_text()
         node_ips = {a.node_id(): a.ip}
 
     after = attempts(dirs)
     assert returncode == 0, output
-    assert all((d / "result.json").exists() for d in dirs.values()), output
+    assert not on_disk, on_disk
+    local = sorted(p.relative_to(home) for p in home.rglob("*") if p.is_file())
+    assert local and {p.parts[0] for p in local} == {layout.STORES}, local
+    kept = {p.relative_to(Path(layout.STORES, *sweep.as_local_parts())).parts[0] for p in local}
+    assert kept <= {layout.TRACKING_DB, layout.ARTIFACTS, layout.DRIVER_LOCK}, local
+
+    results = sweep.fs.get_file_info([(d / layout.RESULT).path for d in dirs.values()])
+    assert {i.type for i in results} == {pafs.FileType.File}, output  # every result.json is in the bucket
+    assert {json.loads((d / layout.RESULT).read_text())["trial_key"] for d in dirs.values()} == set(dirs)
     first_nodes = {ids[lines[0]["node_id"]] for lines in after.values()}
     assert first_nodes == {"a", "b"}  # placement: both workers ran trials
     assert victims
@@ -163,7 +202,8 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
         last = after[key][-1]
         assert len(after[key]) >= 2 and ids[last["node_id"]] == "a", after[key]  # retried on the survivor
         assert node_ips[last["node_id"]] == last["node_ip"] == "127.0.0.3"
-    record = SweepRecord.load(Path(storage) / "multinode")
+    record = SweepRecord.load(sweep)
+    assert record is not None and record.tracking_uri.startswith(f"sqlite:///{home}")
     runs = MlflowClient(record.tracking_uri).search_runs(
         [record.experiment_id], filter_string="tags.trial_key LIKE '%'", max_results=1000
     )
@@ -172,6 +212,7 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
 
     retry_starts = [after[key][len(before[key])]["started"] for key in victims]
     timing = {
+        "storage": "s3",
         "trials": len(dirs),
         "first_attempt_on": {
             node: sum(ids[lines[0]["node_id"]] == node for lines in after.values()) for node in "ab"
@@ -222,9 +263,9 @@ def test_quarter_gpu_trials_run_eight_at_a_time_on_two_logical_gpus(
     output = log.read_text()
 
     assert returncode == 0, output
-    intervals = [(read_attempts(d)[0]["started"], (d / "result.json").stat().st_mtime) for d in dirs.values()]
+    intervals = [(read_attempts(d)[0]["started"], (d / layout.RESULT).stat().st_mtime) for d in dirs.values()]
     assert max_overlap(intervals) == 8, sorted(intervals)  # 2 GPUs / 0.25: never more, and reached
-    assert {json.loads((d / "result.json").read_text())["device"] for d in dirs.values()} == {"cpu"}
+    assert {json.loads((d / layout.RESULT).read_text())["device"] for d in dirs.values()} == {"cpu"}
     ARTIFACTS_DIR.mkdir(exist_ok=True)
     (ARTIFACTS_DIR / "cluster_gpu_packing.json").write_text(
         json.dumps({"trials": len(dirs), "max_concurrent": max_overlap(intervals)}, indent=2)
