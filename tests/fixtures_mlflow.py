@@ -151,6 +151,8 @@ def compose_mlflow_server(
         "POSTGRES_PASSWORD": secrets.token_urlsafe(16),
         "MLFLOW_ADMIN_PASSWORD": admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),
+        "S3_ACCESS_KEY": secrets.token_urlsafe(12),
+        "S3_SECRET_KEY": secrets.token_urlsafe(24),
     }
     assert set(values) | {"basic-auth"} == set(TEST_DIFFERENCES), "update TEST_DIFFERENCES with its reason"
     workdir.mkdir(parents=True, exist_ok=True)

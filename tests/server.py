@@ -42,6 +42,8 @@ TEST_DIFFERENCES: Final[Mapping[str, str]] = {
     "POSTGRES_PASSWORD": "unused by the local trust-auth PostgreSQL; a random value fills the placeholder",
     "MLFLOW_ADMIN_PASSWORD": "random per session instead of the secret in .env",
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "random per session instead of the secret in .env",
+    "S3_ACCESS_KEY": "unused: artifacts go to the tmp dir, not the object store; a random value fills it",
+    "S3_SECRET_KEY": "unused: artifacts go to the tmp dir, not the object store; a random value fills it",
     "basic-auth": (
         "the shared fixture drops `--app-name basic-auth`: headless Chromium cannot send credentials "
         "to the UI's fetch() calls and fixture users get a plain URI; a dedicated test starts the "

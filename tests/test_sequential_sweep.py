@@ -95,7 +95,9 @@ def test_a_sigkilled_sequential_study_resumes_mid_batch_and_stops_where_its_rule
     kill_pids(ray_pids(f"RAY_TMPDIR={ray_tmpdir}"))
 
     before = finished_keys(sweep_dir, keys)
-    assert set(keys[:2]) <= set(before) and len(set(before) & set(second)) == 1, before
+    # Usually one of batch 2's two concurrent trials has finished; on a loaded machine the other can
+    # finish too before the first is logged. Either way nothing finished may be trained again.
+    assert set(keys[:2]) <= set(before) and len(set(before) & set(second)) >= 1, before
     assert set(before) <= set(keys[:4])  # nothing of a batch that was never opened
     tries = {k: len(read_attempts(sweep_dir / "trials" / k)) for k in before}
     mtimes = {k: (sweep_dir / "trials" / k / "result.json").stat().st_mtime_ns for k in before}
