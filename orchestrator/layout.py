@@ -13,6 +13,7 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
     layers.parquet     one row per (epoch, conv layer)
     cgn_trace.parquet  per-filter CGN: epoch, step, layer, filter, cgn, reset (step -1 = epoch mean)
     trace_parts/       the trace one file per epoch while the trial runs (joined into cgn_trace.parquet)
+    cgn_filters.png    per-filter CGN figure, drawn by the trial just before result.json (for MLflow)
     result.json        written last: its presence means the trial finished
     error.txt          the last error, when a try failed
     checkpoint.pt      a lone seed's latest epoch checkpoint (removed once result.json exists)
@@ -96,6 +97,7 @@ CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
     "checkpoint.pt",
 )
 TRACE_PARTS, ATTEMPTS = "trace_parts", "attempts.jsonl"
+CGN_FIGURE = "cgn_filters.png"  # drawn where the trial runs: the driver only uploads it
 FAULT_MARKER = ".fault_injected"  # tests only: the injected fault has fired (orchestrator/run/trainable.py)
 EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune
 

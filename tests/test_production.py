@@ -32,10 +32,13 @@ import pandas as pd
 import pytest
 import yaml
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
+from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
 from raynodes import is_loopback, listening, new_token, start_node, stop_node
+from s3server import S3Server
 from server import stop_process_group
 
+from orchestrator import layout
 from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord
@@ -505,11 +508,17 @@ def jobs_api_status(url: str, token: str | None) -> int:
         return error.code
 
 
-def test_submitted_sweep_runs_on_a_ray_head_and_logs_to_mlflow(mlflow_server: str, tmp_path: Path) -> None:
-    """A token-auth head on 127.0.0.1 (its token is the canary): submit, follow, status; and refusals."""
+def test_submitted_sweep_runs_on_a_ray_head_and_logs_to_mlflow(
+    mlflow_server: str, s3_env: S3Server, tmp_path: Path
+) -> None:
+    """A token-auth head on 127.0.0.1 (its token is the canary): submit, follow, status; and refusals.
+
+    Results go to the S3 server and runs to the PostgreSQL-backed MLflow server. The head holds the
+    object store's keys in its own environment (as a cluster's nodes do); the job is sent only where.
+    """
     from ray.job_submission import JobSubmissionClient
 
-    home, token = tmp_path / "home", CANARIES["RAY_AUTH_TOKEN"]
+    home, token = f"s3://{BUCKET}/submit-{tmp_path.name}", CANARIES["RAY_AUTH_TOKEN"]
     head = start_node(token, ip="127.0.0.1", num_cpus=1, dashboard=True, base_env=clean_env("", home))
     try:
         address = head.dashboard_url
@@ -545,13 +554,15 @@ def test_submitted_sweep_runs_on_a_ray_head_and_logs_to_mlflow(mlflow_server: st
         "2/2 finished" in followed.stdout
         and status.stdout.strip() == f"{job_id}: SUCCEEDED (Job finished successfully.)"
     )
-    assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": mlflow_server, "LOTTERY_HOME": str(home)}
+    assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": mlflow_server, "LOTTERY_HOME": home}
     said = submitted.stdout + submitted.stderr + followed.stdout + followed.stderr + json.dumps(runtime_env)
-    assert not [secret for secret in CANARIES.values() if secret in said]
+    secrets = [*CANARIES.values(), s3_env.env["AWS_SECRET_ACCESS_KEY"]]
+    assert not [secret for secret in secrets if secret in said]
     children = complete_children(mlflow_server, "cluster-smoke")
     assert sorted(tags(run)["seed"] for run in children) == ["0", "1"]
     assert {run["info"]["status"] for run in children} == {"FINISHED"}
-    assert all(
-        (home / "cluster-smoke" / "trials" / tags(run)["trial_key"] / "result.json").exists()
-        for run in children
-    )
+    sweep_dir = layout.location(f"{home}/cluster-smoke")
+    for run in children:  # each run's trial directory is in the bucket, finished, with its numbers
+        result = layout.read_result(layout.trial_dir(sweep_dir, tags(run)["trial_key"]))
+        logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert result is not None and result["final_test_acc"] == logged["final_test_acc"]

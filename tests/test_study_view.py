@@ -28,7 +28,8 @@ from sweepfactory import lottery_trials, write_sweep
 from orchestrator import layout
 from orchestrator.aggregate import aggregate
 from orchestrator.spec import load_plan
-from orchestrator.tracking.runs import FAILED_SUFFIX, default_tracking_uri
+from orchestrator.tracking.names import FAILED_SUFFIX
+from orchestrator.tracking.runs import default_tracking_uri
 from orchestrator.tracking.study import summary_to_parent
 from orchestrator.tracking.sweep import SweepRecord, open_sweep, reconcile
 

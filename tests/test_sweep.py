@@ -106,11 +106,17 @@ def test_small_sweep_logs_one_finished_child_per_trial_and_reruns_nothing(tmp_pa
         assert run.data.metrics["epochs_done"] == 3
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.json", "trials.json"}
     # Tune keeps one small epoch marker per epoch and deletes none: a deleted checkpoint that a
-    # stale experiment state still names could never be restored after a driver kill.
-    for unit_dir in (sweep_dir / "tune").glob("0*"):
+    # stale experiment state still names could never be restored after a driver kill. The last
+    # epoch has none: its result is reported at once.
+    units = list((sweep_dir / "tune").glob("0*"))
+    assert len(units) == len(plan.units) == 2  # one pack of two seeds per scheme
+    for unit_dir in units:
         markers = sorted(unit_dir.glob("checkpoint_*/*"))
-        assert [m.name for m in markers] == ["epoch.json"] * 3, unit_dir
-        assert [json.loads(m.read_text())["epoch"] for m in markers] == [1, 2, 3]
+        assert [m.name for m in markers] == ["epoch.json"] * 2, unit_dir
+        assert [json.loads(m.read_text())["epoch"] for m in markers] == [1, 2]
+    # Tune's own loggers are off: the trial directories are the record, written once.
+    assert not [p for p in (sweep_dir / "tune").rglob("*") if p.name in ("progress.csv", "result.json")]
+    assert not list((sweep_dir / "tune").rglob("events.out.tfevents*"))
 
     # The same command again restores the finished experiment: nothing trains, nothing is re-logged.
     again = run_sweep(load_plan(spec), root=tmp_path)

@@ -300,3 +300,21 @@ def test_lottery_sync_prints_one_progress_bar_and_one_summary_line(sweep: Path):
     assert lines[0].startswith(f"sync {NAME}") and "2/2" in lines[0]
     assert "2 created, 0 already present, 0 not finished" in lines[1]
     assert_one_parent_and_one_finished_run_per_trial(sweep)
+
+
+def test_each_run_gets_the_trials_own_cgn_figure_and_an_older_directory_gets_one_drawn(sweep: Path):
+    """Trials draw their run's CGN figure; a directory written before they did is drawn at logging."""
+    older, newer = planned_keys(sweep)
+    drawn = layout.trial_dir(sweep, newer) / layout.CGN_FIGURE
+    assert drawn.read_bytes().startswith(b"\x89PNG"), "the trial drew no figure"
+    (layout.trial_dir(sweep, older) / layout.CGN_FIGURE).unlink()
+    sync_sweep(sweep)
+    record = SweepRecord.load(sweep)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    for key in (older, newer):
+        (run,) = client.search_runs([record.experiment_id], filter_string=f"tags.trial_key = '{key}'")
+        local = Path(client.download_artifacts(run.info.run_id, layout.CGN_FIGURE, str(sweep.parent)))
+        assert local.read_bytes().startswith(b"\x89PNG"), key
+        if key == newer:
+            assert local.read_bytes() == drawn.read_bytes()  # uploaded as the trial drew it
+    assert not (layout.trial_dir(sweep, older) / layout.CGN_FIGURE).exists()  # the record is not rewritten

@@ -86,6 +86,7 @@ DRIVER_ENV = {
 }
 # The embedded cluster only (see the module docstring): node IP 127.0.0.1, so Ray binds loopback.
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Tune adds no logger callbacks
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,7 @@ def run_sweep(
         # Lists every never-started trial after an interrupt; our counts come from the trial directories.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
-        with ray_session(address):  # a cluster's: connected above, so this one reuses it
+        with ray_session(address), no_tune_loggers():  # a cluster's: connected above, so this one reuses it
             _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
             if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
                 from orchestrator.sequential import run_study
@@ -672,6 +673,24 @@ def loopback_only() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def no_tune_loggers() -> Iterator[None]:
+    """Without Tune's default JSON, CSV and TensorBoard loggers for the duration of a fit.
+
+    They write every reported result of every trial a second time (the trial directory holds
+    the record), on the driver's event loop: per trial, work that delays the next trial's start.
+    A value the caller set explicitly wins.
+    """
+    saved = os.environ.get(TUNE_LOGGERS_ENV)
+    if saved is None:
+        os.environ[TUNE_LOGGERS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TUNE_LOGGERS_ENV, None)
 
 
 def unreadable_tune_state(path: layout.Location) -> str | None:

@@ -6,9 +6,9 @@ never decides which configuration runs. Trial directories are the source of trut
 seeds are never retrained; an unfinished unit resumes from its own checkpoint (in the trial
 directory for a lone seed, in `packs/<pack_key>/` for a pack), written atomically every epoch.
 
-The checkpoint reported to Tune every epoch holds only that epoch (`epoch.json`), and Tune
-keeps all of them. Tune deletes checkpoints beyond `num_to_keep` as soon as a newer one is
-registered but saves its experiment state asynchronously, so a driver killed in between
+The checkpoint reported to Tune every epoch but the last holds only that epoch (`epoch.json`),
+and Tune keeps all of them. The last epoch reports nothing: its result follows at once.
+Tune deletes checkpoints beyond `num_to_keep` as soon as a newer one is registered but saves its experiment state asynchronously, so a driver killed in between
 leaves a state that points at a deleted checkpoint and the trial can never be restored.
 Marker checkpoints cost a few bytes each, so none needs deleting; the model state is written
 once per epoch instead of twice.
@@ -84,6 +84,7 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )
     last: dict[str, float] = {}
+    last_epoch = members[0].total_epochs - 1  # a pack's seeds share one configuration
 
     def on_epoch(record: EpochRecord) -> None:
         last.clear()
@@ -91,9 +92,13 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # The state itself was just written to the unit's own checkpoint; Tune's marks the epoch.
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps({"epoch": int(state["progress"]["epoch"])}))
-            tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
+        # Not after the last epoch: the result follows at once, and every report is a round trip to
+        # the driver (the trainable waits for it), a large share of a short trial's cost.
+        if epoch < last_epoch:
+            with tempfile.TemporaryDirectory() as tmp:
+                mark = {"epoch": int(state["progress"]["epoch"])}
+                (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
+                tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
         if epoch == fault_epoch:
             _inject_fault_once(unit_dir, epoch)
 

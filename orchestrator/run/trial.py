@@ -10,6 +10,8 @@ Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, ne
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from orchestrator.layout import (
+    CGN_FIGURE,
     CHANGED_DATA,
     CHECKPOINT,
     CONFIG,
@@ -31,6 +34,7 @@ from orchestrator.layout import (
     TRACE_PARTS,
     Location,
     atomic_write,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
     read_checkpoint_bytes,
@@ -41,6 +45,7 @@ from orchestrator.layout import (
     trace_parts,
     trial_status,
 )
+from orchestrator.tracking.names import run_name
 from trainers.config import TrialConfig
 from trainers.data import LoadedData
 from trainers.errors import DataError
@@ -105,13 +110,15 @@ class TrialDirSink:
         atomic_write_table(self.dir / LAYERS, pa.Table.from_pylist(self._layers))
 
     def on_result(self, result: TrialResult) -> None:
-        self._consolidate_trace(result.epochs_done)
+        trace = self._consolidate_trace(result.epochs_done)
         doc = result.to_dict() | {
             "trial_key": self.config.trial_key(),
             "config_hash": self.config.config_hash(),
             "scheme": self.config.scheme.name,
             "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
         }
+        if trace is not None:
+            self._draw_cgn_figure(trace, doc)
         atomic_write_json(self.dir / RESULT, doc)
         self.finished = True
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
@@ -120,14 +127,34 @@ class TrialDirSink:
     def on_error(self, message: str) -> None:
         (self.dir / ERROR).write_text(message)
 
-    def _consolidate_trace(self, epochs_done: int) -> None:
+    def _consolidate_trace(self, epochs_done: int) -> pa.Table | None:
         parts = trace_parts(self.dir)
         keep = [path for epoch, path in parts if epoch < epochs_done]
-        if keep:
-            atomic_write_table(self.dir / TRACE, pa.concat_tables(read_table(p) for p in keep))
+        trace = pa.concat_tables(read_table(p) for p in keep) if keep else None
+        if trace is not None:
+            atomic_write_table(self.dir / TRACE, trace)
         for _, path in parts:
             path.unlink()
         (self.dir / TRACE_PARTS).rmdir()
+        return trace
+
+    def _draw_cgn_figure(self, trace: pa.Table, result: dict[str, Any]) -> None:
+        """The run page's per-filter CGN figure, drawn here rather than in the driver.
+
+        The driver logs every trial on one thread; drawing there (~0.3 s a trial) capped a whole
+        cluster at a few trials a second and took CPU from the trials on a small machine. A drawing
+        that fails costs the figure only: the driver draws it from the trace instead.
+        """
+        from dashboards.figures import filter_cgn_figure  # matplotlib once per worker process
+
+        try:
+            figure = filter_cgn_figure(trace.to_pandas(), run_name(trial_meta(self.config, ""), result))
+            png = io.BytesIO()
+            figure.savefig(png, format="png")
+        except Exception as exc:
+            print(f"warning: {CGN_FIGURE} not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return
+        atomic_write_bytes(self.dir / CGN_FIGURE, png.getvalue())
 
 
 class PackSink:

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
+from orchestrator.tracking.names import run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
 
 EPOCH_METRICS = (
@@ -62,8 +63,6 @@ RESULT_METRICS = (
     "epochs_done",
 )
 BATCH = 1000  # MLflow's per-request metric limit
-CGN_FIGURE = "cgn_filters.png"  # per-filter CGN over epochs, resets marked, on every run page
-FAILED_SUFFIX = " [lottery-failed]"  # a failed trial's run name ends so, to stand out unfiltered
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the classic runs view
 
 
@@ -171,14 +170,6 @@ def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]
     return int(1000 * start), int(1000 * end)
 
 
-def run_name(meta: dict[str, Any], result: dict[str, Any] | None) -> str:
-    """'randomout seed=3 8f tau=1e-08 P=0.5': scheme and seed first, where the table cuts names."""
-    label = f" {meta['hparam_label']}" if meta["hparam_label"] else ""
-    width = f" {meta['filters']}f" if meta.get("filters") is not None else ""
-    failed = FAILED_SUFFIX if result is not None and result.get("failed") else ""
-    return f"{meta['scheme']} seed={meta['seed']}{width}{label}{failed}"
-
-
 def failure_note(result: dict[str, Any]) -> str:
     """The run description of a lottery-failed trial: what failed and by which rule."""
     reason = (
@@ -190,6 +181,12 @@ def failure_note(result: dict[str, Any]) -> str:
 
 
 def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: str) -> None:
+    """The trial's own drawing if it made one (trials draw it: see orchestrator/run/trial.py), else
+    drawn here from the trace (directories written before trials drew it, or whose drawing failed)."""
+    if (trial_dir / layout.CGN_FIGURE).exists():
+        with layout.local_copy(trial_dir / layout.CGN_FIGURE) as local:
+            client.log_artifact(run_id, str(local))
+        return
     path = trial_dir / layout.TRACE
     if not path.exists():
         return
@@ -197,7 +194,7 @@ def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: s
 
     source, filesystem = layout.parquet_source(path)
     trace = pd.read_parquet(source, filesystem=filesystem)
-    client.log_figure(run_id, filter_cgn_figure(trace, title), CGN_FIGURE)
+    client.log_figure(run_id, filter_cgn_figure(trace, title), layout.CGN_FIGURE)
 
 
 def log_trial(
