@@ -8,7 +8,8 @@ directory for a lone seed, in `packs/<pack_key>/` for a pack), written atomicall
 
 The checkpoint reported to Tune every epoch but the last holds only that epoch (`epoch.json`),
 and Tune keeps all of them. The last epoch reports nothing: its result follows at once.
-Tune deletes checkpoints beyond `num_to_keep` as soon as a newer one is registered but saves its experiment state asynchronously, so a driver killed in between
+Tune deletes checkpoints beyond `num_to_keep` as soon as a newer one is registered but saves
+its experiment state asynchronously, so a driver killed in between
 leaves a state that points at a deleted checkpoint and the trial can never be restored.
 Marker checkpoints cost a few bytes each, so none needs deleting; the model state is written
 once per epoch instead of twice.
