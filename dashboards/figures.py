@@ -499,7 +499,6 @@ def filter_cgn_figure(trace: pd.DataFrame, title: str, max_filters: int = 64) ->
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.12 / max(1, len(layers)) + 0.05, right=0.98, bottom=0.16, top=0.8, wspace=0.35)
     positive = rows.loc[rows["cgn"] > 0, "cgn"]
-    linthresh = float(positive.min()) if len(positive) else 1e-12
     for i, layer in enumerate(layers):
         ax = fig.add_subplot(1, len(layers), i + 1)
         g = rows[rows["layer"] == layer]
@@ -517,11 +516,15 @@ def filter_cgn_figure(trace: pd.DataFrame, title: str, max_filters: int = 64) ->
         ax.plot(
             epochs[marked], cgn[shown].to_numpy()[marked], "x", color="red", ms=5, label=f"reset ({total})"
         )
-        ax.set_yscale("symlog", linthresh=linthresh)
+        if len(positive):  # else every filter was dead throughout: a linear axis at 0 says so plainly
+            ax.set_yscale("symlog", linthresh=float(positive.min()))
+            ax.yaxis.get_major_locator().set_params(numticks=6)  # readable labels over many decades
         ax.set_title(f"{layer}: {len(shown)} of {cgn.shape[1]} filters", fontsize=7)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("CGN (epoch mean)", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(cgn.index) == 1:  # one epoch: its own tick, not fractions of an epoch around it
+            ax.set_xticks(cgn.index)
         ax.legend(fontsize=6, loc="best")
     return fig

@@ -214,3 +214,37 @@ def test_width_sweep_report_shows_both_schemes_with_intervals_and_failure_rates(
     if out:  # keep the rendered page for a reader (not a test outcome)
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "report_width.png").write_bytes(shot.read_bytes())
+
+
+def _trace(epochs: int, filters: int, cgn) -> pd.DataFrame:
+    rows = [
+        {
+            "epoch": e,
+            "step": -1,
+            "layer": layer,
+            "filter": f,
+            "cgn": cgn(e, f),
+            "reset": int(e == 1 and f == 0),
+        }
+        for e in range(epochs)
+        for layer in ("conv1", "conv2")
+        for f in range(filters)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_a_runs_cgn_figure_keeps_its_axes_readable() -> None:
+    """The per-run figure: few y labels over many decades, whole epochs, a dead net drawn flat at 0,
+    and a wide layer drawn in part and saying so."""
+    from dashboards.figures import filter_cgn_figure
+
+    spread = filter_cgn_figure(_trace(30, 6, lambda e, f: 10.0 ** -(f * 2) if f < 5 else 0.0), "t")
+    for ax in spread.axes:
+        assert ax.get_yscale() == "symlog" and len(ax.yaxis.get_majorticklocs()) <= 7  # 1 .. 1e-8 and 0
+        assert all(float(x).is_integer() for x in ax.get_xticks())
+    dead = filter_cgn_figure(_trace(1, 1, lambda e, f: 0.0), "t")
+    for ax in dead.axes:
+        assert ax.get_yscale() == "linear" and list(ax.get_xticks()) == [0]
+    wide = filter_cgn_figure(_trace(3, 80, lambda e, f: 1.0 + f), "t", max_filters=64)
+    assert [ax.get_title() for ax in wide.axes] == ["conv1: 64 of 80 filters", "conv2: 64 of 80 filters"]
+    assert len(wide.axes[0].get_lines()) == 64 + 1  # the filters shown, and the reset markers

@@ -160,7 +160,7 @@ class ProgressCallback(Callback):
 class OneLineErrors(logging.Filter):
     """Condense a logger's tracebacks to one line: the message and the exception line.
 
-    Used for Tune's experiment-state syncer: with state saved after every event, its background
+    Used for Tune's experiment-state syncer: when a save follows the last one closely, its background
     copy can race the next save and log a FileNotFoundError traceback; the next sync repairs it.
     Ray's storage syncer pastes the traceback into the message text itself ("Last sync command
     failed with the following error:\n<traceback>", ~25 lines after a killed worker), so a
