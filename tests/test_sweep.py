@@ -117,6 +117,10 @@ def test_small_sweep_logs_one_finished_child_per_trial_and_reruns_nothing(tmp_pa
     # Tune's own loggers are off: the trial directories are the record, written once.
     assert not [p for p in (sweep_dir / "tune").rglob("*") if p.name in ("progress.csv", "result.json")]
     assert not list((sweep_dir / "tune").rglob("events.out.tfevents*"))
+    # Tune saves its experiment state on its own adaptive period, which it keeps in that state (a
+    # restored experiment goes on with it): saving on every step cost the driver half a core.
+    (state,) = (sweep_dir / "tune").glob("experiment_state-*.json")
+    assert json.loads(state.read_text())["runner_data"]["_checkpoint_period"] == "auto"
 
     # The same command again restores the finished experiment: nothing trains, nothing is re-logged.
     again = run_sweep(load_plan(spec), root=tmp_path)
