@@ -40,9 +40,9 @@ Environment, set here before Ray starts (all `setdefault`, so the caller can ove
   RAY_USAGE_STATS_ENABLED=0     no usage reporting
   TUNE_GLOBAL_CHECKPOINT_S=auto Tune's own period for saving its experiment state (>= 10 s,
                                 at most 5 % of the driver's time). Not on every controller step: that
-                                serialised every trial's state and copied it to storage many times a
-                                second (a quarter of a core with 12 units idle, and it grows with the
-                                trial count). A state a killed driver left behind is then up to one
+                                serialised every trial's state and copied it to storage back to back
+                                (about half a core on a 130-unit sweep, growing with the trial
+                                count). A state a killed driver left behind is then up to one
                                 period old, which costs nothing: a unit whose trial directories are
                                 finished reports from them without training, an unfinished one
                                 resumes from its own checkpoint, and MLflow logging is by trial key.
