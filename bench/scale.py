@@ -11,10 +11,13 @@ Printed: the overhead over ideal in total and per trial, and as a fraction of id
 is Ray's own benchmark, 10,000 one-second trials on 16 CPUs at 14 % over ideal; trials here
 train for well under a second, so the same fixed cost per trial weighs far more.
 
-    .venv/bin/python bench/scale.py [--trials 150] [--epochs 1] [--against NAME=VALUE]
+    .venv/bin/python bench/scale.py [--trials 150] [--epochs 1] [--samples 200]
+                                    [--against NAME=VALUE] [--against-spec FIELD=YAML]
 
 `--against TUNE_GLOBAL_CHECKPOINT_S=0` runs the same sweep a second time with Tune's experiment
-state saved on every controller step (this project's earlier setting) and prints the ratio.
+state saved on every controller step (this project's earlier setting) and prints the ratio;
+`--against-spec run_figures=false` runs it without the per-run CGN figures. `--samples 2000`
+makes a one-epoch trial about ten times longer (the anchor's trials are one second).
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ from bench.common import save  # noqa: E402
 from orchestrator import layout  # noqa: E402
 
 
-def tiny_spec(path: Path, trials: int, epochs: int) -> Path:
+def tiny_spec(path: Path, trials: int, epochs: int, samples: int, fields: dict[str, object]) -> Path:
     doc = {
         "name": "scale",
         "base": {
-            "data": {"name": "synthetic", "synthetic_samples": 200},
+            "data": {"name": "synthetic", "synthetic_samples": samples},
             "model": {"name": "crater_cnn", "filters": 1, "hidden_fc": 0},
             "epochs": epochs,
             "device": "cpu",
@@ -54,7 +57,7 @@ def tiny_spec(path: Path, trials: int, epochs: int) -> Path:
         "schemes": [{"name": "baseline"}],
         "pack_size": 1,
         "resources": {"cpu": 1},
-    }
+    } | fields
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -102,10 +105,12 @@ class Measured:
         }
 
 
-def run_sweep(trials: int, epochs: int, workers: int, extra_env: dict[str, str]) -> Measured:
+def run_sweep(
+    trials: int, epochs: int, samples: int, workers: int, extra_env: dict[str, str], fields: dict[str, object]
+) -> Measured:
     tmp = Path(tempfile.mkdtemp(prefix="scale-"))
     try:
-        spec = tiny_spec(tmp / "scale.yaml", trials, epochs)
+        spec = tiny_spec(tmp / "scale.yaml", trials, epochs, samples, fields)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LOTTERY_"))}
         env |= {"LOTTERY_HOME": str(tmp / "home"), "RAY_USAGE_STATS_ENABLED": "0"} | extra_env
         start, started_at = time.perf_counter(), time.time()
@@ -181,6 +186,9 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, default=1, help="per trial; about 6 make the anchor's one-second trials here"
     )
+    parser.add_argument(
+        "--samples", type=int, default=200, help="generated samples per trial: sets a trial's length"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="CPUs the local Ray schedules on")
     parser.add_argument(
         "--against",
@@ -190,6 +198,14 @@ def main() -> None:
         help="also run the sweep with this environment variable set (e.g. an earlier default) and print "
         "the ratio of the two wall clocks; repeatable",
     )
+    parser.add_argument(
+        "--against-spec",
+        metavar="FIELD=YAML",
+        action="append",
+        default=[],
+        help="also run the sweep with this spec field set (e.g. run_figures=false); repeatable, and "
+        "combined with --against into one second run",
+    )
     args = parser.parse_args()
     versions = ", ".join(f"{lib} {metadata.version(lib)}" for lib in ("torch", "ray", "mlflow"))
     print(
@@ -197,12 +213,14 @@ def main() -> None:
         f"python {platform.python_version()}, {versions}"
     )
     other = dict(item.split("=", 1) for item in args.against)
-    ours = run_sweep(args.trials, args.epochs, args.workers, {})
+    fields = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.against_spec)}
+    sizes = (args.trials, args.epochs, args.samples, args.workers)
+    ours = run_sweep(*sizes, {}, {})
     report("defaults", ours, args.epochs)
     payload = ours.payload()
-    if other:
-        theirs = run_sweep(args.trials, args.epochs, args.workers, other)
-        label = " ".join(args.against)
+    if other or fields:
+        theirs = run_sweep(*sizes, other, fields)
+        label = " ".join(args.against + args.against_spec)
         report(label, theirs, args.epochs)
         print(
             f"wall clock {label} / defaults: {theirs.wall / ours.wall:.2f}x; overhead per trial "

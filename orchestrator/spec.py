@@ -197,6 +197,9 @@ class SweepSpec(_Strict):
     storage_path: str | None = None
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<sweep dir>/mlflow.db
     ray_address: str | None = None  # None: an embedded local Ray (or $RAY_ADDRESS)
+    # Each MLflow run's per-filter CGN figure, drawn by the trial (~0.05-0.1 s of a worker per seed);
+    # false for many very short trials: the trace stays an artifact and `lottery report` draws the sweep
+    run_figures: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -198,7 +198,7 @@ def initial_frozen(cfg: TrialConfig, seeds: list[int], digits) -> list[torch.Ten
 
 @pytest.mark.parametrize("weights", ["signed_constant", "kaiming_normal"])
 def test_edgepopup_never_moves_a_weight_and_keeps_exactly_k(digits, weights):
-    cfg = config(scheme={"name": "edgepopup", "k": 0.3, "weights": weights}, epochs=2, **TINY)
+    cfg = config(scheme={"name": "edgepopup", "k": 0.3, "weights": weights}, epochs=3, **TINY)
     sink, results = checkpoints(cfg, digits)
     before = initial_frozen(cfg, [3], digits)
     first, last = sink.checkpoints[0][1], sink.checkpoints[-1][1]

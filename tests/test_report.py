@@ -236,7 +236,7 @@ def _trace(epochs: int, filters: int, cgn) -> pd.DataFrame:
 def test_a_runs_cgn_figure_keeps_its_axes_readable() -> None:
     """The per-run figure: few y labels over many decades, whole epochs, a dead net drawn flat at 0,
     and a wide layer drawn in part and saying so."""
-    from dashboards.figures import filter_cgn_figure
+    from dashboards.cgn_figure import filter_cgn_figure
 
     spread = filter_cgn_figure(_trace(30, 6, lambda e, f: 10.0 ** -(f * 2) if f < 5 else 0.0), "t")
     for ax in spread.axes:
@@ -248,3 +248,24 @@ def test_a_runs_cgn_figure_keeps_its_axes_readable() -> None:
     wide = filter_cgn_figure(_trace(3, 80, lambda e, f: 1.0 + f), "t", max_filters=64)
     assert [ax.get_title() for ax in wide.axes] == ["conv1: 64 of 80 filters", "conv2: 64 of 80 filters"]
     assert len(wide.axes[0].get_lines()) == 64 + 1  # the filters shown, and the reset markers
+
+
+def test_a_kept_canvas_draws_exactly_what_a_new_figure_draws() -> None:
+    """Trial workers draw every run's figure on one canvas per process; nothing of one trial's drawing
+    (lines, scale, ticks, legend, colours) may reach the next."""
+    import io
+
+    from dashboards.cgn_figure import PNG_COMPRESSION, cgn_figure_png, filter_cgn_figure
+
+    traces = [
+        _trace(30, 6, lambda e, f: 10.0 ** -(f * 2) if f < 5 else 0.0),
+        _trace(1, 1, lambda e, f: 0.0),  # dead: linear axis, one fixed tick
+        _trace(3, 80, lambda e, f: 1.0 + f),  # wide: 64 of 80 drawn
+        _trace(5, 3, lambda e, f: 1.0 + e * f),
+    ]
+    for i, trace in enumerate(traces + traces[:1]):
+        fresh = io.BytesIO()
+        filter_cgn_figure(trace, f"trial {i}").savefig(
+            fresh, format="png", pil_kwargs={"compress_level": PNG_COMPRESSION}
+        )
+        assert cgn_figure_png(trace, f"trial {i}") == fresh.getvalue(), i

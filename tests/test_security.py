@@ -97,3 +97,25 @@ def test_no_file_turns_ray_token_auth_off() -> None:
         if setting.search(line) and not line.lstrip().startswith("#")
     ]
     assert offenders == []
+
+
+def test_no_usage_reports_leave_a_lottery_process_or_the_compose_servers() -> None:
+    """MLflow 3 starts a usage-reporting client when it is first imported, unless it sees a CI or test
+    run; outside them (a researcher's shell, a cluster job) only the project's default keeps it off."""
+    import mlflow
+
+    probe = "import {}; import mlflow.telemetry.client as c; print(c.get_telemetry_client() is None)"
+    markers = ("CI", "PYTEST_CURRENT_TEST", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "GITHUB_ACTIONS")
+    env = {k: v for k, v in os.environ.items() if k not in markers}
+    off = {}
+    for module in ("mlflow", "orchestrator.cli", "orchestrator.tracking.runs"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(module)], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        off[module] = done.stdout.strip()
+    assert off == {"mlflow": "False", "orchestrator.cli": "True", "orchestrator.tracking.runs": "True"}, (
+        f"mlflow {mlflow.__version__}: {off}"
+    )
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("mlflow", "ray-head", "ray-worker"):
+        assert compose[name]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true", name

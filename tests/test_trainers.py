@@ -315,6 +315,12 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(digits, scheme):
     assert [e.test_acc for e in resumed.epochs] == [e.test_acc for e in full.epochs[2:]]
     assert resumed.results[0].final_test_acc == full.results[0].final_test_acc
     assert resumed.results[0].total_resets == full.results[0].total_resets
+    # None after the last epoch; a trial stopped before its result trains that epoch again, identically.
+    assert [epoch for epoch, _ in full.checkpoints] == [0, 1, 2]
+    last = MemorySink()
+    train(cfg, last, data=digits, resume=full.checkpoints[-1][1])
+    assert last.results[0].final_test_acc == full.results[0].final_test_acc
+    assert last.epochs[0].train_loss == full.epochs[-1].train_loss
 
 
 def test_a_diverging_trial_is_recorded_as_failed(digits):

@@ -277,7 +277,9 @@ def train_pack(
             if seed_progress.diverged:
                 results[k] = _result(config, k, data, progress, scheme, device)
                 sink.on_result(results[k])
-        if any(ctx.alive):
+        if any(ctx.alive) and epoch < config.total_epochs - 1:
+            # None after the last epoch: the results follow at once (a trial stopped in between trains
+            # that epoch again from the one before, to the same numbers).
             sink.on_checkpoint(epoch, _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress))
 
     for k in range(len(seeds)):

@@ -770,12 +770,13 @@ def _tuner(
     from orchestrator.tracking.sweep import TrackingCallback
 
     spec = plan.spec
-    context = TrialContext(
-        sweep=spec.name,
-        sweep_dir=str(sweep_dir),
-        plan=tuple(t.model_dump(mode="json") for t in plan.trials),
-        units=plan.units,
-        threads=spec.resources.threads,
+    context = TrialContext.for_plan(
+        spec.name,
+        str(sweep_dir),
+        plan.trials,
+        plan.units,
+        spec.resources.threads,
+        run_figures=spec.run_figures,
         fault_once=os.environ.get(FAULT_ENV),
     )
     trainable = tune.with_resources(

@@ -1,6 +1,6 @@
 """The Ray Tune function trainable: one planned unit, a trial or a pack of seeds of one configuration.
 
-The driver passes the whole expanded plan (JSON documents) and its units through
+The driver passes the whole expanded plan (see TrialContext) and its units through
 `tune.with_parameters`, and Tune's only search dimension is `unit`, so Tune's grid order
 never decides which configuration runs. Trial directories are the source of truth: finished
 seeds are never retrained; an unfinished unit resumes from its own checkpoint (in the trial
@@ -19,8 +19,9 @@ start time, the epoch it resumed from, from which checkpoint, and the epoch of t
 Tune restored), so a retry, and where it ran, is visible on disk.
 
 Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
-passes it here; that trial raises once, right after epoch `<epoch>` has been reported with
-its checkpoint. A marker file in the trial directory makes it fire only once.
+passes it here; that trial raises once, right after epoch `<epoch>` (not its last, which makes no
+checkpoint) has been reported with its checkpoint. A marker file in the trial directory makes it
+fire only once.
 """
 
 from __future__ import annotations
@@ -56,19 +57,56 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of one sweep shares; sent once through the object store."""
+    """What every trial of one sweep shares; sent once through the object store.
+
+    Every trial start fetches and unpickles all of it, so the plan is held in its smallest form:
+    each distinct configuration once (JSON text, which unpickles as one object), and per planned
+    trial the index of its configuration and its seed. A plan's trials differ only by seed within
+    a configuration (spec.expand), so 500 seeds of one configuration are one document, not 500.
+    """
 
     sweep: str
     sweep_dir: str
-    plan: tuple[dict[str, Any], ...]  # TrialConfig documents, in plan order
+    configs: tuple[str, ...]  # distinct TrialConfig documents (JSON), seed aside
+    trials: tuple[tuple[int, int], ...]  # per plan index: (index into configs, seed)
     units: tuple[tuple[int, ...], ...]  # plan indices trained together (a pack) or alone
     threads: int  # torch intra-op threads: the trial's CPU share
+    run_figures: bool = True  # each seed's CGN figure for its MLflow run (SweepSpec.run_figures)
     fault_once: str | None = None  # "<trial_key>:<epoch>", tests only
+
+    @classmethod
+    def for_plan(
+        cls,
+        sweep: str,
+        sweep_dir: str,
+        trials: tuple[TrialConfig, ...],
+        units: tuple[tuple[int, ...], ...],
+        threads: int,
+        run_figures: bool = True,
+        fault_once: str | None = None,
+    ) -> TrialContext:
+        configs: dict[str, int] = {}
+        planned = []
+        for trial in trials:
+            document = trial.with_seed(0).model_dump_json()
+            planned.append((configs.setdefault(document, len(configs)), trial.seed))
+        return cls(sweep, sweep_dir, tuple(configs), tuple(planned), units, threads, run_figures, fault_once)
+
+    def members(self, unit: int) -> list[TrialConfig]:
+        """The trials one Tune trial trains, as planned."""
+        configs: dict[int, TrialConfig] = {}
+        members = []
+        for index in self.units[unit]:
+            config, seed = self.trials[index]
+            if config not in configs:
+                configs[config] = TrialConfig.model_validate_json(self.configs[config])
+            members.append(configs[config].with_seed(seed))
+        return members
 
 
 def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune entry point: `config` is `{"unit": i}`."""
-    members = [TrialConfig.model_validate(context.plan[i]) for i in context.units[config["unit"]]]
+    members = context.members(config["unit"])
     sweep_dir = layout.location(context.sweep_dir)  # a local path, or a URI this worker writes to itself
     trial_dirs = [layout.trial_dir(sweep_dir, t.trial_key()) for t in members]
     unit_dir = trial_dirs[0] if len(members) == 1 else layout.pack_dir(sweep_dir, pack_key(members))
@@ -85,7 +123,6 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )
     last: dict[str, float] = {}
-    last_epoch = members[0].total_epochs - 1  # a pack's seeds share one configuration
 
     def on_epoch(record: EpochRecord) -> None:
         last.clear()
@@ -93,13 +130,12 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # The state itself was just written to the unit's own checkpoint; Tune's marks the epoch.
-        # Not after the last epoch: the result follows at once, and every report is a round trip to
-        # the driver (the trainable waits for it), a large share of a short trial's cost.
-        if epoch < last_epoch:
-            with tempfile.TemporaryDirectory() as tmp:
-                mark = {"epoch": int(state["progress"]["epoch"])}
-                (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
-                tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
+        # The loop makes none after the last epoch: the result follows at once, and every report is
+        # a round trip to the driver (the trainable waits for it), a large share of a short trial's cost.
+        with tempfile.TemporaryDirectory() as tmp:
+            mark = {"epoch": int(state["progress"]["epoch"])}
+            (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
+            tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
         if epoch == fault_epoch:
             _inject_fault_once(unit_dir, epoch)
 
@@ -113,6 +149,7 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
         resume=resume,
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
+        run_figures=context.run_figures,
     )
     tune.report(_result_metrics(results))
 

@@ -10,7 +10,6 @@ Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, ne
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 import time
 import traceback
@@ -56,9 +55,11 @@ EpochHook = Callable[[EpochRecord], None]
 CheckpointHook = Callable[[int, dict[str, Any]], None]
 
 
-def trial_meta(config: TrialConfig, sweep: str) -> dict[str, Any]:
-    """config.json: everything aggregation needs to group and pair trials without re-parsing configs."""
+def trial_meta(config: TrialConfig, sweep: str, *, run_figure: bool = True) -> dict[str, Any]:
+    """config.json: everything aggregation needs to group and pair trials without re-parsing configs,
+    and whether the run's CGN figure was asked for (so tracking does not draw one either)."""
     return {
+        "run_figure": run_figure,
         "trial_key": config.trial_key(),
         "config_hash": config.config_hash(),
         "pair_key": config.pair_key(),
@@ -81,15 +82,18 @@ class TrialDirSink:
     """One seed's records into its trial directory (checkpoints belong to the trial's pack: see
     PackSink, where a lone seed's pack directory is its trial directory)."""
 
-    def __init__(self, trial_dir: Location, config: TrialConfig, sweep: str) -> None:
+    def __init__(
+        self, trial_dir: Location, config: TrialConfig, sweep: str, *, run_figure: bool = True
+    ) -> None:
         self.dir = trial_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
         self.config = config
+        self.run_figure = run_figure
         # Read once: only this sink writes the result, so it knows when that changes (on an object
         # store every status check would be a request per seed per epoch).
         self.finished = trial_status(self.dir).finished
-        atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep))
+        atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep, run_figure=run_figure))
         self._metrics = self._load_rows(METRICS)
         self._layers = self._load_rows(LAYERS)
 
@@ -117,7 +121,7 @@ class TrialDirSink:
             "scheme": self.config.scheme.name,
             "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
         }
-        if trace is not None:
+        if trace is not None and self.run_figure:
             self._draw_cgn_figure(trace, doc)
         atomic_write_json(self.dir / RESULT, doc)
         self.finished = True
@@ -145,16 +149,14 @@ class TrialDirSink:
         cluster at a few trials a second and took CPU from the trials on a small machine. A drawing
         that fails costs the figure only: the driver draws it from the trace instead.
         """
-        from dashboards.figures import filter_cgn_figure  # matplotlib once per worker process
+        from dashboards.cgn_figure import cgn_figure_png  # matplotlib once per worker process
 
         try:
-            figure = filter_cgn_figure(trace.to_pandas(), run_name(trial_meta(self.config, ""), result))
-            png = io.BytesIO()
-            figure.savefig(png, format="png")
+            png = cgn_figure_png(trace.to_pandas(), run_name(trial_meta(self.config, ""), result))
         except Exception as exc:
             print(f"warning: {CGN_FIGURE} not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
-        atomic_write_bytes(self.dir / CGN_FIGURE, png.getvalue())
+        atomic_write_bytes(self.dir / CGN_FIGURE, png)
 
 
 class PackSink:
@@ -265,11 +267,13 @@ def run_trials(
     resume: dict[str, Any] | None = None,
     on_epoch: EpochHook | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    run_figures: bool = True,
 ) -> list[dict[str, Any]]:
     """Train the seeds (one configuration) that have no result yet; returns every seed's result doc.
 
     `resume` (e.g. from a Ray Tune checkpoint) wins over the pack directory's own checkpoint.
-    Without a checkpoint, only unfinished seeds are trained, together.
+    Without a checkpoint, only unfinished seeds are trained, together. `run_figures`: each seed
+    draws its MLflow run's CGN figure.
     """
     if len({c.config_hash() for c in configs}) != 1:
         raise ValueError("a pack holds seeds of one configuration")
@@ -277,7 +281,10 @@ def run_trials(
         # Checked before any sink rewrites config.json: the stored trial stays as it was.
         raise DataChanged(changed_data_message(changed, data_fingerprint(data), "data"))
     pack_dir = pack_dir or trial_dirs[0]
-    sinks = {c.seed: TrialDirSink(d, c, sweep) for c, d in zip(configs, trial_dirs, strict=True)}
+    sinks = {
+        c.seed: TrialDirSink(d, c, sweep, run_figure=run_figures)
+        for c, d in zip(configs, trial_dirs, strict=True)
+    }
     state = resume if resume is not None else load_checkpoint(pack_dir)
     if state is not None:
         seeds = list(state["progress"]["seeds"])

@@ -3,15 +3,18 @@
 Because the trial directory is complete before anything is sent, logging is
 idempotent and replayable: `log_trial` finds a run by its `trial_key` tag and
 only creates what is missing, which is all `lottery sync` needs after an
-outage. Metrics go in `log_batch` calls (one request per 1,000 values), never
-one call per value.
+outage. A trial's run costs three tracking-store requests however many values
+it has (the run with its tags; one `log_batch` of params, metrics and the
+"logged" tag per 1,000 values; its end) plus one upload per artifact file;
+never one call per value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,7 +65,8 @@ RESULT_METRICS = (
     "reinit_fallbacks",
     "epochs_done",
 )
-BATCH = 1000  # MLflow's per-request metric limit
+BATCH = 1000  # MLflow's per-request limit on metrics, and on params, metrics and tags together
+BATCH_PARAMS = 100  # ... on params (and on tags)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the classic runs view
 
 
@@ -125,9 +129,40 @@ def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _batched(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def log_batches(
+    client: MlflowClient,
+    run_id: str,
+    params: Sequence[Param] = (),
+    metrics: Sequence[Metric] = (),
+    tags: Sequence[RunTag] = (),
+) -> int:
+    """Params, metrics and tags in as few `log_batch` requests as MLflow's limits allow; returns how many.
+
+    Each request is a store transaction (a server round trip); the tags ride in the last, so a tag
+    that marks the run complete lands with, never before, its final metrics.
+    """
+    calls = list(_batches(list(params), list(metrics), list(tags)))
+    for batch_params, batch_metrics, batch_tags in calls:
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+    return len(calls)
+
+
+def _batches(
+    params: list[Param], metrics: list[Metric], tags: list[RunTag]
+) -> Iterable[tuple[list[Param], list[Metric], list[RunTag]]]:
+    if len(tags) > BATCH_PARAMS:
+        raise ValueError(f"at most {BATCH_PARAMS} tags per batch")
+    batches: list[tuple[list[Param], list[Metric], list[RunTag]]] = []
+    while params or metrics:
+        take_params, params = params[:BATCH_PARAMS], params[BATCH_PARAMS:]
+        room = BATCH - len(take_params)
+        take_metrics, metrics = metrics[:room], metrics[room:]
+        batches.append((take_params, take_metrics, []))
+    if batches and len(batches[-1][0]) + len(batches[-1][1]) + len(tags) <= BATCH:
+        batches[-1] = (batches[-1][0], batches[-1][1], tags)
+    elif tags:
+        batches.append(([], [], tags))
+    return batches
 
 
 def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
@@ -135,23 +170,32 @@ def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
     path = trial_dir / layout.METRICS
     if not path.exists():
         return []
-    source, filesystem = layout.parquet_source(path)
-    frame = pd.read_parquet(source, filesystem=filesystem).sort_values("epoch")
-    walls = frame["wall_s"].fillna(0).cumsum() if "wall_s" in frame else pd.Series(0, index=frame.index)
-    metrics = []
-    for row, wall in zip(frame.itertuples(index=False), walls, strict=True):
-        step, stamp = int(row.epoch), start_ms + int(1000 * wall)
+    rows = sorted(layout.read_table(path).to_pylist(), key=lambda row: row["epoch"])
+    metrics, wall = [], 0.0
+    for row in rows:
+        wall += _number(row.get("wall_s"))
+        step, stamp = int(row["epoch"]), start_ms + int(1000 * wall)
         for key in EPOCH_METRICS:
-            if hasattr(row, key):
-                metrics.append(Metric(key, float(getattr(row, key)), stamp, step))
-        if _flag(getattr(row, "round_end", None)):
+            if key in row:
+                metrics.append(Metric(key, _value(row[key]), stamp, step))
+        if _flag(row.get("round_end")):
             for key, name in ROUND_METRICS.items():
-                metrics.append(Metric(name, float(getattr(row, key)), stamp, int(row.round)))
+                metrics.append(Metric(name, _value(row[key]), stamp, int(row["round"])))
     return metrics
 
 
+def _value(value: object) -> float:
+    """A Parquet cell as a metric value: a null (a column this row does not have) is NaN."""
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _number(value: object) -> float:
+    number = _value(value)
+    return 0.0 if math.isnan(number) else number
+
+
 def _flag(value: object) -> bool:
-    return value is not None and not pd.isna(value) and bool(value)
+    return value is not None and value == value and bool(value)  # None and NaN are not set
 
 
 def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]:
@@ -190,7 +234,7 @@ def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: s
     path = trial_dir / layout.TRACE
     if not path.exists():
         return
-    from dashboards.figures import filter_cgn_figure  # matplotlib only when there is a trace
+    from dashboards.cgn_figure import filter_cgn_figure  # matplotlib only when there is a trace
 
     source, filesystem = layout.parquet_source(path)
     trace = pd.read_parquet(source, filesystem=filesystem)
@@ -251,21 +295,19 @@ def log_trial(
     run = client.create_run(experiment_id, start_time=start_ms, run_name=title, tags=run_tags)
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
-    for chunk in _batched(params, 100):
-        client.log_batch(run_id, params=chunk)
     metrics = _epoch_metrics(trial_dir, start_ms)
     if result is not None:
         metrics += [Metric(k, float(result[k]), end_ms, 0) for k in RESULT_METRICS if k in result]
         if "sparsity" in result:  # results written before sparsity was recorded lack it
             metrics.append(Metric("final_sparsity", float(result["sparsity"]), end_ms, 0))
         metrics.append(Metric("failed", float(result["failed"]), end_ms, 0))
-    for chunk in _batched(metrics, BATCH):
-        client.log_batch(run_id, metrics=chunk)
     for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():
             with layout.local_copy(trial_dir / name) as local:  # MLflow uploads from a local file
                 client.log_artifact(run_id, str(local))
-    _log_cgn_figure(client, run_id, trial_dir, title)
-    client.log_batch(run_id, tags=[RunTag("logged", "complete")])
+    if meta.get("run_figure", True):
+        _log_cgn_figure(client, run_id, trial_dir, title)
+    # Last, with the values: a run without this tag is incomplete, and is deleted and logged again.
+    log_batches(client, run_id, params, metrics, [RunTag("logged", "complete")])
     client.set_terminated(run_id, status, end_time=end_ms)
     return run_id

@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import UserError
-from orchestrator.tracking.runs import flatten
+from orchestrator.tracking.runs import flatten, log_batches
 
 VIEW_TAG = "mlflow.sharedViewState."
 # The runs table as the study reads it: child runs only, grouped by scheme (failed averages into
@@ -59,8 +59,7 @@ def spec_params(spec_doc: dict[str, Any]) -> dict[str, str]:
 def log_spec_params(client: MlflowClient, run_id: str, spec: Any) -> None:
     """Every field of the sweep spec on its parent run (the run page read "Parameters (0)")."""
     params = [Param(k, v) for k, v in spec_params(spec.model_dump(mode="json")).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
+    log_batches(client, run_id, params=params)
 
 
 def arm_key(row: Any) -> str:
@@ -87,8 +86,7 @@ def log_summary_metrics(tracking_uri: str, parent_run_id: str, summary: pd.DataF
     """Per-arm summary metrics on the parent run; returns how many were logged."""
     client = MlflowClient(tracking_uri=tracking_uri)
     metrics = summary_metrics(summary)
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(parent_run_id, metrics=metrics[i : i + 1000])
+    log_batches(client, parent_run_id, metrics=metrics)
     return len(metrics)
 
 
