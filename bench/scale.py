@@ -16,8 +16,8 @@ train for well under a second, so the same fixed cost per trial weighs far more.
 
 `--against TUNE_GLOBAL_CHECKPOINT_S=0` runs the same sweep a second time with Tune's experiment
 state saved on every controller step (this project's earlier setting) and prints the ratio;
-`--against-spec run_figures=false` runs it without the per-run CGN figures. `--samples 2000`
-makes a one-epoch trial about ten times longer (the anchor's trials are one second).
+`--against-spec run_figures=false` runs it without the per-run CGN figures. `--samples 25000`
+makes a one-epoch trial about one second here, the anchor's trial length.
 """
 
 from __future__ import annotations
@@ -180,19 +180,28 @@ def report(label: str, m: Measured, epochs: int) -> None:
     )
 
 
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=150)
+    parser.add_argument("--epochs", type=int, default=1, help="per trial (--samples sets an epoch's length)")
     parser.add_argument(
-        "--epochs", type=int, default=1, help="per trial; about 6 make the anchor's one-second trials here"
-    )
-    parser.add_argument(
-        "--samples", type=int, default=200, help="generated samples per trial: sets a trial's length"
+        "--samples",
+        type=int,
+        default=200,
+        help="generated samples per trial: sets a trial's length (25000: about one second here)",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="CPUs the local Ray schedules on")
     parser.add_argument(
         "--against",
         metavar="NAME=VALUE",
+        type=_pair,
         action="append",
         default=[],
         help="also run the sweep with this environment variable set (e.g. an earlier default) and print "
@@ -201,6 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--against-spec",
         metavar="FIELD=YAML",
+        type=_pair,
         action="append",
         default=[],
         help="also run the sweep with this spec field set (e.g. run_figures=false); repeatable, and "
@@ -212,15 +222,15 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
         f"python {platform.python_version()}, {versions}"
     )
-    other = dict(item.split("=", 1) for item in args.against)
-    fields = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.against_spec)}
+    other = dict(args.against)
+    fields = {k: yaml.safe_load(v) for k, v in args.against_spec}
     sizes = (args.trials, args.epochs, args.samples, args.workers)
     ours = run_sweep(*sizes, {}, {})
     report("defaults", ours, args.epochs)
     payload = ours.payload()
     if other or fields:
         theirs = run_sweep(*sizes, other, fields)
-        label = " ".join(args.against + args.against_spec)
+        label = " ".join(f"{k}={v}" for k, v in args.against + args.against_spec)
         report(label, theirs, args.epochs)
         print(
             f"wall clock {label} / defaults: {theirs.wall / ours.wall:.2f}x; overhead per trial "

@@ -39,7 +39,7 @@ class LayerPanel:
 
 def layer_panels(trace: pd.DataFrame, max_filters: int = 64) -> list[LayerPanel]:
     """Epoch-level trace rows (step -1) grouped per layer into (epoch x filter) grids."""
-    rows = trace[trace["step"] == -1] if "step" in trace else trace
+    rows = _epoch_rows(trace)
     layers = rows["layer"].to_numpy()
     epochs, filters = rows["epoch"].to_numpy(), rows["filter"].to_numpy()
     cgn, reset = rows["cgn"].to_numpy(dtype=float), rows["reset"].to_numpy(dtype=float)
@@ -75,27 +75,23 @@ def layer_panels(trace: pd.DataFrame, max_filters: int = 64) -> list[LayerPanel]
 
 def filter_cgn_figure(trace: pd.DataFrame, title: str, max_filters: int = 64) -> Figure:
     """A new figure of one trial's per-filter CGN (the caller owns it)."""
-    panels = layer_panels(trace, max_filters)
-    figure = _canvas(len(panels))
-    _draw(figure, panels, title, _smallest_positive(trace))
+    figure = _canvas(len(set(_epoch_rows(trace)["layer"])))
+    _draw(figure, trace, title, max_filters)
     return figure
 
 
 def cgn_figure_png(trace: pd.DataFrame, title: str, max_filters: int = 64) -> bytes:
     """The same drawing as PNG bytes, drawn on this process's canvas for that many layers."""
-    panels = layer_panels(trace, max_filters)
-    figure = _kept_canvas(len(panels))
-    _draw(figure, panels, title, _smallest_positive(trace))
+    figure = _kept_canvas(len(set(_epoch_rows(trace)["layer"])))
+    _draw(figure, trace, title, max_filters)
     png = io.BytesIO()
     figure.savefig(png, format="png", pil_kwargs={"compress_level": PNG_COMPRESSION})
     return png.getvalue()
 
 
-def _smallest_positive(trace: pd.DataFrame) -> float | None:
-    rows = trace[trace["step"] == -1] if "step" in trace else trace
-    values = rows["cgn"].to_numpy(dtype=float)
-    values = values[values > 0]
-    return float(values.min()) if len(values) else None
+def _epoch_rows(trace: pd.DataFrame) -> pd.DataFrame:
+    """The per-epoch mean rows (step -1); a trace without steps holds only those."""
+    return trace[trace["step"] == -1] if "step" in trace else trace
 
 
 def _canvas(layers: int) -> Figure:
@@ -112,8 +108,12 @@ def _kept_canvas(layers: int) -> Figure:
     return _canvas(layers)
 
 
-def _draw(figure: Figure, panels: list[LayerPanel], title: str, linthresh: float | None) -> None:
+def _draw(figure: Figure, trace: pd.DataFrame, title: str, max_filters: int) -> None:
     """Everything a panel shows is set here on every draw, so a kept canvas carries nothing over."""
+    panels = layer_panels(trace, max_filters)
+    cgn = _epoch_rows(trace)["cgn"].to_numpy(dtype=float)
+    positive = cgn[cgn > 0]
+    linthresh = float(positive.min()) if len(positive) else None
     figure.suptitle(title, fontsize=9)
     for ax, panel in zip(figure.axes, panels, strict=True):
         _clear(ax)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,21 +135,19 @@ def log_batches(
     params: Sequence[Param] = (),
     metrics: Sequence[Metric] = (),
     tags: Sequence[RunTag] = (),
-) -> int:
-    """Params, metrics and tags in as few `log_batch` requests as MLflow's limits allow; returns how many.
+) -> None:
+    """Params, metrics and tags in as few `log_batch` requests as MLflow's limits allow.
 
     Each request is a store transaction (a server round trip); the tags ride in the last, so a tag
     that marks the run complete lands with, never before, its final metrics.
     """
-    calls = list(_batches(list(params), list(metrics), list(tags)))
-    for batch_params, batch_metrics, batch_tags in calls:
+    for batch_params, batch_metrics, batch_tags in _batches(list(params), list(metrics), list(tags)):
         client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
-    return len(calls)
 
 
 def _batches(
     params: list[Param], metrics: list[Metric], tags: list[RunTag]
-) -> Iterable[tuple[list[Param], list[Metric], list[RunTag]]]:
+) -> list[tuple[list[Param], list[Metric], list[RunTag]]]:
     if len(tags) > BATCH_PARAMS:
         raise ValueError(f"at most {BATCH_PARAMS} tags per batch")
     batches: list[tuple[list[Param], list[Metric], list[RunTag]]] = []
