@@ -14,13 +14,14 @@ import time
 
 from bench.common import OUT, ROOT, machine
 
-BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup", "retry_delay")
+BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup", "cli_exit", "retry_delay")
 TARGETS = {
     "pack": ">= 6x per-seed throughput at <= 4 filters; never slower (auto rule); >= 40% of matmul peak",
     "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
     "aggregate": "10,000 trial results aggregated in <= 10 s",
     "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
     "cli_startup": "`lottery --help` and a one-line spec error each under 1.5 s",
+    "cli_exit": "a command that loaded torch and MLflow ends >= 1 s sooner than after the full teardown",
     "retry_delay": "a killed worker's trial retried within seconds; the faster of reuse_actors on/off ships",
 }
 
@@ -93,6 +94,16 @@ def startup_section(d: dict) -> list[str]:
     return [*lines, "", f"Median of {d['repeat']} fresh processes each, interleaved."]
 
 
+def exit_section(d: dict) -> list[str]:
+    lines = ["| command | prompt exit | full teardown | teardown / prompt | saved |", "|---|---|---|---|---|"]
+    for name in ("train", "sweep"):
+        prompt, teardown = d[f"{name}_prompt_s"], d[f"{name}_teardown_s"]
+        label = "`lottery train` (one tiny trial)" if name == "train" else "`lottery sweep --dry-run`"
+        ratio, saved = d[f"{name}_ratio"], teardown - prompt
+        lines.append(f"| {label} | {prompt:.2f} s | {teardown:.2f} s | {ratio:.2f}x | {saved:.2f} s |")
+    return [*lines, "", f"Median of {d['repeat']} fresh processes each, interleaved."]
+
+
 def retry_section(d: dict) -> list[str]:
     delays = {side: ", ".join(f"{r['delay_s']:.1f}" for r in found) for side, found in d["runs"].items()}
     return [
@@ -107,6 +118,7 @@ SECTIONS = {
     "aggregate": aggregate_section,
     "sweep_overhead": sweep_section,
     "cli_startup": startup_section,
+    "cli_exit": exit_section,
     "retry_delay": retry_section,
 }
 

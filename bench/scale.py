@@ -17,7 +17,8 @@ train for well under a second, so the same fixed cost per trial weighs far more.
 `--against TUNE_GLOBAL_CHECKPOINT_S=0` runs the same sweep a second time with Tune's experiment
 state saved on every controller step (this project's earlier setting) and prints the ratio;
 `--against-spec run_figures=false` runs it without the per-run CGN figures. `--samples 25000`
-makes a one-epoch trial about one second here, the anchor's trial length.
+to `50000` makes a one-epoch trial about one second here, the anchor's trial length (the
+machine's speed drifts from day to day: read the printed median).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def main() -> None:
         "--samples",
         type=int,
         default=200,
-        help="generated samples per trial: sets a trial's length (25000: about one second here)",
+        help="generated samples per trial: sets a trial's length (25000-50000: about one second here)",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="CPUs the local Ray schedules on")
     parser.add_argument(

@@ -464,8 +464,12 @@ def logs(
             raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The `lottery` console entry point and `python -m orchestrator`: the app, then a prompt exit
+    (orchestrator/process_exit.py: the exit work runs, the interpreter's teardown does not)."""
+    from orchestrator.process_exit import run_then_exit
+
+    run_then_exit(lambda: app(prog_name="lottery"))
 
 
 __all__ = ["UserError", "app", "main"]

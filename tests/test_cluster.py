@@ -7,7 +7,7 @@ Trials record the Ray node of every attempt in attempts.jsonl, so placement is r
   - a sweep with its storage on the S3 server (tests/s3server.py; every node gets the AWS_*
     settings, so trials write their directories straight to the bucket and no node reads another's
     disk) lands on both workers; one worker node is SIGKILLed mid-sweep and its trials are retried
-    on the other and finish, with one MLflow run per trial key;
+    on the other and finish, with one MLflow run per trial key on the PostgreSQL-backed server;
   - a worker with --num-gpus 2 (logical, no CUDA here) runs `resources.gpu: 0.25` trials 8 at a
     time, and a `device: cuda` trial fails there with one line naming the device and the node.
 
@@ -135,7 +135,7 @@ def wait_until(condition: Any, timeout_s: float, process: subprocess.Popen[bytes
 
 
 def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_other(
-    tmp_path: Path, s3_env: S3Server
+    tmp_path: Path, s3_env: S3Server, mlflow_server: str
 ) -> None:
     token = new_token()
     storage = f"s3://{BUCKET}/multinode-{time.time_ns()}"
@@ -143,7 +143,7 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
     dirs = trial_dirs(spec, storage)
     sweep = location(storage) / "multinode"
     assert isinstance(sweep, StorePath)
-    home = tmp_path / "home"  # the driver's local root: its sqlite MLflow store and lock, nothing else
+    home = tmp_path / "home"  # the driver's local root: its lock, nothing else (MLflow is the server)
     log = tmp_path / "driver.log"
     node_env = os.environ | s3_env.env  # every node reaches the bucket from its own environment
     workers = [
@@ -153,7 +153,8 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
     with cluster(token, workers) as (head, a, b):
         ids = {a.node_id(): "a", b.node_id(): "b"}
         started = time.time()
-        with driver(spec, head, token, log, {"LOTTERY_HOME": str(home)}) as process:
+        tracking = {"LOTTERY_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server}  # PostgreSQL-backed
+        with driver(spec, head, token, log, tracking) as process:
 
             def running_on_b() -> bool:
                 seen = attempts(dirs)
@@ -190,7 +191,7 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
     local = sorted(p.relative_to(home) for p in home.rglob("*") if p.is_file())
     assert local and {p.parts[0] for p in local} == {layout.STORES}, local
     kept = {p.relative_to(Path(layout.STORES, *sweep.as_local_parts())).parts[0] for p in local}
-    assert kept <= {layout.TRACKING_DB, layout.ARTIFACTS, layout.DRIVER_LOCK}, local
+    assert kept == {layout.DRIVER_LOCK}, local  # no MLflow store or artifact on the driver's disk either
 
     results = sweep.fs.get_file_info([(d / layout.RESULT).path for d in dirs.values()])
     assert {i.type for i in results} == {pafs.FileType.File}, output  # every result.json is in the bucket
@@ -203,9 +204,11 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
         assert len(after[key]) >= 2 and ids[last["node_id"]] == "a", after[key]  # retried on the survivor
         assert node_ips[last["node_id"]] == last["node_ip"] == "127.0.0.3"
     record = SweepRecord.load(sweep)
-    assert record is not None and record.tracking_uri.startswith(f"sqlite:///{home}")
-    runs = MlflowClient(record.tracking_uri).search_runs(
-        [record.experiment_id], filter_string="tags.trial_key LIKE '%'", max_results=1000
+    assert record is not None and record.tracking_uri == mlflow_server
+    runs = MlflowClient(mlflow_server).search_runs(
+        [record.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.parent_run_id}'",
+        max_results=1000,
     )
     assert sorted(r.data.tags["trial_key"] for r in runs) == sorted(dirs)  # one run per trial key
     assert {r.info.status for r in runs} == {"FINISHED"}

@@ -62,6 +62,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -430,8 +431,6 @@ def run_sweep(
         resuming = record_plan(plan, sweep_dir, allow_mixed=allow_mixed)
         keys = [t.trial_key() for t in opened_plan(plan, sweep_dir).trials]
         set_aside_damaged(sweep_dir, keys, console)
-        record = _open_tracking(plan, sweep_dir, uri, keys, console)
-
         if not isinstance(sweep_dir, Path) and uri.startswith("sqlite:"):
             console.print(
                 f"tracking: sqlite cannot live on {sweep_dir.scheme}://, so this sweep's MLflow store is on "
@@ -449,22 +448,32 @@ def run_sweep(
         # Lists every never-started trial after an interrupt; our counts come from the trial directories.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         logging.getLogger("ray.tune.tune").addFilter(_no_tune_resume_hint)
-        with ray_session(address), no_tune_loggers():  # a cluster's: connected above, so this one reuses it
-            _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
-            if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
-                from orchestrator.sequential import run_study
+        # The store opens (a new sqlite store: ~2 s of migrations) while Ray starts, and closes while Ray
+        # stops: seconds of fixed cost per sweep that were paid one after the other (bench/scale.py).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as tracking:
+            opened = tracking.submit(_open_tracking, plan, sweep_dir, uri, keys, console)
+            with ray_session(address), no_tune_loggers():  # a cluster's: connected above, so this reuses it
+                _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
+                record = opened.result()  # before Tune: its TrackingCallback reads the sweep record
+                if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
+                    from orchestrator.sequential import run_study
 
-                def fit(batch: SweepPlan, path: Path) -> None:
-                    _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+                    def fit(batch: SweepPlan, path: Path) -> None:
+                        _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
 
-                keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
-            else:
-                tuner = _tuner(plan, sweep_dir, keys, console)
-                tuner.fit()
+                    keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
+                else:
+                    tuner = _tuner(plan, sweep_dir, keys, console)
+                    tuner.fit()
 
-        counts = layout.count_trials(sweep_dir, keys)
-        complete = SweepOutcome(sweep_dir, counts, None).complete
-        tracked = record is not None and _close_tracking(record, sweep_dir, keys, counts, complete, console)
+                counts = layout.count_trials(sweep_dir, keys)
+                complete = SweepOutcome(sweep_dir, counts, None).complete
+                closing = (
+                    None
+                    if record is None
+                    else tracking.submit(_close_tracking, record, sweep_dir, keys, counts, complete, console)
+                )
+            tracked = closing is not None and closing.result()
         outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked)
         if not tracked:
             console.print(
