@@ -159,3 +159,9 @@ def user_errors(func: F) -> F:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: MLflow's connection errors span lines and repeat the URL."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -44,9 +44,7 @@ def run_then_exit(main: Callable[[], object]) -> NoReturn:
         code = 0
     except SystemExit as exc:
         code = exit_code(exc.code)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()  # what the interpreter does first at exit
+    threading._shutdown()  # what the interpreter does first: executors' exit hooks, then non-daemon joins
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing reaches it

@@ -50,6 +50,25 @@ def test_buffered_output_hooks_and_threads_all_finish_and_the_code_holds(tmp_pat
     assert (tmp_path / "thread.txt").read_text() == "thread finished"
 
 
+def test_an_executor_left_open_finishes_its_work_and_the_exit_does_not_hang() -> None:
+    # Executors' worker threads are not daemons and end only through the interpreter's thread-exit
+    # hooks: joining them by hand, without those hooks, would wait forever.
+    done = run_script(
+        """
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        def main() -> None:
+            pool = ThreadPoolExecutor(max_workers=1)
+            pool.submit(lambda: (time.sleep(0.3), print("queued work done")))
+
+        run_then_exit(main)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "queued work done\n"
+
+
 def test_the_interpreters_teardown_is_skipped() -> None:
     # A module-level object's finalizer runs only in the interpreter's own teardown: with the prompt
     # exit it never runs, without it (the plain script) it does. The hook runs either way.

@@ -1,4 +1,4 @@
-"""How many tracking-store requests one trial's run costs: a single logging thread on the driver
+"""How many tracking-store requests one trial's run costs: a single logging process on the driver
 serves the whole cluster, and every request is a transaction (a round trip to a server)."""
 
 from __future__ import annotations

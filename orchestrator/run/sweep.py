@@ -72,7 +72,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import layout
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, one_line
 from orchestrator.sequential import check_design, opened_plan
 from orchestrator.spec import SweepPlan
 
@@ -604,7 +604,7 @@ def _open_tracking(
     plan: SweepPlan, sweep_dir: layout.Location, uri: str, keys: list[str], console: Console
 ) -> SweepRecord | None:
     """Experiment and parent run first, then catch up on finished trials that have no run yet."""
-    from orchestrator.tracking.sweep import one_line, open_sweep, reconcile
+    from orchestrator.tracking.sweep import open_sweep, reconcile
 
     try:
         record = open_sweep(plan, sweep_dir, uri)
@@ -630,7 +630,7 @@ def _close_tracking(
     console: Console,
 ) -> bool:
     """Log what the callback could not, then close the parent run; False if the store failed us."""
-    from orchestrator.tracking.sweep import close_sweep, one_line, reconcile
+    from orchestrator.tracking.sweep import close_sweep, reconcile
 
     try:
         reconcile(record, sweep_dir, keys, errored=True)

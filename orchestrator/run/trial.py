@@ -145,7 +145,7 @@ class TrialDirSink:
     def _draw_cgn_figure(self, trace: pa.Table, result: dict[str, Any]) -> None:
         """The run page's per-filter CGN figure, drawn here rather than in the driver.
 
-        The driver logs every trial on one thread; drawing there (~0.3 s a trial) capped a whole
+        The driver logs every trial in one process; drawing there (~0.3 s a trial) capped a whole
         cluster at a few trials a second and took CPU from the trials on a small machine. A drawing
         that fails costs the figure only: the driver draws it from the trace instead.
         """

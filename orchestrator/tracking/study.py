@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, one_line
 from orchestrator.tracking.runs import flatten, log_batches
 
 VIEW_TAG = "mlflow.sharedViewState."
@@ -115,7 +115,7 @@ def refuse_busy_port(port: int, host: str = "127.0.0.1") -> None:
 
 def summary_to_parent(sweep_dir: Any, summary: pd.DataFrame, console: Any) -> None:
     """Per-arm summary metrics on the sweep's parent run; a warning (not an error) if that fails."""
-    from orchestrator.tracking.sweep import SweepRecord, one_line  # sweep.py imports this module
+    from orchestrator.tracking.sweep import SweepRecord  # sweep.py imports this module
 
     record = SweepRecord.load(sweep_dir)
     if record is None:

@@ -1,10 +1,12 @@
 """MLflow for a sweep: one experiment, one parent run, one child run per trial key.
 
 Logging happens in the driver, from the trial directories, never in the trials:
-  * one process writes the store, so a sqlite file sees no concurrent writers or racing
-    migrations, and workers need no tracking credentials or route to the server;
-  * a trial writes its directory first; the driver's Tune callback logs it when Tune
-    reports the trial complete (or errored after its last retry). `log_trial` is idempotent
+  * one process at a time writes the store (the driver before and after Tune, its logging
+    process while Tune runs), so a sqlite file sees no concurrent writers or racing migrations,
+    and workers need no tracking credentials or route to the server;
+  * a trial writes its directory first; the driver's Tune callback has it logged (by the
+    driver's logging process, orchestrator/tracking/log_process.py) when Tune reports the
+    trial complete (or errored after its last retry). `log_trial` is idempotent
     by trial key, so a callback repeated after a restore cannot duplicate a run;
   * `reconcile` replays any trial directory that has no complete run yet: at start-up (a
     driver killed between a trial's result and its run) and at the end (an outage).
@@ -22,7 +24,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +37,7 @@ from rich.console import Console
 from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
+from orchestrator.tracking.log_process import LogProcess, TrialLogger
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 from orchestrator.tracking.source import git_state, source_tags
 from orchestrator.tracking.store import prepare_store
@@ -43,7 +45,6 @@ from orchestrator.tracking.study import log_spec_params
 
 LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 PAGE = 1000
-OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long (see TrackingCallback)
 
 
 @dataclass(frozen=True)
@@ -314,46 +315,34 @@ def ui_argv(sweep_dir: Path, port: int) -> list[str]:
 class TrackingCallback(Callback):
     """Logs each trial's directory to MLflow when Tune is done with the trial.
 
-    Logging runs on one background thread, so Tune's event loop never waits on the store (a
-    run with its artifacts takes ~0.1 s on sqlite, longer on a server) and the store still
-    sees a single writer. `on_experiment_end` drains the queue.
-
-    After a failed attempt the callback pauses logging for `OUTAGE_PAUSE_S`: trials that end
-    meanwhile are skipped, not queued behind the client's retries, so a dead server costs one
-    failed attempt per pause instead of one per trial (the driver would otherwise wait for the
-    whole queue at the end). Their directories are complete; the end-of-sweep reconcile or
-    `lottery sync` logs them.
+    Logging runs in one process of its own (orchestrator/tracking/log_process.py), so Tune's
+    event loop neither waits on the store (a run with its artifacts takes ~0.1 s on sqlite,
+    longer on a server) nor shares the GIL with it, and the store still sees a single writer.
+    `on_experiment_end` drains the queue. After a failed attempt the logger pauses, so a dead
+    server costs one failed attempt per pause, not one per trial (see log_process).
 
     Holds only plain data when pickled: Tune pickles its callbacks into the experiment and uses
-    the pickled copy after `Tuner.restore`, so the client is made in `setup`, from sweep.json
-    (rewritten by every driver before `fit`).
+    the pickled copy after `Tuner.restore`, so the logging process is started in `setup`, from
+    sweep.json (rewritten by every driver before `fit`).
     """
 
     def __init__(self, sweep_dir: Path, unit_keys: list[list[str]]) -> None:
         self.sweep_dir = layout.location(sweep_dir)
         self.unit_keys = unit_keys  # the trial keys each Tune trial (a seed or a pack) trains
-        self._record: SweepRecord | None = None
-        self._client: MlflowClient | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._paused_until = 0.0
+        self._process: LogProcess | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            "sweep_dir": self.sweep_dir,
-            "unit_keys": self.unit_keys,
-            "_record": None,
-            "_client": None,
-            "_pool": None,
-            "_paused_until": 0.0,
-        }
+        return {"sweep_dir": self.sweep_dir, "unit_keys": self.unit_keys, "_process": None}
 
     def setup(self, **info: Any) -> None:
-        self._record = SweepRecord.load(self.sweep_dir)
-        if self._record is not None and self._record.written_elsewhere(self.sweep_dir):
-            self._record = None  # a copy: never log into the original's store (the driver said so)
-        self._client = client_for(self._record.tracking_uri) if self._record else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
-        self._paused_until = 0.0
+        record = SweepRecord.load(self.sweep_dir)
+        if record is None or record.written_elsewhere(self.sweep_dir):
+            self._process = None  # a copy: never log into the original's store (the driver said so)
+            return
+        logger = TrialLogger(
+            str(self.sweep_dir), record.tracking_uri, record.experiment_id, record.parent_run_id
+        )
+        self._process = LogProcess(logger)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(trial)
@@ -362,35 +351,11 @@ class TrackingCallback(Callback):
         self._submit(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
     def _submit(self, trial: Any) -> None:
-        if self._pool is not None:
+        if self._process is not None:
             for key in self.unit_keys[trial.config["unit"]]:
-                self._pool.submit(self._log, key)
-
-    def _log(self, key: str) -> None:
-        if self._record is None or self._client is None or time.monotonic() < self._paused_until:
-            return
-        try:
-            log_trial(
-                self._client,
-                self._record.experiment_id,
-                layout.trial_dir(self.sweep_dir, key),
-                parent_run_id=self._record.parent_run_id,
-            )
-        except Exception as exc:  # an outage must not stop the sweep; reconcile or `lottery sync` catch up
-            self._paused_until = time.monotonic() + OUTAGE_PAUSE_S
-            Console(stderr=True).print(
-                f"[yellow]tracking: trial {key} not logged ({one_line(exc)}); "
-                f"trials ending in the next {OUTAGE_PAUSE_S:.0f} s are left for `lottery sync`[/]",
-                highlight=False,
-            )
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: MLflow's connection errors span lines and repeat the URL."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+                self._process.submit(key)
