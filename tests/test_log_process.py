@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from trialfactory import config
 
 from orchestrator import layout
 from orchestrator.run.trial import run_trial
-from orchestrator.tracking.log_process import LogProcess, TrialLogger
+from orchestrator.tracking.log_process import PIPE_BYTES, LogProcess, TrialLogger
 from orchestrator.tracking.runs import ensure_experiment
 from orchestrator.tracking.store import prepare_store
 
@@ -54,6 +55,16 @@ def test_every_submitted_trial_is_logged_once_by_the_time_close_returns(tmp_path
     process.close()
     assert pid != os.getpid()
     assert child_runs(client, logger) == dict.fromkeys(keys, "complete")
+
+
+def test_the_driver_can_queue_tens_of_thousands_of_keys_without_waiting(tmp_path: Path) -> None:
+    # Tune's event loop calls `submit`: a pipe that filled behind a slow store would stall it.
+    logger, _, _ = finished_sweep(tmp_path, seeds=1)
+    process = LogProcess(logger)
+    assert process._process is not None and process._process.stdin is not None
+    size = fcntl.fcntl(process._process.stdin.fileno(), fcntl.F_GETPIPE_SZ)
+    process.close()
+    assert size >= PIPE_BYTES and size // len("0123456789abcdef\n") > 50_000
 
 
 def test_a_killed_logging_process_costs_its_runs_only_never_the_sweep(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ pause instead of one per trial. Their directories are complete; the end-of-sweep
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -40,6 +41,7 @@ from orchestrator.errors import one_line
 from orchestrator.tracking.runs import client_for, log_trial
 
 OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long
+PIPE_BYTES = 1024 * 1024  # the queue of trial keys the driver may run ahead of the logger
 
 
 @dataclass
@@ -85,6 +87,11 @@ class LogProcess:
             env=os.environ | {"PYTHONPATH": path},
             start_new_session=True,  # see the module docstring
         )
+        if self._process.stdin is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+            # A full pipe would block Tune's event loop in `submit`: at Linux's default 64 KiB that is
+            # ~3,800 keys behind a slow server; at 1 MiB (the unprivileged limit), ~60,000.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     def submit(self, key: str) -> None:
         """Queue `key`; a process that is gone (killed) leaves the key to the end-of-sweep reconcile."""
