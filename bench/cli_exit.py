@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save  # noqa: E402
+from bench.common import save, timed_command  # noqa: E402
 
 PROMPT = [sys.executable, "-m", "orchestrator"]
 APP_ONLY = "import sys\nfrom orchestrator.cli import app\napp(sys.argv[1:], 'lottery')\n"
@@ -47,15 +45,6 @@ TRAIN = [
 ]
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{argv}: exit {done.returncode}: {done.stderr[-800:]}")
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -71,8 +60,8 @@ def main() -> None:
         for name, argv_of in commands.items():
             times: dict[str, list[float]] = {"prompt": [], "teardown": []}
             for run in range(args.repeat):
-                times["prompt"].append(timed(PROMPT + argv_of(f"p{run}"), env))
-                times["teardown"].append(timed(TEARDOWN + argv_of(f"t{run}"), env))
+                times["prompt"].append(timed_command(PROMPT + argv_of(f"p{run}"), env=env))
+                times["teardown"].append(timed_command(TEARDOWN + argv_of(f"t{run}"), env=env))
             prompt, teardown = (statistics.median(times[k]) for k in ("prompt", "teardown"))
             print(
                 f"lottery {name}: prompt exit {prompt:.2f} s, full teardown {teardown:.2f} s "

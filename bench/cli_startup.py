@@ -15,28 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save  # noqa: E402
+from bench.common import save, timed_command  # noqa: E402
 
 BAD_SPEC = "name: x\nseeds: [0]\nbase: {epoch: 3}\nschemes: [{name: baseline}]\n"
 EAGER = "import trainers.schemes, trainers.data\nfrom orchestrator.cli import app\napp(prog_name='lottery')\n"
-
-
-def timed(argv: list[str], expected_rc: int) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - started
-    if done.returncode != expected_rc:
-        raise SystemExit(f"{argv}: exit {done.returncode}, expected {expected_rc}: {done.stderr[-500:]}")
-    return elapsed
 
 
 def main() -> None:
@@ -54,10 +43,10 @@ def main() -> None:
         times: dict[str, dict[str, list[float]]] = {c: {w: [] for w in ways} for c in cases}
         for case, (extra, rc) in cases.items():
             for way in ways:  # one untimed run each: the first process also warms the file cache
-                timed([*ways[way], *extra], rc)
+                timed_command([*ways[way], *extra], rc)
             for _ in range(args.repeat):
                 for way, argv in ways.items():
-                    times[case][way].append(timed([*argv, *extra], rc))
+                    times[case][way].append(timed_command([*argv, *extra], rc))
     rows = {}
     for case, by_way in times.items():
         lazy, eager = (statistics.median(by_way[w]) for w in ("lazy", "eager"))

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -76,3 +77,13 @@ def save(name: str, payload: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(payload | {"machine": machine()}, indent=2))
     return path
+
+
+def timed_command(argv: list[str], expected_rc: int = 0, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one fresh process run from the repository root; a wrong exit code stops the bench."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - started
+    if done.returncode != expected_rc:
+        raise SystemExit(f"{argv}: exit {done.returncode}, expected {expected_rc}: {done.stderr[-800:]}")
+    return elapsed
