@@ -16,7 +16,7 @@ from trialfactory import config
 
 from orchestrator import layout
 from orchestrator.run.trial import run_trial
-from orchestrator.tracking.log_process import PIPE_BYTES, LogProcess, TrialLogger
+from orchestrator.tracking.log_process import PIPE_BYTES, LogProcess, TrialLogger, running, sweep_logging
 from orchestrator.tracking.runs import ensure_experiment
 from orchestrator.tracking.store import prepare_store
 
@@ -127,3 +127,15 @@ def test_the_logging_process_loads_no_ray(tmp_path: Path) -> None:
     code = "import sys, orchestrator.tracking.log_process; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_sweeps_logging_process_is_found_by_its_directory_until_it_is_drained(tmp_path: Path) -> None:
+    logger, client, keys = finished_sweep(tmp_path, seeds=2)
+    assert running(logger.sweep_dir) is None
+    with sweep_logging(logger) as process:
+        assert running(logger.sweep_dir) is process  # what every Tune experiment's callback submits to
+        assert running(str(tmp_path / "other")) is None
+        for key in keys:
+            process.submit(key)
+    assert running(logger.sweep_dir) is None
+    assert child_runs(client, logger) == dict.fromkeys(keys, "complete")  # drained on the way out

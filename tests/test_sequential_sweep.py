@@ -1,7 +1,8 @@
 """A real sequential study on a local Ray: its driver SIGKILLed mid-batch, then the same command again.
 
-Tiny digits trials (2 epochs, 2 seeds per batch, one at a time) so that a batch is still running
-when the first batch's look has opened the next. The resumed study must finish without retraining
+Tiny digits trials (2 seeds per batch, one at a time) of 20 epochs, ~2 s each: the kill needs batch
+2 still running (its second seed) after its first seed is logged, and at 2 epochs that window was
+0.2 s, which a CI run's 0.2-s poll missed. The resumed study must finish without retraining
 or re-logging anything, stop where a replay of its finished trials says it stops, and list in
 trials.json exactly the batches it opened.
 """
@@ -45,7 +46,7 @@ def write_study(tmp_path: Path) -> Path:
             "data": {"name": "digits"},
             "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
             "optim": {"name": "adam", "lr": 0.002},
-            "epochs": 2,
+            "epochs": 20,
             "device": "cpu",
         },
         # width 0.7 needs at least 4 seeds (2 give at best 0.86): the study looks at least twice

@@ -454,17 +454,20 @@ def run_sweep(
             opened = tracking.submit(_open_tracking, plan, sweep_dir, uri, keys, console)
             with ray_session(address), no_tune_loggers():  # a cluster's: connected above, so this reuses it
                 _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
-                record = opened.result()  # before Tune: its TrackingCallback reads the sweep record
-                if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
-                    from orchestrator.sequential import run_study
+                record = opened.result()  # before Tune: its TrackingCallback logs to the sweep's runs
+                from orchestrator.tracking.sweep import sweep_logging
 
-                    def fit(batch: SweepPlan, path: Path) -> None:
-                        _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+                with contextlib.nullcontext() if record is None else sweep_logging(record, sweep_dir):
+                    if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
+                        from orchestrator.sequential import run_study
 
-                    keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
-                else:
-                    tuner = _tuner(plan, sweep_dir, keys, console)
-                    tuner.fit()
+                        def fit(batch: SweepPlan, path: Path) -> None:
+                            batch_keys = [t.trial_key() for t in batch.trials]
+                            _tuner(batch, sweep_dir, batch_keys, console, path).fit()
+
+                        keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
+                    else:
+                        _tuner(plan, sweep_dir, keys, console).fit()
 
                 counts = layout.count_trials(sweep_dir, keys)
                 complete = SweepOutcome(sweep_dir, counts, None).complete

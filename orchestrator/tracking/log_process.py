@@ -10,8 +10,11 @@ One process, so the store still sees one writer at a time (the driver itself wri
 Tune starts and after it ends). A fresh `python -m orchestrator.tracking.log_process`, not a fork
 (the driver runs Ray's and gRPC's threads, which a fork would copy mid-flight) and not
 multiprocessing's spawn (which re-imports the caller's main module: a user's unguarded script
-would run again). The driver writes one trial key per line to its stdin and closes it at the end
-of the experiment; the process logs each key in turn and exits at end of input. It imports no Ray.
+would run again). One per driver for the whole sweep (`sweep_logging`), every batch of a
+sequential study included: a process per Tune experiment re-imported MLflow (~2 s of a core) at
+each batch and could log nothing of a batch until it had. The driver writes one trial key per line
+to its stdin and closes it before its final reconcile; the process logs each key in turn and exits
+at end of input. It imports no Ray.
 It runs in a session of its own, so Ctrl-C at the terminal or a scheduler's signal to the driver's
 process group reaches the driver only, which decides when logging stops (it drains the queue);
 it stops early if the driver is gone (a new driver logs what is left).
@@ -31,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +115,31 @@ class LogProcess:
                 self._process.stdin.close()
         self._process.wait()
         self._process = None
+
+
+_RUNNING: dict[str, LogProcess] = {}  # sweep_dir -> the driver's logging process for it
+
+
+@contextlib.contextmanager
+def sweep_logging(logger: TrialLogger) -> Iterator[LogProcess]:
+    """The driver's logging process for one sweep, from before Tune's first experiment to after its last.
+
+    Registered by sweep directory because Tune's callbacks cannot carry it: Tune pickles them into
+    the experiment and runs the unpickled copy after `Tuner.restore` (see TrackingCallback).
+    Leaving waits until every queued key is logged.
+    """
+    process = LogProcess(logger)
+    _RUNNING[logger.sweep_dir] = process
+    try:
+        yield process
+    finally:
+        del _RUNNING[logger.sweep_dir]
+        process.close()
+
+
+def running(sweep_dir: str) -> LogProcess | None:
+    """The logging process `sweep_logging` holds open for `sweep_dir` in this driver, if any."""
+    return _RUNNING.get(sweep_dir)
 
 
 def serve(document: str) -> None:

@@ -19,6 +19,7 @@ resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -37,6 +38,7 @@ from rich.console import Console
 from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
+from orchestrator.tracking import log_process
 from orchestrator.tracking.log_process import LogProcess, TrialLogger
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 from orchestrator.tracking.source import git_state, source_tags
@@ -312,18 +314,26 @@ def ui_argv(sweep_dir: Path, port: int) -> list[str]:
     ]
 
 
+def sweep_logging(record: SweepRecord, sweep_dir: Path) -> contextlib.AbstractContextManager[LogProcess]:
+    """The driver's logging process for the runs of `record` (from `open_sweep`) while Tune runs."""
+    location = str(layout.location(sweep_dir))
+    logger = TrialLogger(location, record.tracking_uri, record.experiment_id, record.parent_run_id)
+    return log_process.sweep_logging(logger)
+
+
 class TrackingCallback(Callback):
-    """Logs each trial's directory to MLflow when Tune is done with the trial.
+    """Has each trial's directory logged to MLflow when Tune is done with the trial.
 
     Logging runs in one process of its own (orchestrator/tracking/log_process.py), so Tune's
     event loop neither waits on the store (a run with its artifacts takes ~0.1 s on sqlite,
     longer on a server) nor shares the GIL with it, and the store still sees a single writer.
-    `on_experiment_end` drains the queue. After a failed attempt the logger pauses, so a dead
-    server costs one failed attempt per pause, not one per trial (see log_process).
+    The driver holds that process open across every Tune experiment of the sweep
+    (`sweep_logging`) and drains it before its final reconcile; a callback with none open (no
+    tracking) logs nothing. After a failed attempt the logger pauses, so a dead server costs one
+    failed attempt per pause, not one per trial (see log_process).
 
-    Holds only plain data when pickled: Tune pickles its callbacks into the experiment and uses
-    the pickled copy after `Tuner.restore`, so the logging process is started in `setup`, from
-    sweep.json (rewritten by every driver before `fit`).
+    Holds only plain data: Tune pickles its callbacks into the experiment and uses the pickled
+    copy after `Tuner.restore`, so the process is looked up by sweep directory in `setup`.
     """
 
     def __init__(self, sweep_dir: Path, unit_keys: list[list[str]]) -> None:
@@ -335,25 +345,13 @@ class TrackingCallback(Callback):
         return {"sweep_dir": self.sweep_dir, "unit_keys": self.unit_keys, "_process": None}
 
     def setup(self, **info: Any) -> None:
-        record = SweepRecord.load(self.sweep_dir)
-        if record is None or record.written_elsewhere(self.sweep_dir):
-            self._process = None  # a copy: never log into the original's store (the driver said so)
-            return
-        logger = TrialLogger(
-            str(self.sweep_dir), record.tracking_uri, record.experiment_id, record.parent_run_id
-        )
-        self._process = LogProcess(logger)
+        self._process = log_process.running(str(self.sweep_dir))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(trial)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._process is not None:
-            self._process.close()
-            self._process = None
 
     def _submit(self, trial: Any) -> None:
         if self._process is not None:
