@@ -21,6 +21,7 @@ from trainers.config import TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import MemorySink
 from trainers.loop import build_pack, train
+from trainers.pack import auto_pack_size
 from trainers.ranking import pack_logits, pack_loss
 
 CRATERS = Path(os.environ.get("LOTTERY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -35,13 +36,14 @@ def crater_slice(device: torch.device, n: int, image_size: int = 15) -> LoadedDa
     return data
 
 
-def trial(filters: int, hidden: int, batch: int) -> TrialConfig:
+def trial(filters: int, hidden: int, batch: int, full_batch: bool = False) -> TrialConfig:
     return TrialConfig.model_validate(
         {
             "model": {"name": "crater_cnn", "filters": filters, "hidden_fc": hidden, "init": "xavier"},
             "optim": {"name": "sgd", "lr": 0.01},
             "epochs": 1,
             "batch_size": batch,
+            "full_batch": full_batch,
         }
     )
 
@@ -111,6 +113,7 @@ def main() -> None:
         )
         rows.append(row)
         peaks.append(matmul_peak_flops(device))
+    large = large_steps(data, device, quick=args.quick)
     peak = max(peaks)
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements through the run)")
     for row in rows:
@@ -126,8 +129,42 @@ def main() -> None:
             "matmul_peak_gflops": peak / 1e9,
             "matmul_peaks_gflops": [p / 1e9 for p in peaks],
             "rows": rows,
+            "large_steps": large,
         },
     )
+
+
+def large_steps(data: LoadedData, device: torch.device, *, quick: bool) -> list[dict]:
+    """Packs at big steps (up to full batch), one thread as a trial runs: where `auto` stops packing.
+
+    Each row also times the pack `pack_size: auto` picks, so the rule is checked where it matters:
+    never slower per seed than a seed alone.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    n = len(data.x_train)
+    cases = [(1, None), (2, 256), (2, None), (4, 64), (4, 128), (4, None)]
+    if quick:
+        cases = [(1, None), (4, None)]
+    rows = []
+    try:
+        for filters, batch in cases:
+            cfg = trial(filters, 0, batch or n, full_batch=batch is None)
+            auto = auto_pack_size("crater_cnn", filters, False, 0, images_per_step=batch, device=device.type)
+            single = seed_steps_per_s(cfg, data, seeds=3, pack=1, device=device)
+            ratios = {k: seed_steps_per_s(cfg, data, k, k, device) / single for k in (8, 32)}
+            if auto not in ratios:
+                ratios[auto] = 1.0 if auto == 1 else seed_steps_per_s(cfg, data, auto, auto, device) / single
+            row = {"filters": filters, "batch": batch or f"full ({n})", "auto": auto, "ratios": ratios}
+            print(
+                f"one thread, filters={filters} batch={row['batch']}: "
+                + ", ".join(f"pack {k}: {r:.2f}x" for k, r in sorted(ratios.items()))
+                + f"; auto packs {auto} ({ratios[auto]:.2f}x)"
+            )
+            rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 if __name__ == "__main__":

@@ -491,7 +491,12 @@ def _pack_size(requested: int | str, config: TrialConfig) -> int:
         return 1
     if requested == "auto":
         return auto_pack_size(
-            config.model.name, config.model.filters, config.uses_batchnorm, config.model.hidden_fc
+            config.model.name,
+            config.model.filters,
+            config.uses_batchnorm,
+            config.model.hidden_fc,
+            images_per_step=None if config.full_batch else config.batch_size,
+            device=config.device,
         )
     return int(requested)
 

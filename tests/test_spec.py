@@ -248,6 +248,26 @@ def test_auto_pack_size_follows_the_measured_rule_and_changes_the_fingerprint():
     assert alone.fingerprint != narrow.fingerprint, "a restored experiment keeps its own packing"
 
 
+def test_auto_packs_follow_the_step_size_on_a_cpu_and_keep_the_batch_32_rule_on_cuda():
+    """At full batch or a large step the grouped conv makes a CPU pack slower per seed (bench/pack.py)."""
+
+    def largest_pack(device: str = "cpu", filters: int = 2, hidden: int = 16, **base) -> int:
+        model = {"name": "crater_cnn", "filters": filters, "hidden_fc": hidden}
+        doc = spec_doc(seeds={"start": 0, "count": 40}, base=BASE | {"model": model, "device": device} | base)
+        return max(len(u) for u in expand(SweepSpec.model_validate(doc)).units)
+
+    assert largest_pack(batch_size=256) == 32  # 2 filters: 2^2 x 256 = 1024, the most that packs
+    assert largest_pack(batch_size=512) == 1
+    assert largest_pack(full_batch=True) == 1  # the training set's size is unknown while planning
+    assert largest_pack(filters=4, hidden=0, batch_size=64) == 40  # 64 per pack, 40 seeds
+    assert largest_pack(filters=4, hidden=0, batch_size=128) == 1
+    assert largest_pack(filters=1, hidden=0, batch_size=256) == 40
+    assert largest_pack(filters=1, hidden=0, full_batch=True) == 8  # one filter still pays, in packs of 8
+    assert largest_pack(device="auto", full_batch=True) == 1  # sized as on a CPU
+    assert largest_pack(device="cuda", full_batch=True) == 32  # launch-bound: unmeasured here, rule kept
+    assert largest_pack(filters=20, device="cuda", batch_size=32) == 1
+
+
 def test_a_changed_pack_size_is_refused_unless_allow_mixed(tmp_path, monkeypatch):
     """Packing is outside the trial key but changes a trial's exact numbers (summation order)."""
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))

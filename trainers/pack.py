@@ -24,21 +24,51 @@ from torch import nn
 from trainers.models import ConvUnit, FilterNet
 
 PACKABLE = ("crater_cnn", "vanilla_cnn")
-# The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, batch 32, 2-core CPU;
-# numbers in bench/RESULTS.md). Packing pays when one seed's step is per-operation overhead:
-#   no hidden FC, 1-4 filters: packs of 64 gave 3.8-21x; with the 500-wide hidden FC (whose weights
-#   make a pack memory-bound): 1 filter 3.9-6.9x at 32, 4 filters 1.7-2.7x at 8 (less at 32+);
+# The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, 2-core CPU; numbers in
+# bench/RESULTS.md). Packing pays when one seed's step is per-operation overhead:
+#   at batch 32, no hidden FC, 1-4 filters: packs of 64 gave 3.8-21x; with the 500-wide hidden FC (whose
+#   weights make a pack memory-bound): 1 filter 3.9-6.9x at 32, 4 filters 1.7-2.7x at 8 (less at 32+);
 #   20 filters: a pack is 0.6-1.07x, so wide layers run one seed per process. (Ranges: three runs.)
+# A bigger step is compute, not overhead, and the grouped second conv then costs a pack more per seed
+# than a seed alone (one thread, as trials run; best pack vs one seed, one run each, no hidden FC):
+#   2 filters: batch 32 3.7x, 256 1.46x, 1024 1.14x, full (4374 images) 0.96x;
+#   3 filters: batch 64 1.5x;  4 filters: batch 32 1.86x, 64 1.05x, 128 0.88x, 256 0.93x, full 0.53x;
+#   with the hidden FC: 2 filters at 256 1.27x, 4 filters at 64 1.22x (pack 8; 0.93x at 30).
+# So 2-4 filters pack only while filters^2 x images per step <= 1024 (the second conv's work per
+# seed). One filter per conv (a depthwise second conv) always pays: 4.5x at 1024, 3.6x at full batch
+# (pack 8; packs of 30 gave less there). On CUDA, where a tiny step is kernel launches, the batch-32
+# rule stands at any batch (not measured here: bench/gpu_check.sh times a pack of 64 vs one seed).
 AUTO_PACK_NO_HIDDEN = ((4, 64),)  # (at most this many filters per conv, seeds per pack)
 AUTO_PACK = ((2, 32), (4, 8))
+LARGE_STEP_WORK = 1024  # filters^2 x images per step above which 2-4 filters train alone on a CPU
+ONE_FILTER_LARGE_STEP = (256, 8)  # above this many images per step, one-filter nets pack this many
 
 
-def auto_pack_size(model_name: str, filters: int, batchnorm: bool, hidden_fc: int = 0) -> int:
-    """Seeds per pack for `pack_size: auto`: 1 unless the model packs and is narrow."""
+def auto_pack_size(
+    model_name: str,
+    filters: int,
+    batchnorm: bool,
+    hidden_fc: int = 0,
+    *,
+    images_per_step: int | None = None,
+    device: str = "cpu",
+) -> int:
+    """Seeds per pack for `pack_size: auto`: 1 unless the model packs, is narrow and its step is small.
+
+    `images_per_step` is the batch size, None for full batch (the whole training set, which
+    planning does not load: counted as large). A `device: auto` trial is sized as on a CPU.
+    """
     if model_name not in PACKABLE or batchnorm:
         return 1
     rule = AUTO_PACK_NO_HIDDEN if model_name == "crater_cnn" and hidden_fc == 0 else AUTO_PACK
-    return next((size for widest, size in rule if filters <= widest), 1)
+    size = next((size for widest, size in rule if filters <= widest), 1)
+    if device == "cuda" or size == 1:
+        return size
+    most_images, one_filter_size = ONE_FILTER_LARGE_STEP
+    if filters == 1:
+        return size if images_per_step is not None and images_per_step <= most_images else one_filter_size
+    large = images_per_step is None or filters**2 * images_per_step > LARGE_STEP_WORK
+    return 1 if large else size
 
 
 class PackedConv(nn.Module):
