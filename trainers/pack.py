@@ -41,7 +41,8 @@ PACKABLE = ("crater_cnn", "vanilla_cnn")
 AUTO_PACK_NO_HIDDEN = ((4, 64),)  # (at most this many filters per conv, seeds per pack)
 AUTO_PACK = ((2, 32), (4, 8))
 LARGE_STEP_WORK = 1024  # filters^2 x images per step above which 2-4 filters train alone on a CPU
-ONE_FILTER_LARGE_STEP = (256, 8)  # above this many images per step, one-filter nets pack this many
+ONE_FILTER_SMALL_STEP = 256  # images per step up to which one-filter nets pack as at batch 32
+ONE_FILTER_LARGE_PACK = 8  # seeds per pack of one-filter nets at larger steps
 
 
 def auto_pack_size(
@@ -50,8 +51,8 @@ def auto_pack_size(
     batchnorm: bool,
     hidden_fc: int = 0,
     *,
-    images_per_step: int | None = None,
-    device: str = "cpu",
+    images_per_step: int | None,
+    device: str,
 ) -> int:
     """Seeds per pack for `pack_size: auto`: 1 unless the model packs, is narrow and its step is small.
 
@@ -64,11 +65,11 @@ def auto_pack_size(
     size = next((size for widest, size in rule if filters <= widest), 1)
     if device == "cuda" or size == 1:
         return size
-    most_images, one_filter_size = ONE_FILTER_LARGE_STEP
+    if images_per_step is None:  # full batch
+        return ONE_FILTER_LARGE_PACK if filters == 1 else 1
     if filters == 1:
-        return size if images_per_step is not None and images_per_step <= most_images else one_filter_size
-    large = images_per_step is None or filters**2 * images_per_step > LARGE_STEP_WORK
-    return 1 if large else size
+        return size if images_per_step <= ONE_FILTER_SMALL_STEP else ONE_FILTER_LARGE_PACK
+    return size if filters**2 * images_per_step <= LARGE_STEP_WORK else 1
 
 
 class PackedConv(nn.Module):

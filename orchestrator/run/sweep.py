@@ -406,6 +406,8 @@ def run_sweep(
     retrain_changed: bool = False,
 ) -> SweepOutcome:
     from orchestrator.run.progress import quiet_ray_logs
+    from orchestrator.tracking import log_process
+    from orchestrator.tracking.log_process import TrialLogger
     from orchestrator.tracking.runs import default_tracking_uri, refuse_password
 
     console = console or Console(stderr=True)
@@ -455,19 +457,12 @@ def run_sweep(
             with ray_session(address), no_tune_loggers():  # a cluster's: connected above, so this reuses it
                 _sigterm_as_ctrl_c()  # again: Ray's core worker installs its own handler in ray.init
                 record = opened.result()  # before Tune: its TrackingCallback logs to the sweep's runs
-                from orchestrator.tracking.sweep import sweep_logging
-
-                with contextlib.nullcontext() if record is None else sweep_logging(record, sweep_dir):
-                    if plan.batch_ends:  # one Tune experiment per seed batch (orchestrator/sequential.py)
-                        from orchestrator.sequential import run_study
-
-                        def fit(batch: SweepPlan, path: Path) -> None:
-                            batch_keys = [t.trial_key() for t in batch.trials]
-                            _tuner(batch, sweep_dir, batch_keys, console, path).fit()
-
-                        keys = [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
-                    else:
-                        _tuner(plan, sweep_dir, keys, console).fit()
+                with (
+                    contextlib.nullcontext()
+                    if record is None
+                    else log_process.sweep_logging(TrialLogger.for_sweep(record, sweep_dir))
+                ):
+                    keys = _fit(plan, sweep_dir, keys, console)
 
                 counts = layout.count_trials(sweep_dir, keys)
                 complete = SweepOutcome(sweep_dir, counts, None).complete
@@ -486,6 +481,19 @@ def run_sweep(
                 soft_wrap=True,  # one line, so the command can be copied whole
             )
     return outcome
+
+
+def _fit(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: Console) -> list[str]:
+    """Run the sweep's Tune experiments; the trial keys opened (a sequential study opens batches)."""
+    if not plan.batch_ends:
+        _tuner(plan, sweep_dir, keys, console).fit()
+        return keys
+    from orchestrator.sequential import run_study  # one Tune experiment per seed batch
+
+    def fit(batch: SweepPlan, path: Path) -> None:
+        _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()
+
+    return [t.trial_key() for t in run_study(plan, sweep_dir, fit, console).trials]
 
 
 def set_aside_damaged(sweep_dir: Path, keys: list[str], console: Console) -> list[str]:

@@ -37,12 +37,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from orchestrator import layout
 from orchestrator.errors import one_line
 from orchestrator.tracking.runs import client_for, log_trial
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.sweep import SweepRecord
 
 OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long
 PIPE_BYTES = 1024 * 1024  # the queue of trial keys the driver may run ahead of the logger
@@ -57,6 +61,11 @@ class TrialLogger:
     experiment_id: str
     parent_run_id: str
     paused_until: float = field(default=0.0, compare=False)
+
+    @classmethod
+    def for_sweep(cls, record: SweepRecord, sweep_dir: layout.Location) -> TrialLogger:
+        """Logging into the runs of `record` (from `open_sweep`) from the trial directories of `sweep_dir`."""
+        return cls(_name(sweep_dir), record.tracking_uri, record.experiment_id, record.parent_run_id)
 
     def log(self, key: str) -> None:
         if time.monotonic() < self.paused_until:
@@ -128,18 +137,24 @@ def sweep_logging(logger: TrialLogger) -> Iterator[LogProcess]:
     the experiment and runs the unpickled copy after `Tuner.restore` (see TrackingCallback).
     Leaving waits until every queued key is logged.
     """
+    name = _name(logger.sweep_dir)
     process = LogProcess(logger)
-    _RUNNING[logger.sweep_dir] = process
+    _RUNNING[name] = process
     try:
         yield process
     finally:
-        del _RUNNING[logger.sweep_dir]
+        del _RUNNING[name]
         process.close()
 
 
-def running(sweep_dir: str) -> LogProcess | None:
+def running(sweep_dir: layout.Location | str) -> LogProcess | None:
     """The logging process `sweep_logging` holds open for `sweep_dir` in this driver, if any."""
-    return _RUNNING.get(sweep_dir)
+    return _RUNNING.get(_name(sweep_dir))
+
+
+def _name(sweep_dir: layout.Location | str) -> str:
+    """A sweep directory as the text the logging process is told and registered by."""
+    return str(layout.location(sweep_dir))
 
 
 def serve(document: str) -> None:

@@ -19,7 +19,6 @@ resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import sys
@@ -39,7 +38,7 @@ from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
 from orchestrator.tracking import log_process
-from orchestrator.tracking.log_process import LogProcess, TrialLogger
+from orchestrator.tracking.log_process import LogProcess
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
 from orchestrator.tracking.source import git_state, source_tags
 from orchestrator.tracking.store import prepare_store
@@ -314,13 +313,6 @@ def ui_argv(sweep_dir: Path, port: int) -> list[str]:
     ]
 
 
-def sweep_logging(record: SweepRecord, sweep_dir: Path) -> contextlib.AbstractContextManager[LogProcess]:
-    """The driver's logging process for the runs of `record` (from `open_sweep`) while Tune runs."""
-    location = str(layout.location(sweep_dir))
-    logger = TrialLogger(location, record.tracking_uri, record.experiment_id, record.parent_run_id)
-    return log_process.sweep_logging(logger)
-
-
 class TrackingCallback(Callback):
     """Has each trial's directory logged to MLflow when Tune is done with the trial.
 
@@ -328,7 +320,7 @@ class TrackingCallback(Callback):
     event loop neither waits on the store (a run with its artifacts takes ~0.1 s on sqlite,
     longer on a server) nor shares the GIL with it, and the store still sees a single writer.
     The driver holds that process open across every Tune experiment of the sweep
-    (`sweep_logging`) and drains it before its final reconcile; a callback with none open (no
+    (`log_process.sweep_logging`) and drains it before its final reconcile; a callback with none open (no
     tracking) logs nothing. After a failed attempt the logger pauses, so a dead server costs one
     failed attempt per pause, not one per trial (see log_process).
 
@@ -345,7 +337,7 @@ class TrackingCallback(Callback):
         return {"sweep_dir": self.sweep_dir, "unit_keys": self.unit_keys, "_process": None}
 
     def setup(self, **info: Any) -> None:
-        self._process = log_process.running(str(self.sweep_dir))
+        self._process = log_process.running(self.sweep_dir)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(trial)
