@@ -1,5 +1,6 @@
-"""The code's boundaries: which package may import what, one owner for the sweep directory's names, one
-list of scheme names. Checked on the source and in fresh interpreters, so a stray import fails here."""
+"""The code's boundaries: which package may import what, no import circles, one owner for the sweep
+directory's names, one list of scheme names. Checked on the source and in fresh interpreters, so a stray
+import fails here."""
 
 from __future__ import annotations
 
@@ -141,3 +142,101 @@ def test_scheme_names_have_one_source() -> None:
     configs = get_args(TrialConfig.model_fields["scheme"].annotation)
     assert tuple(REGISTRY) == SCHEMES
     assert [c.model_fields["name"].default for c in configs] == list(SCHEMES)
+
+
+def module_sources() -> dict[str, str]:
+    """Dotted module name -> source, for every module of the project's packages."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path.read_text()
+    return found
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the project modules it imports, counting every import statement wherever it stands:
+    at module level, inside a function, under `if TYPE_CHECKING:` (an import moved into a function
+    still ties the two modules together; it only hides the circle from the interpreter)."""
+
+    def owner(name: str) -> str | None:  # a module, or the module an imported name belongs to
+        while name and name not in sources:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, source in sources.items():
+        is_package = any(name.startswith(f"{module}.") for name in sources)
+        package = module if is_package else module.rpartition(".")[0]
+        targets: set[str | None] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                targets |= {owner(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package upwards
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                targets |= {owner(f"{base}.{alias.name}") or owner(base) for alias in node.names}
+        graph[module] = {target for target in targets if target and target != module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: each strongly connected group of two or more modules, sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = [stack.pop()]
+            while group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def test_the_check_sees_circles_hidden_in_functions_and_type_checking() -> None:
+    sources = {
+        "p": "",
+        "p.a": "def f():\n    from p.b import g\n",
+        "p.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p import a\n",
+        "p.c": "import p.d\n",
+        "p.d": "from p.c import x\n",
+        "p.e": "from p.a import f\n",  # into a circle, not part of one
+        "p.q": "",
+        "p.q.r": "from .. import e\nfrom . import s\n",
+        "p.q.s": "def h():\n    from .r import t\n",
+    }
+    assert circles(import_graph(sources)) == [["p.a", "p.b"], ["p.c", "p.d"], ["p.q.r", "p.q.s"]]
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    sources = module_sources()
+    graph = import_graph(sources)
+    assert {"orchestrator.layout", "orchestrator.run.sweep", "trainers.schemes"} <= set(graph)
+    assert "orchestrator.spec" in graph["orchestrator.run.sweep"]  # the graph sees the imports
+    assert circles(graph) == [], "a circle: move what both sides need into a module both can import"
+
+
+@pytest.mark.parametrize("module", ["orchestrator.provenance", "orchestrator.tracking.record"])
+def test_reading_sweep_json_loads_no_ray_and_no_mlflow(module: str) -> None:
+    """The report's provenance and the logging process read sweep.json; neither needs Ray or MLflow."""
+    loaded = imported_by(module)
+    assert module in loaded
+    assert top_level(loaded) & {"ray", "mlflow"} == set()
