@@ -1,21 +1,31 @@
 """The code's boundaries: which package may import what, no import circles, one owner for the sweep
-directory's names, one list of scheme names. Checked on the source and in fresh interpreters, so a stray
-import fails here."""
+directory's names, and every list of schemes, models and statuses derived from its owner (a missing entry
+fails here). Checked on the source and in fresh interpreters, so a stray import fails here."""
 
 from __future__ import annotations
 
 import ast
 import json
+import math
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import get_args
 
+import pandas as pd
 import pytest
+from typer.main import get_command
 
+from dashboards.report import _header_html, _summary_html
+from dashboards.stats import STATUSES, TRIAL_COLUMNS, summarise
 from orchestrator import layout
-from trainers.config import TrialConfig
+from orchestrator.cli import app
+from orchestrator.spec_reference import reference
+from trainers.config import DATASET_NAMES, MODEL_NAMES, TrialConfig
+from trainers.data import _LOADERS
+from trainers.models import MODELS
 from trainers.schemes import REGISTRY, SCHEMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +250,53 @@ def test_reading_sweep_json_loads_no_ray_and_no_mlflow(module: str) -> None:
     loaded = imported_by(module)
     assert module in loaded
     assert top_level(loaded) & {"ray", "mlflow"} == set()
+
+
+def test_every_scheme_has_its_parameters_in_the_readme_reference() -> None:
+    """The generated field reference (the README's, which tests/test_spec_reference.py keeps equal to it)
+    has a section per registered scheme, listing each of its parameters."""
+    configs = {
+        c.model_fields["name"].default: c for c in get_args(TrialConfig.model_fields["scheme"].annotation)
+    }
+    sections = dict(re.findall(r"#### Scheme `(\w+)` [^\n]*\n(.*?)(?=\n#### |\Z)", reference(), re.S))
+    assert list(sections) == list(REGISTRY) == list(configs)
+    for scheme, section in sections.items():
+        params = set(configs[scheme].model_fields) - {"name"}
+        assert {name for name in params if f"| `schemes[].params.{name}` |" not in section} == set(), scheme
+        assert params or "No hyperparameters." in section
+
+
+def test_lottery_train_offers_every_model_and_dataset() -> None:
+    assert tuple(MODELS) == MODEL_NAMES  # the builders, and the names specs are validated against
+    assert tuple(_LOADERS) == DATASET_NAMES
+    options = {param.name: param.help or "" for param in get_command(app).commands["train"].params}
+    assert [name for name in MODELS if name not in options["model"].split(" | ")] == []
+    assert [name for name in _LOADERS if name not in options["dataset"].split(" | ")] == []
+
+
+def test_every_status_is_counted_in_the_report() -> None:
+    """One trial of each status: the report's header and its table count every one of them."""
+    assert set(get_args(layout.Status)) - {"unfinished"} <= set(STATUSES)  # unfinished: incomplete or pending
+    assert set(get_args(layout.Status)) <= set(layout.count_trials(ROOT / "no-such-sweep", []))
+    rows = []
+    for seed, status in enumerate(STATUSES):
+        row = {column: math.nan if kind == "float64" else pd.NA for column, kind in TRIAL_COLUMNS.items()}
+        row |= {"trial_key": f"k{seed}", "config_hash": "A", "pair_key": "A", "scheme": "baseline"}
+        row |= {"hparam_label": "", "hparams": "{}", "setting": "{}", "seed": seed, "status": status}
+        row |= {
+            "failed": False,
+            "diverged": False,
+            "final_test_acc": 0.9 if status == "finished" else math.nan,
+        }
+        rows.append(row)
+    trials = pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    summary = summarise(trials)
+    header = _header_html(trials, summary, "statuses")
+    planned, listed = re.search(r"(\d+) planned: ([^.]*)\.", header).groups()
+    counted = dict((status, int(n)) for n, status in re.findall(r"(\d+) (\w+)", listed))
+    assert counted == dict.fromkeys(STATUSES, 1) and sum(counted.values()) == int(planned) == len(STATUSES)
+    table = _summary_html(summary)
+    heads, cells = re.findall(r"<th[^>]*>([^<]*)</th>", table), re.findall(r"<td[^>]*>([^<]*)</td>", table)
+    not_finished = [status for status in STATUSES if status != "finished"]
+    assert " / ".join(not_finished) in heads
+    assert f"1 / {len(STATUSES)}" in cells and " / ".join(["1"] * len(not_finished)) in cells
