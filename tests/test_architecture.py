@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 from typing import get_args
 
@@ -20,11 +21,21 @@ from typer.main import get_command
 
 from dashboards.report import _header_html, _summary_html
 from dashboards.stats import STATUSES, TRIAL_COLUMNS, summarise
-from orchestrator import layout
+from orchestrator import aggregate, layout
 from orchestrator.cli import app
+from orchestrator.run.trainable import RESULT_KEYS
 from orchestrator.spec_reference import reference
 from trainers.config import DATASET_NAMES, MODEL_NAMES, TrialConfig
 from trainers.data import _LOADERS
+from trainers.events import (
+    EPOCH_COLUMNS,
+    TABLE,
+    TUNE,
+    EpochRecord,
+    LayerEpochStats,
+    TrialResult,
+    result_fields,
+)
 from trainers.models import MODELS
 from trainers.schemes import REGISTRY, SCHEMES
 
@@ -300,3 +311,19 @@ def test_every_status_is_counted_in_the_report() -> None:
     not_finished = [status for status in STATUSES if status != "finished"]
     assert " / ".join(not_finished) in heads
     assert f"1 / {len(STATUSES)}" in cells and " / ".join(["1"] * len(not_finished)) in cells
+
+
+def test_every_metric_is_declared_where_it_is_emitted() -> None:
+    """An epoch row's columns and a result's fields are declared in trainers/events.py; the epochs table,
+    the trial table, MLflow and Tune take them from there."""
+    from orchestrator.tracking.runs import EPOCH_METRICS, RESULT_METRICS, ROUND_METRICS
+
+    layer = LayerEpochStats("conv1", 2, 0.1, 0.0, 1, 1, 0, 0.0)
+    row = EpochRecord(0, 0, 1, 0.5, 0.5, 0.5, 0.5, 1.0, (layer,)).flat()
+    assert set(row) - {"seed"} <= set(EPOCH_COLUMNS) == set(aggregate.METRIC_COLUMNS)
+    assert set(EPOCH_METRICS) | set(ROUND_METRICS) <= set(EPOCH_COLUMNS)
+    assert {"train_loss", "test_acc", "cgn_mean"} <= set(EPOCH_METRICS)
+    results = {field.name for field in fields(TrialResult)}
+    assert set(result_fields(TABLE)) <= set(TRIAL_COLUMNS) & results  # each table field has its type
+    assert set(RESULT_METRICS) | set(RESULT_KEYS) <= results
+    assert result_fields(TUNE) == RESULT_KEYS and "final_test_acc" in RESULT_METRICS
