@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
-from dashboards.stats import BASELINE, EXACT_MAX_N, ZERO_METHOD
+from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD
 
 ALPHA = 0.05
 
@@ -81,8 +81,8 @@ def _summary_html(summary: pd.DataFrame) -> str:
     head = (
         "<tr><th class=l>scheme</th><th class=l>hyperparameters (all)</th>"
         + ("<th class=l>setting</th>" if varying else "")
-        + "<th>filters</th><th>n finished / planned</th><th>errored / damaged / "
-        "incomplete / pending</th><th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
+        + f"<th>filters</th><th>n finished / planned</th><th>{' / '.join(NOT_FINISHED)}</th>"
+        "<th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
         "<th>median acc % (IQR width)</th>"
         "<th>mean acc %</th><th>min acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th>"
         "<th>better / tied / worse</th><th>median gain pts</th><th>Wilcoxon p (n used, method)</th>"
@@ -98,7 +98,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             *([row_setting_text(r["setting"], varying)] if varying else []),
             "–" if pd.isna(r["filters"]) else str(r["filters"]),
             f"{r['n']} / {r['n_planned']}",
-            f"{r['n_errored']} / {r.get('n_damaged', 0)} / {r['n_incomplete']} / {r['n_pending']}",
+            " / ".join(str(r.get(f"n_{s}", 0)) for s in NOT_FINISHED),
             f"{r['n_failed']} / {r['n']}",
             f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
             f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",
@@ -133,7 +133,7 @@ def _provenance_html(provenance: dict[str, str] | None) -> str:
 def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str) -> str:
     counts = trials["status"].value_counts()
     n_tests = int(summary["wilcoxon_p"].notna().sum())
-    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "errored", "incomplete", "pending"))
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     return (
         f"<h1>Filter lottery: {html.escape(sweep)}</h1>"
         f"<p><b>Trials:</b> {len(trials)} planned: {status}. Only finished trials enter n, failure rates "

@@ -32,6 +32,7 @@ EXACT_MAX_N = 50  # exact signed-rank distribution up to here (cost ~n^3 / 4 add
 ZERO_METHOD = "wilcox"  # tied pairs dropped before ranking (Wilcoxon 1945); stated with every p
 TIE_TOLERANCE = 1e-12  # gains and |gains| closer than this are equal (accuracies are counts / n_test)
 STATUSES: tuple[str, ...] = ("finished", "errored", "damaged", "incomplete", "pending")
+NOT_FINISHED = STATUSES[1:]  # each counted as n_<status> per configuration; only finished trials enter n
 
 # The per-trial table: one row per planned trial, whatever happened to it.
 TRIAL_COLUMNS: dict[str, str] = {
@@ -80,10 +81,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "sparsity": "float64",  # median over finished trials
     "n_planned": "int64",
     "n": "int64",  # finished
-    "n_errored": "int64",
-    "n_damaged": "int64",
-    "n_incomplete": "int64",
-    "n_pending": "int64",
+    **{f"n_{status}": "int64" for status in NOT_FINISHED},
     "n_failed": "int64",
     "failure_rate": "float64",
     "failure_ci_low": "float64",  # Wilson 95%
@@ -230,10 +228,7 @@ def _counts(group: pd.DataFrame) -> dict[str, object]:
     return {
         "n_planned": len(group),
         "n": n,
-        "n_errored": int((status == "errored").sum()),
-        "n_damaged": int((status == "damaged").sum()),
-        "n_incomplete": int((status == "incomplete").sum()),
-        "n_pending": int((status == "pending").sum()),
+        **{f"n_{s}": int((status == s).sum()) for s in NOT_FINISHED},
         "n_failed": n_failed,
         "failure_rate": n_failed / n if n else float("nan"),
         "failure_ci_low": low,

@@ -25,49 +25,16 @@ from dashboards.setting import hparams_text, row_setting_text, setting_line, spl
 from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
-from trainers.events import failure_rule_text
+from trainers.events import EPOCH_COLUMNS, TABLE, failure_rule_text, result_fields
 
 # metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
-METRIC_COLUMNS: dict[str, str] = {
-    "epoch": "Int64",
-    "steps": "Int64",
-    "train_loss": "float64",
-    "train_acc": "float64",
-    "test_loss": "float64",
-    "test_acc": "float64",
-    "wall_s": "float64",
-    "cgn_mean": "float64",
-    "cgn_min": "float64",
-    "below_tau": "Int64",
-    "resets": "Int64",
-    "dropped": "Int64",
-    "ortho_sum": "float64",
-    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
-    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
-    "round": "Int64",
-    "round_end": "boolean",
-    "sparsity": "float64",
-    "mask_overlap": "float64",
-}
+METRIC_COLUMNS: dict[str, str] = {name: column.dtype for name, column in EPOCH_COLUMNS.items()}
 _EPOCH_IDENTITY = ("trial_key", "config_hash", "scheme", "hparam_label", "filters", "seed", "status")
 EPOCH_COLUMNS: dict[str, str] = {
     **{c: TRIAL_COLUMNS[c] for c in _EPOCH_IDENTITY},
     **METRIC_COLUMNS,
 }
-_RESULT_FIELDS = (
-    "final_test_acc",
-    "best_test_acc",
-    "final_train_acc",
-    "failed",
-    "diverged",
-    "epochs_done",
-    "total_resets",
-    "sparsity",
-    "chance",
-    "failure_margin",
-    "failure_rule",
-    "wall_s",
-)
+_RESULT_FIELDS = result_fields(TABLE)  # what a finished trial's result.json gives its row
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 
 from orchestrator import layout
 from orchestrator.errors import TRACKING_EXIT, USAGE_EXIT, UserError, fail, usage_error_line, user_errors
-from trainers.config import SCHEMES
+from trainers.config import DATASET_NAMES, MODEL_NAMES, SCHEMES
 
 
 class OneLineGroup(TyperGroup):
@@ -62,10 +62,8 @@ def train(
         Path | None, typer.Option("--config", "-c", help="Trial YAML (TrialConfig fields).")
     ] = None,
     scheme: Annotated[str | None, typer.Option(help=" | ".join(SCHEMES))] = None,
-    model: Annotated[str | None, typer.Option(help="crater_cnn | inception28 | vanilla_cnn")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="digits | synthetic | craters | cifar10 | mnist | imagefolder")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=" | ".join(MODEL_NAMES))] = None,
+    dataset: Annotated[str | None, typer.Option(help=" | ".join(DATASET_NAMES))] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (else $LOTTERY_DATA_DIR).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default 10).")] = None,
     device: Annotated[

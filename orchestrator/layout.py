@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -577,7 +577,7 @@ def _read_schema(path: Location) -> pa.Schema:
 
 def count_trials(sweep_dir: Location, keys: list[str]) -> dict[str, int]:
     """planned, finished (failed included), failed, errored, damaged and unfinished, from the trial dirs."""
-    counts = {"planned": len(keys), "finished": 0, "failed": 0, "errored": 0, "damaged": 0, "unfinished": 0}
+    counts = {"planned": len(keys), "failed": 0} | dict.fromkeys(get_args(Status), 0)
     for key in keys:
         status = trial_status(trial_dir(sweep_dir, key))
         counts[status.kind] += 1

@@ -13,7 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 from orchestrator import layout
-from orchestrator.tracking.sweep import LIBRARIES, SweepRecord, git_state
+from orchestrator.tracking.record import SweepRecord
+from orchestrator.tracking.source import LIBRARIES, git_state
 
 
 def report_provenance(sweep_dir: Path) -> dict[str, str]:

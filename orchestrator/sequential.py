@@ -2,9 +2,9 @@
 
 `seeds: {start: 0, max: 400, batch: 20, until: RULE}` plans up to `max` seeds per configuration
 (orchestrator/spec.py orders them batch first) and opens them one batch at a time. After every
-batch the driver looks once: it replays the rule over the trial table (the same `replay` that
-`lottery aggregate` runs, so the decision can be recomputed from the results alone) and either
-stops or opens the next batch. The intervals the rule reads are confidence sequences
+batch the driver (orchestrator/run/study.py) looks once: it replays the rule over the trial table
+(the same `replay` that `lottery aggregate` runs, so the decision can be recomputed from the results
+alone) and either stops or opens the next batch. The intervals the rule reads are confidence sequences
 (dashboards/sequential.py), valid at whatever look the study stops, which a fixed-n interval
 checked after every batch is not.
 
@@ -18,13 +18,11 @@ started: changing the rule after seeing results would void the intervals, so it 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from rich.console import Console
 
 from dashboards.sequential import LOOK_COLUMNS, failure_rate_look, looks_frame, paired_look
 from orchestrator import layout
@@ -121,43 +119,4 @@ def describe_stop(plan: SweepPlan, result: Replay) -> str:
     )
 
 
-def study_trials(sweep_dir: Path) -> pd.DataFrame:
-    from orchestrator.aggregate import load_trials
-
-    return load_trials(sweep_dir)
-
-
-def run_study(
-    plan: SweepPlan, sweep_dir: Path, fit: Callable[[SweepPlan, Path], None], console: Console
-) -> SweepPlan:
-    """Run open batches one Tune experiment at a time, looking after each; returns the open plan."""
-    rule = plan.spec.sequential
-    assert rule is not None
-    state = StudyState.load(sweep_dir)
-    while state.stopped is None:
-        index = state.opened - 1
-        batch = plan.batch(index)
-        fit(batch, layout.tune_dir(sweep_dir, index))
-        counts = layout.count_trials(sweep_dir, [t.trial_key() for t in batch.trials])
-        if counts["unfinished"]:
-            break  # interrupted: the same command resumes this batch
-        result = replay(rule, plan.spec.seeds, study_trials(sweep_dir))
-        state.looks = result.looks.astype(object).where(result.looks.notna(), None).to_dict("records")
-        if result.stop_look is not None or state.opened >= plan.n_batches:
-            state.stopped = describe_stop(plan, result)
-            state.save(sweep_dir)
-            break
-        last = result.looks[result.looks["look"] == result.complete_looks]
-        unmet = ", ".join(f"{r.scheme} {r.hparam_label}".strip() + f" {r.verdict}" for r in last.itertuples())
-        console.print(
-            f"sequential: look {result.complete_looks} not met ({unmet}); opening batch {state.opened + 1}"
-        )
-        state.opened += 1
-        state.save(sweep_dir)  # first the state, then the plan it implies (re-derived on resume)
-        layout.atomic_write_json(layout.plan_file(sweep_dir), plan.opened(state.opened).rows())
-    if state.stopped:
-        console.print(f"sequential: {state.stopped}")
-    return plan.opened(state.opened)
-
-
-__all__ = ["LOOK_COLUMNS", "Replay", "StudyState", "check_design", "opened_plan", "replay", "run_study"]
+__all__ = ["LOOK_COLUMNS", "Replay", "StudyState", "check_design", "describe_stop", "opened_plan", "replay"]

@@ -23,10 +23,9 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from orchestrator.spec import Resources, SchemeEntry, SweepSpec
-from trainers.config import BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme, TrialConfig
+from trainers.config import SCHEME_MODELS, TrialConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
-SCHEME_MODELS = (BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme)
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:

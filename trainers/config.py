@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -136,12 +136,13 @@ Scheme = Annotated[
     BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme | ImpScheme | EdgePopupScheme,
     Field(discriminator="name"),
 ]
-# The scheme names, in the union's order, without importing torch (the CLI's help and spec checks need
-# only these); trainers.schemes.REGISTRY holds an implementation for each, and a test keeps them equal.
-SCHEMES: tuple[str, ...] = tuple(
-    c.model_fields["name"].default
-    for c in (BaselineScheme, BatchNormScheme, RandomOutScheme, ReprScheme, ImpScheme, EdgePopupScheme)
-)
+# The scheme configs and their names, in the union's order, without importing torch (the CLI's help, spec
+# checks and the README's field reference need only these); trainers.schemes.REGISTRY holds an
+# implementation for each, and a test keeps them equal.
+SCHEME_MODELS: tuple[type[Strict], ...] = get_args(get_args(Scheme)[0])
+SCHEMES: tuple[str, ...] = tuple(c.model_fields["name"].default for c in SCHEME_MODELS)
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # trainers.models.MODELS builds each; a test checks
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # trainers.data loads each; a test checks
 
 
 class TrialConfig(Strict):

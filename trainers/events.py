@@ -8,7 +8,7 @@ MLflow second; tests use `MemorySink`.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +26,40 @@ class LayerEpochStats:
     resets: int  # filters re-initialized this epoch (RandomOut resets, RePr re-introductions)
     dropped: int  # filters masked out at the end of the epoch (RePr)
     ortho_sum: float  # sum over filters of RePr's O_l^f at the end of the epoch
+
+
+@dataclass(frozen=True)
+class EpochColumn:
+    """One column of metrics.parquet: its type in the aggregated epochs table, and how MLflow gets it."""
+
+    dtype: str  # pandas dtype in the aggregated epochs table (orchestrator/aggregate.py)
+    per_epoch: bool = True  # an MLflow metric per epoch (step = epoch)
+    per_round: str | None = None  # IMP: an MLflow metric per round (step = round) under this name
+
+
+# Every column an epoch row can hold (EpochRecord.flat, then a scheme's own), declared once: the epochs
+# table's types and the MLflow metrics of each run (orchestrator/tracking/runs.py) derive from it.
+EPOCH_COLUMNS: dict[str, EpochColumn] = {
+    "epoch": EpochColumn("Int64", per_epoch=False),  # the step of every per-epoch metric
+    "steps": EpochColumn("Int64", per_epoch=False),
+    "train_loss": EpochColumn("float64"),
+    "train_acc": EpochColumn("float64"),
+    "test_loss": EpochColumn("float64"),
+    "test_acc": EpochColumn("float64", per_round="round_test_acc"),
+    "wall_s": EpochColumn("float64"),
+    "cgn_mean": EpochColumn("float64"),
+    "cgn_min": EpochColumn("float64"),
+    "below_tau": EpochColumn("Int64"),
+    "resets": EpochColumn("Int64"),
+    "dropped": EpochColumn("Int64"),
+    "ortho_sum": EpochColumn("float64"),
+    # IMP (trainers/schemes/imp.py): the round an epoch trains, its sparsity; round_end marks a round's
+    # last epoch that counts for the trial, with the mask's Jaccard overlap with the round before.
+    "round": EpochColumn("Int64", per_epoch=False),
+    "round_end": EpochColumn("boolean", per_epoch=False),
+    "sparsity": EpochColumn("float64", per_round="round_sparsity"),
+    "mask_overlap": EpochColumn("float64", per_epoch=False, per_round="round_mask_overlap"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,24 +107,38 @@ class CgnTrace:
         return {k: getattr(self, k) for k in ("epoch", "step", "layer", "filter", "cgn", "reset")}
 
 
+# Where a result field goes besides result.json, declared on the field (TrialResult below): TABLE, a column
+# of the aggregated trial table (dashboards.stats.TRIAL_COLUMNS gives its type); METRIC, an MLflow metric
+# of the trial's run under that name; TUNE, averaged over a unit's seeds in what Tune sees of the unit.
+TABLE, METRIC, TUNE = "table", "metric", "tune"
+
+
+def _goes(*roles: str, metric: str | None = None) -> dict[str, Any]:
+    return dict.fromkeys(roles, True) | ({METRIC: metric} if metric else {})
+
+
 @dataclass(frozen=True)
 class TrialResult:
     seed: int
-    epochs_done: int
-    final_test_acc: float
-    final_train_acc: float
-    best_test_acc: float
+    epochs_done: int = field(metadata=_goes(TABLE, TUNE, metric="epochs_done"))
+    final_test_acc: float = field(metadata=_goes(TABLE, TUNE, metric="final_test_acc"))
+    final_train_acc: float = field(metadata=_goes(TABLE, metric="final_train_acc"))
+    best_test_acc: float = field(metadata=_goes(TABLE, TUNE, metric="best_test_acc"))
     final_test_loss: float
-    chance: float  # accuracy of the best constant predictor on the test split (majority-class share)
-    failure_margin: float
-    failed: bool  # final_test_acc <= chance + failure_margin, or diverged
-    diverged: bool  # a non-finite training loss stopped the run
-    total_resets: int
-    reinit_fallbacks: int  # RePr re-inits that fell back to the initializer (null space too small)
-    wall_s: float  # wall time of the whole pack this seed trained in
+    # accuracy of the best constant predictor on the test split (majority-class share)
+    chance: float = field(metadata=_goes(TABLE))
+    failure_margin: float = field(metadata=_goes(TABLE))
+    # final_test_acc <= chance + failure_margin, or diverged
+    failed: bool = field(metadata=_goes(TABLE, TUNE, metric="failed"))
+    diverged: bool = field(metadata=_goes(TABLE, TUNE))  # a non-finite training loss stopped the run
+    total_resets: int = field(metadata=_goes(TABLE, TUNE, metric="total_resets"))
+    # RePr re-inits that fell back to the initializer (null space too small)
+    reinit_fallbacks: int = field(metadata=_goes(metric="reinit_fallbacks"))
+    wall_s: float = field(metadata=_goes(TABLE))  # wall time of the whole pack this seed trained in
     pack_size: int = 1  # seeds trained at once with this one (1 = alone)
-    sparsity: float = 0.0  # share of conv/linear weights held at zero at the end (IMP, edge-popup)
-    failure_rule: str = field(default="")
+    # share of conv/linear weights held at zero at the end (IMP, edge-popup)
+    sparsity: float = field(default=0.0, metadata=_goes(TABLE, metric="final_sparsity"))
+    failure_rule: str = field(default="", metadata=_goes(TABLE))
     # Provenance outside the trial key that still changes exact numbers (summation order, kernels).
     device: str = ""  # e.g. "cpu", "cuda:0"
     threads: int = 0  # torch intra-op threads of the process that trained it
@@ -100,6 +148,17 @@ class TrialResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def result_fields(role: str) -> tuple[str, ...]:
+    """The TrialResult fields declared for `role` (TABLE, METRIC or TUNE), in the class's order."""
+    return tuple(f.name for f in fields(TrialResult) if role in f.metadata)
+
+
+# result field -> the MLflow metric it is logged as
+RESULT_METRICS: dict[str, str] = {
+    f.name: f.metadata[METRIC] for f in fields(TrialResult) if METRIC in f.metadata
+}
 
 
 def failure_rule_text(margin: float, chance: float | None = None) -> str:

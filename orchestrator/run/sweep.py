@@ -79,7 +79,7 @@ from orchestrator.spec import SweepPlan
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
     from ray.tune import Tuner
 
-    from orchestrator.tracking.sweep import SweepRecord
+    from orchestrator.tracking.record import SweepRecord
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # trials pass only the plan and small metrics through it
 REUSE_ACTORS = True  # Tune's actor reuse; bench/retry_delay.py measures both ways after a worker kill
@@ -488,7 +488,7 @@ def _fit(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: 
     if not plan.batch_ends:
         _tuner(plan, sweep_dir, keys, console).fit()
         return keys
-    from orchestrator.sequential import run_study  # one Tune experiment per seed batch
+    from orchestrator.run.study import run_study  # one Tune experiment per seed batch
 
     def fit(batch: SweepPlan, path: Path) -> None:
         _tuner(batch, sweep_dir, [t.trial_key() for t in batch.trials], console, path).fit()

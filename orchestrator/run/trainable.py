@@ -44,11 +44,11 @@ from orchestrator import layout
 from orchestrator.run.trial import TrialDirSink, load_checkpoint, pack_key, run_trials
 from trainers.config import DataConfig, TrialConfig
 from trainers.data import LoadedData, load_data
-from trainers.events import EpochRecord
+from trainers.events import TUNE, EpochRecord, result_fields
 from trainers.loop import pick_device
 
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
-RESULT_KEYS = ("final_test_acc", "best_test_acc", "failed", "diverged", "epochs_done", "total_resets")
+RESULT_KEYS = result_fields(TUNE)
 
 
 class InjectedFault(RuntimeError):

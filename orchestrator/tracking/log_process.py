@@ -37,16 +37,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from orchestrator import layout
 from orchestrator.errors import one_line
+from orchestrator.tracking.record import SweepRecord
 from orchestrator.tracking.runs import client_for, log_trial
-
-if TYPE_CHECKING:
-    from orchestrator.tracking.sweep import SweepRecord
 
 OUTAGE_PAUSE_S = 30.0  # after a failed log, skip trials for this long
 PIPE_BYTES = 1024 * 1024  # the queue of trial keys the driver may run ahead of the logger

@@ -36,35 +36,11 @@ from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
 from orchestrator.tracking.names import run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
+from trainers.events import EPOCH_COLUMNS, RESULT_METRICS  # noqa: E402
 
-EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "cgn_mean",
-    "cgn_min",
-    "below_tau",
-    "resets",
-    "dropped",
-    "ortho_sum",
-    "wall_s",
-    "sparsity",
-)
+EPOCH_METRICS = tuple(name for name, column in EPOCH_COLUMNS.items() if column.per_epoch)
 # IMP: one point per round (step = round) at the round's last epoch that counts (metrics.parquet round_end).
-ROUND_METRICS = {
-    "test_acc": "round_test_acc",
-    "sparsity": "round_sparsity",
-    "mask_overlap": "round_mask_overlap",
-}
-RESULT_METRICS = (
-    "final_test_acc",
-    "final_train_acc",
-    "best_test_acc",
-    "total_resets",
-    "reinit_fallbacks",
-    "epochs_done",
-)
+ROUND_METRICS = {name: column.per_round for name, column in EPOCH_COLUMNS.items() if column.per_round}
 BATCH = 1000  # MLflow's per-request limit on metrics, and on params, metrics and tags together
 BATCH_PARAMS = 100  # ... on params (and on tags)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the classic runs view
@@ -295,10 +271,10 @@ def log_trial(
     params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
     metrics = _epoch_metrics(trial_dir, start_ms)
     if result is not None:
-        metrics += [Metric(k, float(result[k]), end_ms, 0) for k in RESULT_METRICS if k in result]
-        if "sparsity" in result:  # results written before sparsity was recorded lack it
-            metrics.append(Metric("final_sparsity", float(result["sparsity"]), end_ms, 0))
-        metrics.append(Metric("failed", float(result["failed"]), end_ms, 0))
+        # results written before a field was recorded (sparsity) lack it
+        metrics += [
+            Metric(name, float(result[k]), end_ms, 0) for k, name in RESULT_METRICS.items() if k in result
+        ]
     for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():
             with layout.local_copy(trial_dir / name) as local:  # MLflow uploads from a local file

@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 
 SOURCE_NAME = "filter-lottery"
+# The libraries whose versions a sweep's parent run and its report state (from installed metadata).
+LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 
 
 def git_state(where: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import UserError, one_line
+from orchestrator.tracking.record import SweepRecord
 from orchestrator.tracking.runs import flatten, log_batches
 
 VIEW_TAG = "mlflow.sharedViewState."
@@ -115,8 +116,6 @@ def refuse_busy_port(port: int, host: str = "127.0.0.1") -> None:
 
 def summary_to_parent(sweep_dir: Any, summary: pd.DataFrame, console: Any) -> None:
     """Per-arm summary metrics on the sweep's parent run; a warning (not an error) if that fails."""
-    from orchestrator.tracking.sweep import SweepRecord  # sweep.py imports this module
-
     record = SweepRecord.load(sweep_dir)
     if record is None:
         return

@@ -13,8 +13,9 @@ Logging happens in the driver, from the trial directories, never in the trials:
 A tracking failure is reported and skipped: the results are on disk, and `reconcile` (on the
 next invocation) or `lottery sync` (orchestrator/tracking/sync.py) catches up.
 
-`<sweep_dir>/sweep.json` remembers the tracking URI, experiment and parent run, so a
-resumed sweep reuses its parent run, and `lottery aggregate/report/ui` find the store.
+`<sweep_dir>/sweep.json` (SweepRecord, orchestrator/tracking/record.py) remembers the tracking URI,
+experiment and parent run, so a resumed sweep reuses its parent run, and `lottery aggregate/report/ui`
+find the store.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,58 +40,13 @@ from orchestrator.errors import UserError
 from orchestrator.spec import SweepPlan
 from orchestrator.tracking import log_process
 from orchestrator.tracking.log_process import LogProcess
+from orchestrator.tracking.record import CopiedSweep, SweepRecord, check_own_record
 from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
-from orchestrator.tracking.source import git_state, source_tags
+from orchestrator.tracking.source import LIBRARIES, git_state, source_tags
 from orchestrator.tracking.store import prepare_store
 from orchestrator.tracking.study import log_spec_params
 
-LIBRARIES = ("torch", "ray", "mlflow", "pandas", "pyarrow", "pydantic", "numpy")
 PAGE = 1000
-
-
-@dataclass(frozen=True)
-class SweepRecord:
-    """sweep.json: where this sweep's runs live, and the directory it was written for.
-
-    The tracking URI is absolute, so a copied (or moved) sweep directory would log into the
-    original's store; `sweep_dir` tells a copy apart (records written before it existed have None).
-    """
-
-    name: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    sweep_dir: str | None = None
-
-    def save(self, sweep_dir: Path) -> None:
-        layout.atomic_write_json(layout.record_file(sweep_dir), asdict(self))
-
-    @classmethod
-    def load(cls, sweep_dir: Path) -> SweepRecord | None:
-        path = layout.record_file(sweep_dir)
-        return cls(**layout.read_json(path)) if path.exists() else None
-
-    def written_elsewhere(self, sweep_dir: Path) -> str | None:
-        """The directory this record was written for, when `sweep_dir` is another one (a copy)."""
-        if self.sweep_dir is None or self.sweep_dir == str(layout.location(sweep_dir).resolve()):
-            return None
-        return self.sweep_dir
-
-
-class CopiedSweep(UserError):
-    """A sweep directory whose sweep.json was written for another directory: logging is refused."""
-
-
-def check_own_record(record: SweepRecord, sweep_dir: Path) -> None:
-    """Refuse to log a copied sweep into the store and parent run of the directory it was copied from."""
-    original = record.written_elsewhere(sweep_dir)
-    if original is not None:
-        here = layout.location(sweep_dir).resolve()
-        raise CopiedSweep(
-            f"tracking: {here} is a copy of {original} ({layout.RECORD} names that directory and its "
-            f"store), so nothing is logged; run `lottery sync {here}` to make the copy its own store, "
-            "or pass --tracking-uri to `lottery sync` for another one"
-        )
 
 
 def open_sweep(plan: SweepPlan, sweep_dir: Path, tracking_uri: str, *, adopt: bool = False) -> SweepRecord:

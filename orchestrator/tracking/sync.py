@@ -28,9 +28,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from orchestrator import layout
 from orchestrator.errors import UserError, one_line
 from orchestrator.spec import SweepPlan, SweepSpec, expand
+from orchestrator.tracking.record import SweepRecord
 from orchestrator.tracking.runs import client_for, default_tracking_uri, refuse_password
 from orchestrator.tracking.store import embedded_uri, move_aside, prepare_store
-from orchestrator.tracking.sweep import SweepRecord, close_sweep, open_sweep, reconcile
+from orchestrator.tracking.sweep import close_sweep, open_sweep, reconcile
 
 PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
 # What a store can raise: MLflow's own errors, SQLAlchemy's (OperationalError: locked, disk full,
