@@ -1,10 +1,11 @@
-"""The sweep spec's field reference, generated from the pydantic models, for the README.
+"""The sweep spec's field reference, generated from the pydantic models, for docs/spec-reference.md.
 
 Every field a spec can set: where it goes (its YAML path), its type, default, constraints, what it
 means and an example. Types, defaults and constraints come from the models' own field info; the
 meaning is the comment written beside each field in the model's source (the one place it is kept).
-`python -m orchestrator.spec_reference --write README.md` rewrites the README's section between
-the markers; tests/test_spec_reference.py fails when the two drift apart.
+`python -m orchestrator.spec_reference --write` rewrites the section between the markers in
+docs/spec-reference.md (or in the file named after `--write`); tests/test_spec_reference.py fails when
+the two drift apart.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from orchestrator.spec import Resources, SchemeEntry, SweepSpec
 from trainers.config import SCHEME_MODELS, TrialConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
+TARGET = Path(__file__).resolve().parents[1] / "docs" / "spec-reference.md"  # where the reference lives
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:
@@ -138,7 +140,7 @@ def _table(rows: list[list[str]]) -> str:
 def reference() -> str:
     """The whole generated section (without the markers)."""
     parts = [
-        "Generated from the pydantic models by `python -m orchestrator.spec_reference --write README.md`;"
+        "Generated from the pydantic models by `python -m orchestrator.spec_reference --write`;"
         " a test keeps it in sync. A spec's `base` is one trial's configuration (everything under"
         " `base.` below; `--set` takes the same paths without `base.`); `grid` crosses any of those"
         " paths; each `schemes[]` entry names a scheme and sets its `params` or crosses them in its"
@@ -160,7 +162,7 @@ def reference() -> str:
 
 
 def readme_section(readme: str) -> str:
-    """The text between the markers in a README."""
+    """The text between the markers in a document."""
     return readme.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
 
 
@@ -173,7 +175,13 @@ def write(readme_path: Path) -> None:
 
 def main() -> None:  # pragma: no cover - a maintenance command
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", type=Path, help="README to rewrite between the markers")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        nargs="?",
+        const=TARGET,
+        help="file to rewrite between the markers (default docs/spec-reference.md)",
+    )
     args = parser.parse_args()
     if args.write:
         write(args.write)

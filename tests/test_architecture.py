@@ -263,9 +263,9 @@ def test_reading_sweep_json_loads_no_ray_and_no_mlflow(module: str) -> None:
     assert top_level(loaded) & {"ray", "mlflow"} == set()
 
 
-def test_every_scheme_has_its_parameters_in_the_readme_reference() -> None:
-    """The generated field reference (the README's, which tests/test_spec_reference.py keeps equal to it)
-    has a section per registered scheme, listing each of its parameters."""
+def test_every_scheme_has_its_parameters_in_the_docs_reference() -> None:
+    """The generated field reference (docs/spec-reference.md holds it; tests/test_spec_reference.py keeps
+    the two equal) has a section per registered scheme, listing each of its parameters."""
     configs = {
         c.model_fields["name"].default: c for c in get_args(TrialConfig.model_fields["scheme"].annotation)
     }

@@ -1,20 +1,24 @@
-"""The README's spec field reference is the one the models generate, and it answers real questions."""
+"""docs/spec-reference.md's field reference is the one the models generate, and it answers real questions."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from orchestrator.spec import SweepSpec
-from orchestrator.spec_reference import readme_section, reference
+from orchestrator.spec_reference import TARGET, readme_section, reference
 from trainers.config import OptimConfig, RandomOutScheme, TrialConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "spec-reference.md"
 
 
-def test_readme_reference_is_the_generated_one() -> None:
-    assert readme_section(README.read_text()) == reference(), (
-        "README's spec reference is stale: run `python -m orchestrator.spec_reference --write README.md`"
+def test_docs_reference_is_the_generated_one() -> None:
+    assert readme_section(REFERENCE.read_text()) == reference(), (
+        "docs/spec-reference.md is stale: run `python -m orchestrator.spec_reference --write`"
     )
+
+
+def test_the_generator_writes_the_docs_reference_by_default() -> None:
+    assert TARGET == REFERENCE
 
 
 def test_every_field_is_listed_with_its_path_type_and_default() -> None:

@@ -137,7 +137,7 @@ Scheme = Annotated[
     Field(discriminator="name"),
 ]
 # The scheme configs and their names, in the union's order, without importing torch (the CLI's help, spec
-# checks and the README's field reference need only these); trainers.schemes.REGISTRY holds an
+# checks and docs/spec-reference.md need only these); trainers.schemes.REGISTRY holds an
 # implementation for each, and a test keeps them equal.
 SCHEME_MODELS: tuple[type[Strict], ...] = get_args(get_args(Scheme)[0])
 SCHEMES: tuple[str, ...] = tuple(c.model_fields["name"].default for c in SCHEME_MODELS)
