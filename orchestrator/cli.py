@@ -111,7 +111,7 @@ def train(
         "scheme.drop_fraction": drop_fraction,
     }
     trial = build_trial_config(config, flags, set_ or [])
-    run_single(
+    tracked = run_single(
         trial,
         root=out or layout.results_root(),
         tracking_uri=tracking_uri,
@@ -119,6 +119,8 @@ def train(
         log=not no_mlflow,
         retrain_changed=retrain_changed,
     )
+    if not tracked:
+        raise typer.Exit(TRACKING_EXIT)
 
 
 @app.command()
@@ -156,6 +158,10 @@ def sweep(
     estimate: Annotated[
         bool, typer.Option(help="With --dry-run: time one epoch per kind of trial to estimate the cost.")
     ] = True,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any spec field, dotted, over the file's: --set base.device=cpu"),
+    ] = None,
 ) -> None:
     """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
 
@@ -170,7 +176,7 @@ def sweep(
     from orchestrator.run.sweep import run_sweep
     from orchestrator.spec import load_plan
 
-    plan = load_plan(spec)  # every trial validated before anything is created
+    plan = load_plan(spec, set_ or [])  # every trial validated before anything is created
     if dry_run:
         show_plan(
             plan,
