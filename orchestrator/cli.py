@@ -94,7 +94,11 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run."""
+    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run.
+
+    Exit codes: 0 trained (or its stored result reused) and logged; 2 a mistake in the input (nothing
+    started); 3 the result is kept but MLflow could not take its run (run the same command again).
+    """
     from orchestrator.run.single import build_trial_config, run_single
 
     flags = {

@@ -436,7 +436,13 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set scheme.tau=1e-8")
-        set_dotted(doc, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(
+                f"--set {item!r}: the value is not a YAML value ({getattr(exc, 'problem', exc)}); quote it"
+            ) from None
+        set_dotted(doc, key.strip(), value)
     return doc
 
 

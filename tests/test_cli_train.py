@@ -105,6 +105,7 @@ BAD_INPUT = [
     (["--set=optim.lr=.inf"], "optim.lr: Input should be a finite number"),  # every trial "diverged"
     (["--set=data.image_size=4", "--set=model.padding=0"], "model.padding: crater_cnn with padding 0"),
     (["--set=scheme.tau=1e-6"], "scheme.tau: no scheme is named; add --scheme randomout"),
+    (["--set=epochs=[1"], "--set 'epochs=[1': the value is not a YAML value"),
 ]
 
 
