@@ -462,13 +462,16 @@ def load_spec(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepS
 
 
 def load_plan(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepPlan:
-    return expand(load_spec(path, overrides))
+    """A spec file's plan. The trial cap applies to a spec given now, not to one a sweep recorded
+    (`lottery sync` expands spec.json as it was accepted)."""
+    spec = load_spec(path, overrides)
+    check_trial_count(spec)
+    return expand(spec)
 
 
 def expand(spec: SweepSpec) -> SweepPlan:
     """Every (scheme entry, grid combination) validated once, then crossed with the seeds."""
     _check_sequential(spec)
-    check_trial_count(spec)
     configs: list[TrialConfig] = []
     first_entry: dict[str, int] = {}
     for index, entry in enumerate(spec.schemes):
