@@ -92,7 +92,11 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run."""
+    """Train one trial: results to <results root>/train/trials/<trial_key>/ first, then one MLflow run.
+
+    Exit codes: 0 trained (or its stored result reused) and logged; 2 a mistake in the input (nothing
+    started); 3 the result is kept but MLflow could not take its run (run the same command again).
+    """
     from orchestrator.run.single import build_trial_config, run_single
 
     flags = {
@@ -109,7 +113,7 @@ def train(
         "scheme.drop_fraction": drop_fraction,
     }
     trial = build_trial_config(config, flags, set_ or [])
-    run_single(
+    tracked = run_single(
         trial,
         root=out or layout.results_root(),
         tracking_uri=tracking_uri,
@@ -117,6 +121,8 @@ def train(
         log=not no_mlflow,
         retrain_changed=retrain_changed,
     )
+    if not tracked:
+        raise typer.Exit(TRACKING_EXIT)
 
 
 @app.command()
@@ -154,6 +160,10 @@ def sweep(
     estimate: Annotated[
         bool, typer.Option(help="With --dry-run: time one epoch per kind of trial to estimate the cost.")
     ] = True,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any spec field, dotted, over the file's: --set base.device=cpu"),
+    ] = None,
 ) -> None:
     """Run every trial of a sweep on Ray Tune; re-running the same command resumes it.
 
@@ -168,7 +178,7 @@ def sweep(
     from orchestrator.run.sweep import run_sweep
     from orchestrator.spec import load_plan
 
-    plan = load_plan(spec)  # every trial validated before anything is created
+    plan = load_plan(spec, set_ or [])  # every trial validated before anything is created
     if dry_run:
         show_plan(
             plan,

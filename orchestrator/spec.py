@@ -37,22 +37,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError, choice_hint, did_you_mean, unknown_field_message
-from trainers.config import SCHEMES, TrialConfig
+from trainers.config import MAX_SEED, SCHEMES, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RULE = "at most 64 characters: letters, digits, . _ - (the first a letter or digit)"
 BASE_RESERVED = {
     "seed": "set the seed list at the top level (seeds: ...)",
     "scheme": "list schemes at the top level (schemes: [{name: ...}])",
     "failure_margin": "set failure_margin at the top level",
 }
 MAX_SEEDS = 100_000
+MAX_TRIALS = 10_000  # the default cap on a plan: a typo in a grid or the seeds can mean millions of trials
 SEQUENTIAL_KEYS = ("batch", "until")  # what makes `seeds: {start, max, batch, until}` a sequential study
 RULE_HELP = "'failure_rate_ci_width <= W' or {paired: {scheme: S, vs: baseline, decided: 0.95}}"
 _WIDTH_RULE = re.compile(r"^\s*failure_rate_ci_width\s*<=\s*([0-9.eE+-]+)\s*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Resources(_Strict):
@@ -200,6 +202,8 @@ class SweepSpec(_Strict):
     # Each MLflow run's per-filter CGN figure, drawn by the trial (~0.05-0.1 s of a worker per seed);
     # false for many very short trials: the trace stays an artifact and `lottery report` draws the sweep
     run_figures: bool = True
+    # The most trials the plan may hold, checked before it is expanded: a grid typo can plan millions
+    max_trials: int = Field(MAX_TRIALS, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +227,9 @@ class SweepSpec(_Strict):
             raise ValueError("no seeds; give at least one")
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
             raise ValueError("seeds must be whole numbers >= 0")
+        too_big = next((s for s in seeds if s > MAX_SEED), None)
+        if too_big is not None:  # trainers.config.MAX_SEED says why
+            raise ValueError(f"seed {too_big} is above {MAX_SEED} (2**63 - 1), the largest a result holds")
         duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
         if duplicated:
             raise ValueError(f"seed {duplicated[0]} is listed more than once")
@@ -270,7 +277,14 @@ def _explicit_seeds(value: Any) -> list[Any]:
         bounds = value["range"]
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)):
             raise ValueError("{range: [a, b]} needs two whole numbers (b excluded, as in Python)")
-        return _seed_range(bounds[0], bounds[1])
+        low, high = bounds
+        if high < low:
+            raise ValueError(f"range [{low}, {high}] has its bounds reversed; write [{high}, {low}]")
+        if high == low:
+            raise ValueError(
+                f"range [{low}, {high}] is empty (b is excluded, as in Python); write [{low}, {low + 1}]"
+            )
+        return _seed_range(low, high)
     raise ValueError(
         "expected a list of seeds, {start: S, count: N}, {range: [a, b]} "
         "or {start: S, max: N, batch: B, until: RULE}"
@@ -359,12 +373,36 @@ def plan_row(trial: TrialConfig) -> dict[str, Any]:
 # `key=value` overrides for the command line.
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is refused: PyYAML keeps the
+    last one silently, so `epochs: 10` ... `epochs: 8` would train 8 epochs without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise UserError(
+                    f"{key}: set twice, on lines {first} and {key_node.start_mark.line + 1} "
+                    "(YAML would keep only the last); keep one"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UserError(f"config: {path} is a directory; give the YAML file itself")
     if not path.is_file():
         raise UserError(f"config: no such file {path}")
     try:
         text = path.read_bytes().decode("utf-8")
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except OSError as exc:
         raise UserError(f"config: cannot read {path} ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
@@ -398,12 +436,22 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set scheme.tau=1e-8")
-        set_dotted(doc, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(
+                f"--set {item!r}: the value is not a YAML value ({getattr(exc, 'problem', exc)}); quote it"
+            ) from None
+        set_dotted(doc, key.strip(), value)
     return doc
 
 
-def load_spec(path: Path) -> SweepSpec:
+def load_spec(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """The spec at `path`, with `lottery sweep --set FIELD=VALUE` overrides applied, validated."""
     doc = load_yaml(path)
+    if not doc:
+        raise UserError(f"spec: {path} is empty; a sweep spec needs name, seeds and schemes (see configs/)")
+    doc = apply_overrides(doc, list(overrides))
     try:
         return SweepSpec.model_validate(doc)
     except ValidationError as exc:
@@ -413,8 +461,12 @@ def load_spec(path: Path) -> SweepSpec:
         raise UserError(_describe(error, len(exc.errors()), model=SweepSpec)) from None
 
 
-def load_plan(path: Path) -> SweepPlan:
-    return expand(load_spec(path))
+def load_plan(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepPlan:
+    """A spec file's plan. The trial cap applies to a spec given now, not to one a sweep recorded
+    (`lottery sync` expands spec.json as it was accepted)."""
+    spec = load_spec(path, overrides)
+    check_trial_count(spec)
+    return expand(spec)
 
 
 def expand(spec: SweepSpec) -> SweepPlan:
@@ -443,6 +495,20 @@ def expand(spec: SweepSpec) -> SweepPlan:
         trials += batch
         ends.append(len(trials))
     return SweepPlan(spec=spec, trials=tuple(trials), units=tuple(units), batch_ends=tuple(ends))
+
+
+def check_trial_count(spec: SweepSpec) -> None:
+    """Refuse a plan of more than max_trials trials, counted from the grid sizes before any is built (a
+    1,020,000-trial grid took minutes and gigabytes to expand and print before it could be refused)."""
+    top = math.prod(len(values) for values in spec.grid.values())
+    configs = sum(top * math.prod(len(values) for values in e.grid.values()) for e in spec.schemes)
+    trials = configs * len(spec.seeds)
+    if trials > spec.max_trials:
+        raise UserError(
+            f"max_trials: this spec plans {trials:,} trials ({configs:,} configurations x "
+            f"{len(spec.seeds):,} seeds), more than max_trials {spec.max_trials:,}; shrink the grid or "
+            f"the seeds, or set max_trials: {trials} in the spec to run them all"
+        )
 
 
 def _check_sequential(spec: SweepSpec) -> None:
@@ -542,6 +608,16 @@ def _trial_field(name: Any) -> bool:
     )
 
 
+def _unknown_top_level(name: str) -> str:
+    """A misspelt top-level field, or a misspelt trial field (`epoch`) that belongs under base."""
+    own = did_you_mean(name, SweepSpec.model_fields)
+    trial = did_you_mean(name, [f for f in TrialConfig.model_fields if _trial_field(f)])
+    if own or not trial:
+        return unknown_field_message(SweepSpec, (name,))
+    meant = trial.removeprefix("; did you mean '").removesuffix("'?")
+    return f"unknown field at the top level; did you mean base.{meant}? (trial fields go under base:)"
+
+
 def _scheme_path(key: str) -> tuple[str, ...]:
     return tuple(key.split(".")) if "." in key else ("scheme", key)
 
@@ -567,6 +643,10 @@ def _describe(error: dict[str, Any], count: int, field: str | None = None, *, mo
     loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
     if error["type"] == "extra_forbidden" and model is SweepSpec and len(loc) == 1 and _trial_field(loc[0]):
         message = f"unknown field at the top level; it belongs under base: (base.{loc[0]})"
+    elif error["type"] == "extra_forbidden" and model is SweepSpec and len(loc) == 1:
+        message = _unknown_top_level(str(loc[0]))
+    elif error["type"] == "string_pattern_mismatch" and loc == ("name",):
+        message = f"a sweep name is {NAME_RULE} (got {error['input']!r})"
     elif error["type"] == "extra_forbidden":
         message = unknown_field_message(model, loc)
     elif error["type"] == "missing":

@@ -142,9 +142,9 @@ def reference() -> str:
     parts = [
         "Generated from the pydantic models by `python -m orchestrator.spec_reference --write`;"
         " a test keeps it in sync. A spec's `base` is one trial's configuration (everything under"
-        " `base.` below; `--set` takes the same paths without `base.`); `grid` crosses any of those"
-        " paths; each `schemes[]` entry names a scheme and sets its `params` or crosses them in its"
-        " own `grid`.",
+        " `base.` below; `lottery train --set` takes the same paths without `base.`, `lottery sweep"
+        " --set` every path as written here); `grid` crosses any of those paths; each `schemes[]`"
+        " entry names a scheme and sets its `params` or crosses them in its own `grid`.",
         "#### The sweep",
         _table(_rows(SweepSpec, "", frozenset({"resources", "schemes"})) + _rows(Resources, "resources.")),
         "#### A scheme entry (`schemes[]`)",

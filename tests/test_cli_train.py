@@ -101,6 +101,11 @@ BAD_INPUT = [
     (["--set=epochs=0"], "epochs"),
     (["--set=model.colour=red"], "model.colour"),
     (["--scheme=repr", "--epochs=5"], "n_iter"),
+    (["--seed=18446744073709551616"], "seed"),  # trained an epoch, then an OverflowError writing its tables
+    (["--set=optim.lr=.inf"], "optim.lr: Input should be a finite number"),  # every trial "diverged"
+    (["--set=data.image_size=4", "--set=model.padding=0"], "model.padding: crater_cnn with padding 0"),
+    (["--set=scheme.tau=1e-6"], "scheme.tau: no scheme is named; add --scheme randomout"),
+    (["--set=epochs=[1"], "--set 'epochs=[1': the value is not a YAML value"),
 ]
 
 
@@ -184,3 +189,25 @@ def test_train_into_an_existing_out_says_it_reused_the_stored_result(tmp_path):
     said = " ".join(again.output.split())
     assert f"reused the stored result in {trial_dir}" in said and "to retrain, remove that directory" in said
     assert "epoch 1" not in said  # no training progress: nothing was trained
+
+
+def test_an_unreachable_tracking_uri_keeps_the_result_names_uri_and_cause_and_exits_3(tmp_path):
+    """As `lottery sweep` does: the result stays on disk, one line says where MLflow was, why it failed and
+    how to log the run later, and the exit code says tracking is incomplete (it was 0 and named only
+    the exception class)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LOTTERY_"))}
+    args = ["train", "--epochs=1", "--set=model.filters=2", f"--out={tmp_path}", f"--tracking-uri={uri}"]
+    done = subprocess.run([*LOTTERY, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+    assert done.returncode == 3, done.stderr
+    line = next(x for x in done.stderr.splitlines() if "tracking incomplete" in x)
+    assert f"MLflow at {uri} is unavailable (" in line and "Connection" in line, line
+    assert "run the same command again" in line
+    assert "Traceback" not in done.stderr
+    results = list((tmp_path / "train" / "trials").glob("*/result.json"))
+    assert len(results) == 1 and str(results[0].parent) in line

@@ -133,7 +133,7 @@ BAD_SPECS = {
         "base.model.name: Input should be",
     ),
     "seed in base": (spec_doc(base=BASE | {"seed": 1}), "base: seed does not belong in base"),
-    "bad name": (spec_doc(name="../escape"), "name: String should match pattern"),
+    "bad name": (spec_doc(name="../escape"), "name: a sweep name is at most 64 characters"),
     "bad yaml": ("name: [unclosed\n", "YAML: malformed document at line"),
 }
 

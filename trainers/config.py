@@ -21,12 +21,16 @@ ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "
 
 
 DEFAULT_TAU = 1e-8  # RandomOut's "tau = 10^-8 yielded good results" (§2)
+# The largest seed or data_seed: results are tables with int64 columns (a seed of 2**63 trained, then
+# failed writing its first epoch's metrics).
+MAX_SEED = 2**63 - 1
 
 
 class Strict(BaseModel):
-    """Base for every config: unknown fields are errors, not silently ignored."""
+    """Base for every config: unknown fields are errors, not silently ignored; no number is infinite
+    or NaN (`lr: .inf` passed `gt=0` and every trial "diverged" into the failure rate)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -155,8 +159,8 @@ class TrialConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)  # 0 is not allowed; use full_batch for one step per epoch
     full_batch: bool = False  # RandomOut Fig. 6: one update per epoch
-    seed: int = Field(0, ge=0)  # initialization and the scheme's random draws
-    data_seed: int = Field(0, ge=0)  # split and batch order; kept apart from seed on purpose
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # initialization and the scheme's random draws
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)  # split and batch order; kept apart from seed on purpose
     # The CGN threshold of the "below tau" counts. A randomout trial has one threshold for its resets
     # and its counts, and it lives in scheme.tau: `_one_tau` routes a tau given in the other place.
     tau: float = Field(DEFAULT_TAU, ge=0.0)

@@ -41,6 +41,16 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 SYNTHETIC_SIZE = 16
 SYNTHETIC_CLASSES = 4
+# (channels, side, classes) of each dataset of a fixed shape, before data.image_size resizes it: what
+# a sweep's model check uses where the data is not loaded on the driver (a cluster's workers hold it).
+# imagefolder's depend on its folder. tests/test_preflight_model.py keeps them equal to the loaded data.
+NATIVE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 10),
+    "synthetic": (1, SYNTHETIC_SIZE, SYNTHETIC_CLASSES),
+    "craters": (1, 28, 2),
+    "cifar10": (3, 32, 10),
+    "mnist": (1, 28, 10),
+}
 
 
 @dataclass

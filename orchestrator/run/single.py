@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from orchestrator import layout
-from orchestrator.errors import UserError
+from orchestrator.errors import TRACKING_EXIT, UserError, model_fields_at, one_line
+from orchestrator.run.preflight_model import DataShape, model_problem
 from orchestrator.spec import Resources, apply_overrides, load_yaml, set_dotted
-from trainers.config import TrialConfig
+from trainers.config import SCHEMES, TrialConfig
 from trainers.events import EpochRecord
 
 console = Console(stderr=True)
@@ -40,7 +41,26 @@ def build_trial_config(path: Path | None, flags: dict[str, Any], overrides: list
         if value is not None:
             set_dotted(doc, key, value)
     apply_overrides(doc, overrides)
+    _check_scheme_named(doc)
     return TrialConfig.model_validate(doc)  # a randomout trial's `tau` lands in scheme.tau (TrialConfig)
+
+
+def _check_scheme_named(doc: dict[str, Any]) -> None:
+    """`--set scheme.tau=1e-6` without `--scheme`: name the scheme that has the field (pydantic would
+    only say it cannot find the union's discriminator)."""
+    scheme = doc.get("scheme")
+    if not isinstance(scheme, dict) or "name" in scheme or not scheme:
+        return
+    field = sorted(scheme, key=str)[0]
+    owners = [name for name in SCHEMES if field in (model_fields_at(TrialConfig, ("scheme", name)) or [])]
+    if owners:
+        raise UserError(
+            f"scheme.{field}: no scheme is named; add --scheme {owners[0]} "
+            f"({field} belongs to {' and '.join(owners)})"
+        )
+    raise UserError(
+        f"scheme.{field}: no scheme is named and none has {field}; add --scheme, one of {', '.join(SCHEMES)}"
+    )
 
 
 def run_single(
@@ -51,7 +71,9 @@ def run_single(
     experiment: str,
     log: bool = True,
     retrain_changed: bool = False,
-) -> dict[str, Any]:
+) -> bool:
+    """Train (or reuse) the trial, then log it; False when its MLflow run could not be logged (the
+    result is on disk, and running the same command again logs it without training)."""
     import torch
 
     from orchestrator.run.trial import (
@@ -67,6 +89,8 @@ def run_single(
     device = pick_device(config.device)
     data = load_data(config.data, config.data_seed, device)  # a missing data dir fails here, before training
     check_batch_size(config.batch_size, config.full_batch, data)
+    if problem := model_problem(config, DataShape.of(data)):  # before a trial directory exists
+        raise UserError(problem)
     trial_dir = layout.trial_dir(layout.train_dir(root), config.trial_key())
     if changed := stored_on_other_data([trial_dir], data_fingerprint(data)):
         if not retrain_changed:
@@ -106,12 +130,10 @@ def run_single(
         f"final test acc {result['final_test_acc']:.4f} ({verdict}; {result['failure_rule']}), "
         f"resets {result['total_resets']}; results in {trial_dir}"
     )
-    if log:
-        _log(trial_dir, root, tracking_uri, experiment)
-    return result
+    return _log(trial_dir, root, tracking_uri, experiment) if log else True
 
 
-def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> None:
+def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str) -> bool:
     from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
     from orchestrator.tracking.store import prepare_store
 
@@ -123,9 +145,16 @@ def _log(trial_dir: Path, root: Path, tracking_uri: str | None, experiment: str)
             client, ensure_experiment(client, experiment, layout.artifacts_dir(root)), trial_dir
         )
     except Exception as exc:  # an outage must not lose the result: it is already on disk
-        console.print(f"[yellow]tracking unavailable ({type(exc).__name__}); results kept in {trial_dir}[/]")
-        return
+        console.print(
+            f"[yellow]tracking incomplete (exit {TRACKING_EXIT}): MLflow at {uri} is unavailable "
+            f"({one_line(exc)}); the result is kept in {trial_dir}; once MLflow is reachable, run the same "
+            "command again: it logs the stored result without training[/]",
+            highlight=False,
+            soft_wrap=True,  # one line however long the URI and the cause
+        )
+        return False
     console.print(f"MLflow run {run_id} in experiment '{experiment}' at {uri}")
+    return True
 
 
 def _progress() -> Progress:

@@ -73,6 +73,7 @@ from rich.table import Table
 
 from orchestrator import layout
 from orchestrator.errors import UserError, one_line
+from orchestrator.run.preflight_model import DataShape, check_models, known_shapes
 from orchestrator.sequential import check_design, opened_plan
 from orchestrator.spec import SweepPlan
 
@@ -94,6 +95,7 @@ DRIVER_ENV = {
 # The embedded cluster only (see the module docstring): node IP 127.0.0.1, so Ray binds loopback.
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Tune adds no logger callbacks
+PLAN_TABLE_ROWS = 20  # configurations the dry run lists one by one; the rest are summed in one row
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ def preflight(
         fingerprints = check_local_data(plan)
     else:
         fingerprints = {}
+        check_models(plan, known_shapes(plan))  # the data is the workers': its shape is known
     check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed)
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
     return check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
@@ -270,8 +273,9 @@ def pack_text(plan: SweepPlan) -> str:
     )
 
 
-def plan_table(plan: SweepPlan) -> Table:
-    """One row per configuration (scheme x grid point), with its seeds; not one row per trial."""
+def plan_table(plan: SweepPlan, rows: int = PLAN_TABLE_ROWS) -> Table:
+    """One row per configuration (scheme x grid point), with its seeds; not one row per trial. Past
+    `rows` configurations the rest are one closing row, so a large plan stays a screenful."""
     table = Table(title=f"{plan.spec.name}: {len(plan.trials)} trials")
     for column in ("#", "scheme", "hyperparameters", "config_hash", "seeds", "trials"):
         table.add_column(column, justify="right" if column in ("#", "trials") else "left")
@@ -279,6 +283,10 @@ def plan_table(plan: SweepPlan) -> Table:
     for trial in plan.trials:
         groups.setdefault(trial.config_hash(), []).append(trial)
     for i, (config_hash, trials) in enumerate(groups.items()):
+        if i == rows and len(groups) > rows + 1:
+            rest = sum(len(t) for t in list(groups.values())[rows:])
+            table.add_row("...", "", f"{len(groups) - rows} more configurations", "", "", str(rest))
+            break
         first = trials[0]
         label = " ".join(
             filter(None, [first.hparam_label(), _axes_label(first.model_dump(mode="json"), plan)])
@@ -576,7 +584,8 @@ def cluster_address(plan: SweepPlan, address: str | None) -> str | None:
 
 
 def check_local_data(plan: SweepPlan) -> dict[str, str]:
-    """Load each distinct dataset once, so a missing or damaged data dir fails before anything starts.
+    """Load each distinct dataset once, so a missing or damaged data dir fails before anything starts,
+    and run each distinct model on a batch of its data's shape (orchestrator/run/preflight_model.py).
 
     Returns each file-backed dataset's fingerprint (keyed by its config) for the stored-result check.
     Raises UserError naming the spec field (base.data..., base.batch_size), one line, exit 2.
@@ -589,6 +598,7 @@ def check_local_data(plan: SweepPlan) -> dict[str, str]:
 
     fingerprints: dict[str, str] = {}
     train_sizes: dict[str, tuple[int, str]] = {}
+    shapes: dict[str, DataShape] = {}
     for trial in plan.trials:
         key = trial.data.model_dump_json()
         try:
@@ -596,10 +606,12 @@ def check_local_data(plan: SweepPlan) -> dict[str, str]:
                 data = load_data(trial.data, trial.data_seed, torch.device("cpu"))
                 fingerprints[key] = data_fingerprint(data)
                 train_sizes[key] = (len(data.y_train), data.variant)
+                shapes[key] = DataShape.of(data)
                 del data  # one dataset in memory at a time
             check_batch_fits(trial.batch_size, trial.full_batch, *train_sizes[key])
         except DataError as exc:
             raise UserError(_spec_field(str(exc))) from None
+    check_models(plan, shapes)  # each distinct model meets its data's shape once (preflight_model.py)
     return {k: v for k, v in fingerprints.items() if v}
 
 
