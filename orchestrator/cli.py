@@ -239,7 +239,7 @@ def aggregate(
         sequential_statement,
     )
     from orchestrator.tracking.study import summary_to_parent
-    from orchestrator.tracking.sweep import attach_to_parent
+    from orchestrator.tracking.sweep import attach_files, parent_record
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
@@ -253,8 +253,10 @@ def aggregate(
         table_console().print(format_looks_table(result.looks))
         table_console().print(statement, highlight=False)
     tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
-    attach_to_parent(sweep_dir, tables, layout.AGGREGATE, console)
-    summary_to_parent(sweep_dir, result.summary, console)
+    record = parent_record(sweep_dir, console)  # None for a copy: never the original's parent run
+    if record is not None:
+        attach_files(record, tables, layout.AGGREGATE, console)
+        summary_to_parent(record, result.summary, console)
 
 
 @app.command("plan")
@@ -404,7 +406,7 @@ def sync(
     try:
         with contextlib.ExitStack() as stack:
             stack.callback(bar.stop)
-            report = sync_sweep(sweep_dir, tracking_uri, on_logged)
+            report = sync_sweep(sweep_dir, tracking_uri, on_logged, console)
     except STORE_ERRORS as exc:
         console.print(store_error_line(exc, sweep_dir, tracking_uri), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -31,7 +31,12 @@ def report_provenance(sweep_dir: Path) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     record = SweepRecord.load(sweep_dir)
+    original = record.written_elsewhere(sweep_dir) if record else None
+    if original is not None:  # the copied record names the original's run and store, not this one's
+        record = None
     run = f"{record.parent_run_id} (experiment {record.experiment_id})" if record else "not tracked"
+    if original is not None:
+        run = f"none of its own: a copy of {original} (`lottery sync` gives it one)"
     return {
         "built (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "git revision": revision,

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 from trialfactory import config
 
 from orchestrator import layout
@@ -67,17 +69,59 @@ def test_the_driver_can_queue_tens_of_thousands_of_keys_without_waiting(tmp_path
     assert size >= PIPE_BYTES and size // len("0123456789abcdef\n") > 50_000
 
 
-def test_a_killed_logging_process_costs_its_runs_only_never_the_sweep(tmp_path: Path) -> None:
-    logger, client, keys = finished_sweep(tmp_path, seeds=2)
-    process = LogProcess(logger)
-    child = process._process
-    assert child is not None
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    for key in keys:
-        process.submit(key)  # a broken pipe: no exception reaches Tune's event loop
+def wait_for_deaths(process: LogProcess, deaths: int, timeout: float = 60) -> float:
+    """Seconds until the driver's handle has noticed `deaths` deaths of its logging process."""
+    start = time.monotonic()
+    while len(process.deaths) < deaths and time.monotonic() - start < timeout:
+        time.sleep(0.005)
+    assert len(process.deaths) == deaths, process.deaths
+    return time.monotonic() - start
+
+
+def test_a_killed_logging_process_is_noticed_at_once_and_restarted_with_what_it_had_not_logged(
+    tmp_path: Path,
+) -> None:
+    logger, client, keys = finished_sweep(tmp_path, seeds=3)
+    said = StringIO()
+    process = LogProcess(logger, Console(file=said, width=80))
+    first = process._process
+    assert first is not None
+    first.send_signal(signal.SIGSTOP)  # frozen: the keys below wait in its pipe, unlogged
+    for key in keys[:2]:
+        process.submit(key)
+    first.send_signal(signal.SIGKILL)
+    noticed = wait_for_deaths(process, 1)
+    second = process._process
+    assert second is not None and second.pid != first.pid and second.poll() is None
+    process.submit(keys[2])  # the restarted process takes the sweep's next trials too
     process.close()
-    assert child_runs(client, logger) == {}  # left for the end-of-sweep reconcile / lottery sync
+    assert child_runs(client, logger) == dict.fromkeys(keys, "complete")
+    assert process.deaths == [-signal.SIGKILL] and not process.gave_up
+    lines = said.getvalue().strip().splitlines()
+    assert lines == [
+        "tracking: the MLflow logging process died (signal SIGKILL); restarting it once (2 trial(s) to "
+        "log again)"
+    ]
+    assert noticed < 10, noticed  # an end of pipe, not a poll: milliseconds on an idle machine
+
+
+def test_a_second_death_is_not_restarted_and_leaves_the_runs_to_sync(tmp_path: Path) -> None:
+    logger, client, keys = finished_sweep(tmp_path, seeds=2)
+    said = StringIO()
+    process = LogProcess(logger, Console(file=said, width=80))
+    for deaths in (1, 2):
+        child = process._process
+        assert child is not None
+        child.send_signal(signal.SIGKILL)
+        wait_for_deaths(process, deaths)
+    assert process._process is None and process.gave_up
+    for key in keys:
+        process.submit(key)  # no process: no exception reaches Tune's event loop
+    process.close()
+    assert child_runs(client, logger) == {}  # left for `lottery sync`; the sweep exits 3
+    lines = said.getvalue().strip().splitlines()
+    assert len(lines) == 2 and "restarting it once" in lines[0], lines
+    assert lines[1].startswith("tracking: the MLflow logging process died again (signal SIGKILL); not rest")
 
 
 def test_ctrl_c_at_the_terminal_reaches_the_driver_only(tmp_path: Path) -> None:

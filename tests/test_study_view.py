@@ -95,7 +95,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSweep]:
     sweep_dir = write_sweep(tmp, "study", lottery_trials(ARMS, seeds=range(4), filters=(2, 8), fail_rate=0.5))
     record = open_sweep(load_plan(SPEC), sweep_dir, default_tracking_uri(sweep_dir))
     reconcile(record, sweep_dir, layout.planned_keys(sweep_dir), errored=True)
-    summary_to_parent(sweep_dir, aggregate(sweep_dir).summary, console=_Quiet())
+    summary_to_parent(record, aggregate(sweep_dir).summary, console=_Quiet())
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "ui", str(sweep_dir), "--port", str(port)],

@@ -12,6 +12,7 @@ killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import layout
+from orchestrator.provenance import report_provenance
 from orchestrator.run.sweep import record_plan
 from orchestrator.run.trial import run_trial
 from orchestrator.spec import load_plan
@@ -261,6 +263,67 @@ def test_a_copied_sweep_never_writes_into_the_originals_store(sweep: Path, tmp_p
     attach_to_parent(copy, [extra], layout.AGGREGATE, console)
     attached = MlflowClient(record.tracking_uri).list_artifacts(record.parent_run_id, layout.AGGREGATE)
     assert [a.path for a in attached] == [f"{layout.AGGREGATE}/summary.parquet"]
+
+
+def lottery(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def parent_metric_rows(sweep_dir: Path) -> list[tuple[str, float, int]]:
+    """Every metric row (key, value, timestamp) of the sweep's parent run, read from its sqlite store."""
+    record = SweepRecord.load(sweep_dir)
+    with contextlib.closing(sqlite3.connect(layout.tracking_db(sweep_dir))) as db:
+        rows = db.execute(
+            "SELECT key, value, timestamp FROM metrics WHERE run_uuid = ?", (record.parent_run_id,)
+        ).fetchall()
+    return sorted(rows)
+
+
+def test_aggregate_of_a_copy_never_writes_the_originals_parent_and_sync_gives_the_copy_its_own(
+    sweep: Path, tmp_path: Path
+):
+    sync_sweep(sweep)
+    done = lottery("aggregate", str(sweep))
+    assert done.returncode == 0 and "per-arm summary metrics" in done.stderr, done.stderr
+    (layout.report_dir(sweep) / "report.html").parent.mkdir()
+    (layout.report_dir(sweep) / "report.html").write_text("<html>built for the original's run</html>")
+    original = SweepRecord.load(sweep)
+    client = MlflowClient(tracking_uri=original.tracking_uri)
+    metrics_before = parent_metric_rows(sweep)
+    summary_keys = {key for key, _, _ in metrics_before if "/" in key}
+    assert summary_keys and any(key.endswith("/failure_rate") for key in summary_keys)
+    copy = tmp_path / "elsewhere" / NAME
+    shutil.copytree(sweep, copy)
+
+    done = lottery("aggregate", str(copy))
+    assert done.returncode == 0, done.stderr
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and "is a copy of" in said[0] and f"lottery sync {copy}" in said[0], said
+    assert parent_metric_rows(sweep) == metrics_before  # not one row more on the original's parent
+    provenance = report_provenance(copy)  # a report of the copy names no run of the original's
+    assert (
+        original.parent_run_id not in provenance["MLflow parent run"]
+        and "a copy of" in provenance["MLflow parent run"]
+    )
+    assert provenance["tracking store"] == "none"
+    assert [a.path for a in client.list_artifacts(original.parent_run_id, layout.AGGREGATE)] == [
+        f"{layout.AGGREGATE}/{p.name}" for p in sorted(layout.aggregate_dir(sweep).glob("*.parquet"))
+    ]
+
+    done = lottery("sync", str(copy))
+    assert done.returncode == 0, done.stderr
+    record = SweepRecord.load(copy)
+    assert record.parent_run_id != original.parent_run_id and record.sweep_dir == str(copy.resolve())
+    assert {key for key, _, _ in parent_metric_rows(copy) if "/" in key} == summary_keys
+    attached = MlflowClient(record.tracking_uri).list_artifacts(record.parent_run_id, layout.AGGREGATE)
+    assert sorted(a.path.split("/")[-1] for a in attached) == sorted(
+        p.name for p in layout.aggregate_dir(copy).glob("*.parquet")
+    )
+    assert f"run `lottery report {copy}` to build it for run {record.parent_run_id}" in done.stderr
+    assert report_provenance(copy)["MLflow parent run"].startswith(record.parent_run_id)
+    assert parent_metric_rows(sweep) == metrics_before
 
 
 def test_sync_reports_a_locked_store_in_one_line(sweep: Path):

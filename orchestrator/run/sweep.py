@@ -468,16 +468,19 @@ def run_sweep(
                 with (
                     contextlib.nullcontext()
                     if record is None
-                    else log_process.sweep_logging(TrialLogger.for_sweep(record, sweep_dir))
-                ):
+                    else log_process.sweep_logging(TrialLogger.for_sweep(record, sweep_dir), console)
+                ) as logging_process:
                     keys = _fit(plan, sweep_dir, keys, console)
+                replay = logging_process is None or not logging_process.gave_up
 
                 counts = layout.count_trials(sweep_dir, keys)
                 complete = SweepOutcome(sweep_dir, counts, None).complete
                 closing = (
                     None
                     if record is None
-                    else tracking.submit(_close_tracking, record, sweep_dir, keys, counts, complete, console)
+                    else tracking.submit(
+                        _close_tracking, record, sweep_dir, keys, counts, complete, console, replay=replay
+                    )
                 )
             tracked = closing is not None and closing.result()
         outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked)
@@ -651,17 +654,33 @@ def _close_tracking(
     counts: dict[str, int],
     complete: bool,
     console: Console,
+    *,
+    replay: bool = True,
 ) -> bool:
-    """Log what the callback could not, then close the parent run; False if the store failed us."""
-    from orchestrator.tracking.sweep import close_sweep, reconcile
+    """Log what the callback could not, then close the parent run; False if the store failed us.
+
+    Without `replay` (the logging process died twice: log_process.RESTARTS) the driver logs no trial
+    itself, lest whatever killed that process take the driver down too; the runs still missing are
+    counted and left for `lottery sync`, which logs them in a process of its own."""
+    from orchestrator.tracking.sweep import close_sweep, reconcile, tracking_gaps
 
     try:
-        reconcile(record, sweep_dir, keys, errored=True)
+        if replay:
+            missing = []
+            reconcile(record, sweep_dir, keys, errored=True)
+        else:
+            missing = tracking_gaps(record, sweep_dir, keys, errored=True).missing
         close_sweep(record, counts, complete=complete)
     except Exception as exc:
         console.print(f"[yellow]tracking: could not finish the parent run ({one_line(exc)})[/]")
         return False
-    return True
+    if missing:
+        console.print(
+            f"[yellow]tracking: {len(missing)} ended trial(s) have no MLflow run: the logging process died "
+            "again after its restart, so they are left for `lottery sync`[/]",
+            highlight=False,
+        )
+    return not missing
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import UserError, one_line
-from orchestrator.tracking.record import SweepRecord
 from orchestrator.tracking.runs import flatten, log_batches
 
 VIEW_TAG = "mlflow.sharedViewState."
@@ -114,11 +113,9 @@ def refuse_busy_port(port: int, host: str = "127.0.0.1") -> None:
             raise UserError(f"--port: {host}:{port} is already in use; pick another with --port") from None
 
 
-def summary_to_parent(sweep_dir: Any, summary: pd.DataFrame, console: Any) -> None:
-    """Per-arm summary metrics on the sweep's parent run; a warning (not an error) if that fails."""
-    record = SweepRecord.load(sweep_dir)
-    if record is None:
-        return
+def summary_to_parent(record: Any, summary: pd.DataFrame, console: Any) -> None:
+    """Per-arm summary metrics on the parent run of `record` (a SweepRecord that
+    tracking.sweep.parent_record has checked is the sweep's own); a warning if that fails."""
     try:
         n = log_summary_metrics(record.tracking_uri, record.parent_run_id, summary)
     except Exception as exc:  # the tables are on disk; a later `lottery aggregate` logs them again

@@ -223,17 +223,33 @@ def _count_metrics(counts: dict[str, int]) -> list[Metric]:
     return [Metric(f"n_{k}", float(v), now, 0) for k, v in sorted(counts.items())]
 
 
-def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, console: Console) -> None:
-    """Attach files (aggregate tables, the report) to the sweep's parent run; a warning if that fails."""
+def parent_record(sweep_dir: Path, console: Console) -> SweepRecord | None:
+    """sweep.json, when this directory's own runs are where it points; else None, said in one line.
+
+    A copied sweep's record names the original's store and parent run: anything written through
+    it (tables, summary metrics, the report) would land on the original (CopiedSweep says the fix).
+    """
     record = SweepRecord.load(sweep_dir)
     if record is None:
         console.print(f"[yellow]tracking: {layout.record_file(sweep_dir)} is missing; nothing attached[/]")
-        return
+        return None
     try:
         check_own_record(record, sweep_dir)
     except CopiedSweep as exc:
         console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
-        return
+        return None
+    return record
+
+
+def attach_to_parent(sweep_dir: Path, paths: list[Path], artifact_path: str, console: Console) -> None:
+    """Attach files (aggregate tables, the report) to the sweep's parent run; a warning if that fails."""
+    record = parent_record(sweep_dir, console)
+    if record is not None:
+        attach_files(record, paths, artifact_path, console)
+
+
+def attach_files(record: SweepRecord, paths: list[Path], artifact_path: str, console: Console) -> None:
+    """Attach files to `record`'s parent run (checked by `parent_record`); a warning if that fails."""
     try:
         client = client_for(record.tracking_uri)
         for path in paths:

@@ -10,6 +10,11 @@ It reuses the parent run recorded in `<sweep>/sweep.json`. When there is none to
 server was down before the sweep's first trial, or `--tracking-uri` names another store), it
 opens the experiment and parent run from the recorded plan (`spec.json`), as the driver would
 have. Once every trial has ended, a parent run left RUNNING by an outage is closed.
+
+A parent run that sync opens anew (a copied sweep made its own, a store rebuilt) lacks what
+`lottery aggregate` attached to the old one: the aggregate tables on disk and their per-arm
+summary metrics are attached again. The report is not (its provenance names the old parent
+run); sync says how to build it for the new one.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from orchestrator.spec import SweepPlan, SweepSpec, expand
 from orchestrator.tracking.record import SweepRecord
 from orchestrator.tracking.runs import client_for, default_tracking_uri, refuse_password
 from orchestrator.tracking.store import embedded_uri, move_aside, prepare_store
-from orchestrator.tracking.sweep import close_sweep, open_sweep, reconcile
+from orchestrator.tracking.study import summary_to_parent
+from orchestrator.tracking.sweep import attach_files, close_sweep, open_sweep, reconcile
 
 PLAN_IDENTITY = ("fingerprint", "n_trials")  # what spec.json adds to the spec itself
 # What a store can raise: MLflow's own errors, SQLAlchemy's (OperationalError: locked, disk full,
@@ -48,12 +54,16 @@ class SyncReport:
 
 
 def sync_sweep(
-    sweep_dir: Path, tracking_uri: str | None = None, on_logged: Callable[[int, int], None] | None = None
+    sweep_dir: Path,
+    tracking_uri: str | None = None,
+    on_logged: Callable[[int, int], None] | None = None,
+    console: Console | None = None,
 ) -> SyncReport:
     """Log the missing runs of `sweep_dir`'s finished and errored trials; see the module docstring.
 
     `on_logged(done, total)` follows the logging (the CLI's one progress bar)."""
     keys = layout.planned_keys(sweep_dir)
+    before = SweepRecord.load(sweep_dir)
     record = _sweep_record(sweep_dir, tracking_uri)
     gaps = reconcile(record, sweep_dir, keys, errored=True, on_logged=on_logged)
     counts = layout.count_trials(sweep_dir, keys)
@@ -64,7 +74,33 @@ def sync_sweep(
         and parent.info.status != RunStatus.to_string(RunStatus.FINISHED)
     ):
         close_sweep(record, counts, complete=True)
+    if before is None or before.parent_run_id != record.parent_run_id:
+        summary_to_new_parent(record, sweep_dir, console or Console(stderr=True))
     return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
+
+
+def summary_to_new_parent(record: SweepRecord, sweep_dir: Path, console: Console) -> None:
+    """What `lottery aggregate` attached to the old parent run, attached to the new one from the tables
+    on disk; the report is only named (it was built for the old run). Nothing to say without them."""
+    from orchestrator.aggregate import read_aggregate  # pandas and the statistics: only when needed
+
+    if layout.aggregate_dir(sweep_dir).exists():
+        try:
+            summary = read_aggregate(sweep_dir).summary
+        except UserError as exc:  # an aggregate cut short: its message says to run it again
+            console.print(f"[yellow]tracking: {exc}[/]", highlight=False, soft_wrap=True)
+        else:
+            tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
+            attach_files(record, tables, layout.AGGREGATE, console)
+            summary_to_parent(record, summary, console)
+    report = layout.report_dir(sweep_dir)
+    if report.exists() and any(report.iterdir()):
+        console.print(
+            f"tracking: the report in {report} names the previous parent run; run `lottery report "
+            f"{sweep_dir}` to build it for run {record.parent_run_id} and attach it there",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def store_error_line(exc: BaseException, sweep_dir: Path, tracking_uri: str | None) -> str:
