@@ -4,7 +4,9 @@ The driver logs each trial when Tune is done with it; while the tracking server 
 skips, and the results stay in the trial directories (they are written before anything is
 sent). Sync replays what is missing once the server is back: it compares the trial
 directories with the sweep's complete child runs and logs exactly the missing ones through
-`log_trial`, which is idempotent by trial key, so running it twice changes nothing.
+`log_trial`, which is idempotent by trial key, so running it twice changes nothing. A damaged
+trial (a file missing or unreadable: layout.trial_status) has nothing to log: sync names it and
+goes on; the next `lottery sweep` trains it again.
 
 It reuses the parent run recorded in `<sweep>/sweep.json`. When there is none to reuse (the
 server was down before the sweep's first trial, or `--tracking-uri` names another store), it
@@ -44,6 +46,7 @@ class SyncReport:
     created: int  # runs logged now
     present: int  # trials whose complete run was already there
     unfinished: int  # trials with neither a result nor an error yet
+    damaged: tuple[tuple[str, str], ...] = ()  # (trial key, problem): skipped, trained again by the sweep
 
 
 def sync_sweep(
@@ -63,7 +66,7 @@ def sync_sweep(
         and parent.info.status != RunStatus.to_string(RunStatus.FINISHED)
     ):
         close_sweep(record, counts, complete=True)
-    return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
+    return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished, gaps.damaged)
 
 
 def store_error_line(exc: BaseException, sweep_dir: Path, tracking_uri: str | None) -> str:
