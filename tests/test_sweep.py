@@ -333,8 +333,8 @@ def test_damaged_trials_are_set_aside_and_trained_again_to_the_same_numbers(tmp_
 
 
 def test_a_seed_trained_again_leaves_its_pack_mate_alone_and_supersedes_its_own_run(tmp_path, local_ray):
-    """A deleted config.json is damage (it counted as finished, never trained again); only that seed of
-    the pack trains again (its mate got an attempt record too), and its old run leaves the runs view."""
+    """Only the damaged seed of a pack trains again (its mate got an attempt record too), and its old
+    run leaves the runs view (it stayed, FINISHED, with the old result)."""
     spec = write_spec(tmp_path, "mates", schemes=[{"name": "baseline"}], pack_size=2)
     plan = load_plan(spec)
     assert [len(unit) for unit in plan.units] == [2]
@@ -342,12 +342,12 @@ def test_a_seed_trained_again_leaves_its_pack_mate_alone_and_supersedes_its_own_
     sweep_dir = run_sweep(plan, root=tmp_path).sweep_dir
     before = {r.data.tags["trial_key"]: r.info.run_id for r in child_runs(sweep_dir)[2]}
     mate_files = {p.name: p.stat().st_mtime_ns for p in (sweep_dir / "trials" / mate).iterdir()}
-    (sweep_dir / "trials" / damaged / "config.json").unlink()
+    (sweep_dir / "trials" / damaged / "result.json").write_text('{"epochs_done": 2')  # cut short
 
     console = Console(file=io.StringIO(), width=400)
     again = run_sweep(load_plan(spec), root=tmp_path, console=console)
     said = console.file.getvalue()
-    assert f"trial {damaged} is damaged" in said and "config.json: missing" in said, said
+    assert f"trial {damaged} is damaged" in said and "result.json: not JSON" in said, said
     assert (again.counts["finished"], again.counts["damaged"], again.counts["unfinished"]) == (2, 0, 0)
     assert again.tracked
     assert len(read_attempts(sweep_dir / "trials" / damaged)) == 1  # its new directory's one attempt
