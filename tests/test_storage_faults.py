@@ -111,6 +111,17 @@ def test_a_write_to_a_full_or_read_only_disk_is_a_storage_fault_naming_the_file(
         assert raised.value.code == errno.EROFS and "read-only file system" in raised.value.line()
 
 
+def test_lottery_train_into_a_full_disk_is_one_line_and_exit_5(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        args = ["train", "--dataset=digits", "--epochs=2", "--set", "model.hidden_fc=4000"]
+        result = CliRunner().invoke(app, [*args, f"--out={disk}", "--no-mlflow"], env={"LOTTERY_HOME": None})
+        assert result.exit_code == STORAGE_EXIT, result.output
+        assert "Traceback" not in result.output
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: storage: cannot write {disk / layout.TRAIN}"), line
+        assert "(no space left on the device; " in line
+
+
 # --- before start -------------------------------------------------------------------------------
 
 
