@@ -467,7 +467,7 @@ def run_sweep(
                     keys, fault = _fit_or_storage_fault(plan, sweep_dir, keys, console)
 
                 counts = layout.count_trials(sweep_dir, keys)
-                complete = SweepOutcome(sweep_dir, counts, None).complete
+                complete = SweepOutcome(sweep_dir, counts, None).complete and fault is None
                 closing = (
                     None
                     if record is None
