@@ -12,7 +12,15 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from orchestrator import layout
-from orchestrator.errors import TRACKING_EXIT, USAGE_EXIT, UserError, fail, usage_error_line, user_errors
+from orchestrator.errors import (
+    STORAGE_EXIT,
+    TRACKING_EXIT,
+    USAGE_EXIT,
+    UserError,
+    fail,
+    usage_error_line,
+    user_errors,
+)
 from trainers.config import DATASET_NAMES, MODEL_NAMES, SCHEMES
 
 
@@ -172,7 +180,8 @@ def sweep(
 
     Exit codes: 0 every trial ended and is tracked; 1 interrupted (run it again to resume);
     2 a mistake in the input (nothing started); 3 every trial ended but some MLflow runs are
-    missing (run `lottery sync`).
+    missing (run `lottery sync`); 5 stopped because the sweep directory became full or read-only
+    (free space or remount it, then run it again to resume).
     """
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.run.sweep import run_sweep
@@ -207,11 +216,21 @@ def sweep(
         )
         raise typer.Exit(130) from None
     c = outcome.counts
+    if outcome.storage_fault:
+        console.print(f"error: {outcome.storage_fault}", highlight=False, soft_wrap=True)
     console.print(
         f"{c['finished']}/{c['planned']} finished ({c['failed']} failed), {c['errored']} errored, "
         f"{c['damaged']} damaged, {c['unfinished']} unfinished in {outcome.sweep_dir} "
         f"(MLflow parent run {outcome.parent_run_id}); next: lottery aggregate {outcome.sweep_dir}"
     )
+    if outcome.storage_fault:
+        console.print(
+            f"stopped (exit {STORAGE_EXIT}): once the disk has room or is writable again, run "
+            f"`lottery sweep {spec}` to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(STORAGE_EXIT)
     if not outcome.complete:
         console.print(f"interrupted: run `lottery sweep {spec}` again to resume", soft_wrap=True)
         raise typer.Exit(1)
@@ -410,10 +429,16 @@ def sync(
     except STORE_ERRORS as exc:
         console.print(store_error_line(exc, sweep_dir, tracking_uri), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    for key, problem in report.damaged:
+        console.print(
+            f"[yellow]skipped damaged trial {key} ({problem}); `lottery sweep` trains it again[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"sync {sweep_dir.name}: {report.created} created, {report.present} already present, "
-        f"{report.unfinished} not finished (parent run {report.record.parent_run_id} at "
-        f"{report.record.tracking_uri})",
+        f"{report.unfinished} not finished, {len(report.damaged)} damaged (parent run "
+        f"{report.record.parent_run_id} at {report.record.tracking_uri})",
         highlight=False,
         soft_wrap=True,
     )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_EXIT = 2
 TRACKING_EXIT = 3  # `lottery sweep`: every trial ended, but some MLflow runs are missing (`lottery sync`)
+STORAGE_EXIT = 5  # `lottery sweep`: stopped because the sweep directory is full or read-only
 UNKNOWN_ADVICE = "; remove it or check its spelling"
 
 
@@ -143,6 +144,7 @@ def usage_error_line(error: Any) -> str:
 
 def user_errors(func: F) -> F:
     """Turn every known user mistake raised inside a command into `error: ...` and exit 2."""
+    from orchestrator.storage_fault import StorageFault
     from trainers.errors import DataError, DeviceError
 
     @wraps(func)
@@ -157,6 +159,9 @@ def user_errors(func: F) -> F:
             fail(f"YAML: malformed document{where}: {getattr(exc, 'problem', exc)}")
         except (UserError, DataError, DeviceError) as exc:
             fail(str(exc))
+        except StorageFault as exc:  # a full or read-only disk: one line, not a traceback
+            print(f"error: {exc.line()}", file=sys.stderr)
+            raise SystemExit(STORAGE_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
 

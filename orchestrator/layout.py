@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UserError
 from orchestrator.storage import StorePath, is_uri, location
+from orchestrator.storage_fault import STORAGE_ERRNOS, StorageFault, free_bytes, human_bytes, storage_fault
 
 Location: TypeAlias = Path | StorePath  # a local path, or a file or folder on an object store
 
@@ -263,6 +264,40 @@ def check_storage(sweep_dir: Location, field: str = "storage_path") -> None:
         raise UserError(f"{field}: bucket {bucket} does not exist; create it first")
 
 
+WRITE_PROBE = ".write-probe"  # <nearest existing folder>/.write-probe-<pid>: written and removed at start
+PROBE_BYTES = 64 * 1024  # more than a few blocks: a disk with less free cannot hold one epoch's files
+
+
+def check_writable(sweep_dir: Location, field: str = "storage_path") -> None:
+    """Before anything starts: a file can be written where the sweep directory is (or will be), and in
+    its local mirror. A read-only or full disk is one line naming the place and the fix (exit 2),
+    where it was minutes of trial retries or a traceback once Tune had started."""
+    places: list[Location] = [sweep_dir] if isinstance(sweep_dir, Path) else [sweep_dir, local_dir(sweep_dir)]
+    for place in places:
+        if isinstance(place, Path):
+            while not place.exists() and place != place.parent:
+                place = place.parent  # the sweep directory is created later; its parent must take it
+        probe = place / f"{WRITE_PROBE}-{os.getpid()}"
+        try:
+            probe.write_bytes(bytes(PROBE_BYTES))
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # a read-only file system refuses even that
+                probe.unlink(missing_ok=True)
+            raise UserError(f"{field}: {_unwritable(place, exc)}") from None
+
+
+def _unwritable(place: Location, exc: OSError) -> str:
+    code = exc.errno if isinstance(exc.errno, int) else None
+    what = STORAGE_ERRNOS.get(code) or (os.strerror(code) if code else " ".join(str(exc).split())[:200])
+    free = free_bytes(place) if isinstance(place, Path) else None
+    where = f"{what}; {human_bytes(free)} free" if free is not None else what
+    return (
+        f"cannot write to {place} ({where}); free space there or make it writable, or point storage_path "
+        "(or LOTTERY_HOME) at another directory"
+    )
+
+
 # One driver per sweep
 
 
@@ -314,23 +349,45 @@ def _lock_holder(fd: int) -> str:
 # Writing: to a temporary name beside the file, then renamed over it
 
 
+@contextlib.contextmanager
+def writing(path: Location) -> Iterator[None]:
+    """A write to `path` that fails because the storage is full or read-only raises StorageFault
+    (orchestrator/storage_fault.py): the sweep stops on it at once instead of retrying."""
+    try:
+        yield
+    except StorageFault:
+        raise
+    except OSError as exc:
+        fault = storage_fault(exc, path)
+        if fault is None:
+            raise
+        raise StorageFault(str(path), fault.code, fault.free) from exc  # the file, not its temporary name
+
+
 def atomic_write(path: Location, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a torn one.
     On an object store tmp is a local file and the rename is one PUT of it."""
     if isinstance(path, StorePath):
-        with tempfile.TemporaryDirectory(prefix="lottery-put-") as staging:
+        with tempfile.TemporaryDirectory(prefix="lottery-put-") as staging, writing(path):
             tmp = Path(staging) / path.name
             write(tmp)
             path.upload(tmp)
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        with writing(path):  # inside: the free space is read while the part still holds its share
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a part written to a full disk holds the space it took
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: Location, payload: bytes) -> None:
     if isinstance(path, StorePath):
-        path.write_bytes(payload)  # one PUT: atomic already
+        with writing(path):
+            path.write_bytes(payload)  # one PUT: atomic already
         return
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
@@ -347,14 +404,15 @@ def append_line(path: Location, line: str) -> None:
     """Append one line (attempts.jsonl). An object cannot be appended to: it is read and PUT again,
     which is safe because one unit's attempts never run at once."""
     if isinstance(path, Path):
-        with open(path, "a") as f:
+        with writing(path), open(path, "a") as f:
             f.write(line + "\n")
         return
     try:
         old = path.read_bytes()
     except FileNotFoundError:
         old = b""
-    path.write_bytes(old + (line + "\n").encode())
+    with writing(path):
+        path.write_bytes(old + (line + "\n").encode())
 
 
 def publish(local: Path, target: Location) -> None:
@@ -492,19 +550,35 @@ class TrialStatus:
 
 
 def trial_status(trial_dir: Location) -> TrialStatus:
-    """The one reading of a trial's state: damaged (config.json, metrics.parquet or result.json
-    exists but is unreadable, or the result fails its schema), finished (result.json, failed or
-    not), errored (error.txt and no result: its last try raised), else unfinished (never
-    started, running or interrupted)."""
+    """The one reading of a trial's state: damaged (a file it needs is missing, config.json,
+    metrics.parquet or result.json is unreadable, or the result fails its schema), finished
+    (result.json, failed or not), errored (error.txt and no result: its last try raised), else
+    unfinished (never started, running or interrupted).
+
+    What a trial needs once it has an outcome: config.json (its identity: aggregation groups by it,
+    MLflow names the run by it) for a result or an error, and metrics.parquet (its epochs) for a
+    result of at least one epoch. Without them a result cannot be reported, so it is damage and the
+    trial trains again; before an outcome their absence only means the trial has not got that far."""
     try:
-        _checked_json(trial_dir / CONFIG, lambda doc: "trial_key" in doc or "no trial_key")
-        _checked_table(trial_dir / METRICS, required=("epoch",))
+        config = _checked_json(trial_dir / CONFIG, lambda doc: "trial_key" in doc or "no trial_key")
+        metrics = _checked_table(trial_dir / METRICS, required=("epoch",))
         result = _checked_json(trial_dir / RESULT, _result_problem)
+        if result is not None:
+            _required(config is not None, trial_dir / CONFIG)
+            _required(metrics or result["epochs_done"] == 0, trial_dir / METRICS)
+        elif (trial_dir / ERROR).exists():
+            _required(config is not None, trial_dir / CONFIG)
+            return TrialStatus("errored")
     except DamagedFile as exc:
         return TrialStatus("damaged", problem=str(exc))
     if result is not None:
         return TrialStatus("finished", result)
-    return TrialStatus("errored" if (trial_dir / ERROR).exists() else "unfinished")
+    return TrialStatus("unfinished")
+
+
+def _required(present: bool, path: Location) -> None:
+    if not present:
+        raise DamagedFile(f"{path}: missing")
 
 
 def _result_problem(doc: dict[str, Any]) -> bool | str:
@@ -536,10 +610,11 @@ def _checked_json(path: Location, check: Callable[[dict[str, Any]], bool | str])
     return doc
 
 
-def _checked_table(path: Location, required: tuple[str, ...]) -> None:
-    """A Parquet file's footer is readable and has the `required` columns (a footer read, no data)."""
+def _checked_table(path: Location, required: tuple[str, ...]) -> bool:
+    """A Parquet file's footer is readable and has the `required` columns (a footer read, no data);
+    False if there is no file."""
     if not _lexists(path):
-        return
+        return False
     try:
         names = _read_schema(path).names
     except FileNotFoundError:
@@ -550,6 +625,7 @@ def _checked_table(path: Location, required: tuple[str, ...]) -> None:
     missing = [name for name in required if name not in names]
     if missing:
         raise DamagedFile(f"{path}: no {', '.join(missing)} column")
+    return True
 
 
 def _size(path: Location) -> int:

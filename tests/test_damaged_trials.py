@@ -41,6 +41,10 @@ def dangling(path: Path) -> None:
     path.symlink_to(path.with_name("gone-" + path.name))
 
 
+def deleted(path: Path) -> None:
+    path.unlink()
+
+
 def empty_object(path: Path) -> None:
     path.write_text("{}")
 
@@ -66,6 +70,8 @@ DAMAGE: list[tuple[str, Callable[[Path], None], str]] = [
     (layout.METRICS, wrong_columns, "no epoch column"),
     (layout.METRICS, dangling, "dangling symlink"),
     (layout.CONFIG, truncate, "not JSON"),
+    (layout.CONFIG, deleted, "missing"),  # was a finished trial, never trained again
+    (layout.METRICS, deleted, "missing"),
 ]
 IDS = [f"{name.split('.')[0]}-{damage.__name__}" for name, damage, _ in DAMAGE]
 
@@ -142,3 +148,16 @@ def test_a_sound_trial_is_not_damaged(sweep: Path) -> None:
     statuses = [layout.trial_status(layout.trial_dir(sweep, k)) for k in layout.planned_keys(sweep)]
     assert {s.kind for s in statuses} == {"finished"} and not any(s.problem for s in statuses)
     assert os.path.lexists(victim(sweep) / layout.RESULT)
+
+
+def test_an_errored_trial_without_its_config_is_damaged_and_an_unfinished_one_is_not(sweep: Path) -> None:
+    """config.json is what every outcome is reported by; before an outcome it may not exist yet."""
+    trial_dir = victim(sweep)
+    (trial_dir / layout.RESULT).unlink()
+    (trial_dir / layout.ERROR).write_text("RuntimeError: boom")
+    assert layout.trial_status(trial_dir).errored
+    (trial_dir / layout.CONFIG).unlink()
+    status = layout.trial_status(trial_dir)
+    assert status.damaged and status.problem == f"{trial_dir / layout.CONFIG}: missing"
+    (trial_dir / layout.ERROR).unlink()
+    assert layout.trial_status(trial_dir).kind == "unfinished"  # killed before it wrote its config

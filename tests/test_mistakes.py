@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from trialfactory import stored_result
+from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner, Result
 
 from orchestrator import layout
@@ -279,9 +279,8 @@ def test_a_sweep_refuses_stored_results_of_other_data(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump(doc))
     key = load_plan(spec).trials[0].trial_key()
     trial_dir = layout.trial_dir(home / "mistakes", key)
-    trial_dir.mkdir(parents=True)
     fake = stored_result(device="cpu", data_fingerprint="0123456789abcdef", wall_s=3.0)
-    (trial_dir / "result.json").write_text(json.dumps(fake))
+    store_finished(trial_dir, fake)
 
     for command in (["sweep", str(spec)], ["sweep", "--dry-run", str(spec)]):
         line = one_error_line(lottery(command, home))
@@ -308,8 +307,7 @@ def test_dry_run_estimates_the_cost_from_a_probe_then_from_finished_trials(tmp_p
 
     key = load_plan(spec).trials[0].trial_key()
     trial_dir = layout.trial_dir(home / "mistakes", key)
-    trial_dir.mkdir(parents=True)
-    (trial_dir / "result.json").write_text(json.dumps(stored_result(device="cpu", wall_s=30.0)))
+    store_finished(trial_dir, stored_result(device="cpu", wall_s=30.0))
     text = " ".join(lottery(["sweep", "--dry-run", str(spec)], home).stdout.split())
     assert "estimated cost: 3 unit-epochs x measured s/epoch = 30 s" in text  # 10 s per stored epoch
     assert "1 from finished trials" in text

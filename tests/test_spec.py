@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trialfactory import stored_result
+from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -299,15 +299,14 @@ def test_resuming_on_another_device_is_refused_unless_allow_mixed(tmp_path, monk
     plan = load_plan(path)  # device: cpu; the file's order (YAML sorts the grid keys)
     record_plan(plan, sweep_dir)
     done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
-    done.mkdir(parents=True)
-    layout.atomic_write_json(done / "result.json", stored_result(device="cuda:0", pack_size=1, threads=1))
+    store_finished(done, stored_result(device="cuda:0", pack_size=1, threads=1))
     result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: device: finished trials") and "cuda:0" in lines[0]
     assert "--allow-mixed" in lines[0] and not (sweep_dir / "tune").exists()
     check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=True)  # told: no refusal
-    layout.atomic_write_json(done / "result.json", stored_result(device="cpu", pack_size=1, threads=1))
+    store_finished(done, stored_result(device="cpu", pack_size=1, threads=1))
     check_device_provenance(plan, sweep_dir, embedded=True, allow_mixed=False)  # same device: fine
 
 
@@ -323,8 +322,7 @@ def test_resuming_over_results_of_an_earlier_trainer_is_refused_unless_allow_mix
     plan = load_plan(path)  # the file's order (YAML sorts the grid keys)
     record_plan(plan, sweep_dir)
     done = layout.trial_dir(sweep_dir, plan.trials[0].trial_key())
-    done.mkdir(parents=True)
-    layout.atomic_write_json(done / "result.json", stored_result())  # no device: an earlier trainer
+    store_finished(done, stored_result())  # no device: an earlier trainer
     result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

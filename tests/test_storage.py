@@ -156,6 +156,19 @@ def test_a_missing_bucket_or_wrong_keys_are_one_line_errors(s3_env, monkeypatch:
 
 
 @pytest.mark.integration
+def test_the_write_probe_puts_and_removes_an_object_and_checks_the_local_mirror(
+    s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
+    sweep = store("probe")
+    layout.check_writable(sweep)  # the bucket takes an object, the mirror's nearest folder a file
+    assert sweep.files() == [] and list(tmp_path.iterdir()) == []  # nothing left behind
+    (tmp_path / "home").write_text("a file where the local mirror's folders would go")
+    with pytest.raises(UserError, match=rf"^storage_path: cannot write to {tmp_path / 'home'} "):
+        layout.check_writable(sweep)
+
+
+@pytest.mark.integration
 def test_a_sweep_into_a_missing_bucket_exits_2_before_starting(s3_store, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "nobucket", "s3://no-such-bucket/runs", seeds=[0])
     done = subprocess.run(

@@ -332,6 +332,37 @@ def test_damaged_trials_are_set_aside_and_trained_again_to_the_same_numbers(tmp_
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+def test_a_seed_trained_again_leaves_its_pack_mate_alone_and_supersedes_its_own_run(tmp_path, local_ray):
+    """Only the damaged seed of a pack trains again (its mate got an attempt record too), and its old
+    run leaves the runs view (it stayed, FINISHED, with the old result)."""
+    spec = write_spec(tmp_path, "mates", schemes=[{"name": "baseline"}], pack_size=2)
+    plan = load_plan(spec)
+    assert [len(unit) for unit in plan.units] == [2]
+    damaged, mate = [t.trial_key() for t in plan.trials]
+    sweep_dir = run_sweep(plan, root=tmp_path).sweep_dir
+    before = {r.data.tags["trial_key"]: r.info.run_id for r in child_runs(sweep_dir)[2]}
+    mate_files = {p.name: p.stat().st_mtime_ns for p in (sweep_dir / "trials" / mate).iterdir()}
+    (sweep_dir / "trials" / damaged / "result.json").write_text('{"epochs_done": 2')  # cut short
+
+    console = Console(file=io.StringIO(), width=400)
+    again = run_sweep(load_plan(spec), root=tmp_path, console=console)
+    said = console.file.getvalue()
+    assert f"trial {damaged} is damaged" in said and "result.json: not JSON" in said, said
+    assert (again.counts["finished"], again.counts["damaged"], again.counts["unfinished"]) == (2, 0, 0)
+    assert again.tracked
+    assert len(read_attempts(sweep_dir / "trials" / damaged)) == 1  # its new directory's one attempt
+    assert len(read_attempts(sweep_dir / "trials" / mate)) == 1  # not trained, not recorded again
+    assert {p.name: p.stat().st_mtime_ns for p in (sweep_dir / "trials" / mate).iterdir()} == mate_files
+
+    client, _, runs = child_runs(sweep_dir)  # active runs: one per trial
+    after = {r.data.tags["trial_key"]: r.info.run_id for r in runs}
+    assert sorted(after) == sorted(before) and after[mate] == before[mate]
+    assert after[damaged] != before[damaged]
+    old = client.get_run(before[damaged])
+    assert old.info.lifecycle_stage == "deleted" and old.info.status == "KILLED"
+    assert old.data.tags["superseded_by"] == after[damaged]
+
+
 def test_a_sweep_that_ends_with_tracking_incomplete_exits_3_and_names_lottery_sync(tmp_path, ray_tmpdir):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

@@ -381,3 +381,62 @@ def test_each_run_gets_the_trials_own_cgn_figure_and_an_older_directory_gets_one
         if key == newer:
             assert local.read_bytes() == drawn.read_bytes()  # uploaded as the trial drew it
     assert not (layout.trial_dir(sweep, older) / layout.CGN_FIGURE).exists()  # the record is not rewritten
+
+
+# --- damaged trials and trials trained again --------------------------------------------------------
+
+
+def test_sync_names_and_skips_a_trial_whose_config_json_was_deleted(sweep: Path, tmp_path: Path):
+    """A deleted config.json is damage: sync into a new store logs the sound trial, names the damaged
+    one and skips it (it stopped at that trial, blaming the store, exit 1)."""
+    sound, damaged = planned_keys(sweep)
+    (layout.trial_dir(sweep, damaged) / layout.CONFIG).unlink()
+    uri = f"sqlite:///{tmp_path / 'new-store.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sync", str(sweep), "--tracking-uri", uri],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "tracking store" not in done.stderr
+    [skipped] = [line for line in done.stderr.splitlines() if line.startswith("skipped damaged trial")]
+    assert damaged in skipped and f"{layout.CONFIG}: missing" in skipped
+    assert "1 created, 0 already present, 0 not finished, 1 damaged" in done.stderr
+    record = SweepRecord.load(sweep)
+    runs = MlflowClient(tracking_uri=uri).search_runs([record.experiment_id], "tags.logged = 'complete'")
+    assert [run.data.tags["trial_key"] for run in runs] == [sound]
+
+
+def test_the_run_of_a_trial_trained_again_is_superseded_by_the_new_one(sweep: Path):
+    """Damaged, set aside and trained again: the old run (the old result) leaves the runs view, tagged
+    with the run that replaces it; sync used to find it 'already present' and keep it."""
+    from rich.console import Console
+
+    from orchestrator.run.sweep import set_aside_damaged
+
+    sync_sweep(sweep)
+    record = SweepRecord.load(sweep)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    key = planned_keys(sweep)[0]
+    [old] = client.search_runs([record.experiment_id], f"tags.trial_key = '{key}'")
+    (layout.trial_dir(sweep, key) / layout.METRICS).write_bytes(b"not parquet")  # damage
+    assert set_aside_damaged(sweep, planned_keys(sweep), Console(quiet=True)) == [key]
+    plan = load_plan(sweep.parent.parent / f"{NAME}.yaml")
+    [trial] = [t for t in plan.trials if t.trial_key() == key]
+    new_result = run_trial(trial, layout.trial_dir(sweep, key), sweep=NAME)  # trained again, for real
+
+    report = sync_sweep(sweep)
+    assert (report.created, report.present) == (1, 1)
+    [current] = client.search_runs([record.experiment_id], f"tags.trial_key = '{key}'")  # active runs
+    assert current.info.run_id != old.info.run_id
+    assert current.info.end_time == int(1000 * new_result["ended_at"])
+    assert current.data.metrics["final_test_acc"] == new_result["final_test_acc"]
+    retired = client.get_run(old.info.run_id)
+    assert retired.info.lifecycle_stage == "deleted" and retired.info.status == "KILLED"
+    assert retired.data.tags["superseded_by"] == current.info.run_id
+    assert "Superseded" in retired.data.tags["mlflow.note.content"]
+    assert finished_children(sweep) == {k: ["FINISHED"] for k in planned_keys(sweep)}
+    assert sync_sweep(sweep).created == 0  # and it stays that way

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
+from orchestrator import layout
 from trainers.config import TrialConfig
 
 
@@ -43,3 +47,13 @@ def stored_result(**fields: Any) -> dict[str, Any]:
         "wall_s": 3.0,
     }
     return base | fields
+
+
+def store_finished(trial_dir: Path, result: dict[str, Any]) -> None:
+    """A finished trial directory as `layout.trial_status` reads one: config.json, metrics.parquet (a row
+    per epoch done) and result.json; a result.json alone is a damaged trial (its record is missing)."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    layout.atomic_write_json(trial_dir / layout.CONFIG, {"trial_key": trial_dir.name})
+    epochs = pa.table({"epoch": list(range(int(result["epochs_done"])))})
+    layout.atomic_write_table(trial_dir / layout.METRICS, epochs)
+    layout.atomic_write_json(trial_dir / layout.RESULT, result)

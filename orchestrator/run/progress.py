@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from orchestrator.run import storage_stop
+
 FINAL_KEY = "epochs_done"  # only a trial's last report (trainable._result_metrics) carries it
 
 
@@ -133,10 +135,13 @@ class ProgressCallback(Callback):
             self._console.print(self.line())
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        if storage_stop.stopping():  # no retry: the sweep stops instead (its one line follows)
+            return
         self._say(f"[yellow]trial {trial} raised {_last_line(trial)}; retrying from its last checkpoint[/]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._say(f"[red]trial {trial} errored after its retries: {_last_line(trial)}[/]")
+        if not storage_stop.stopping():
+            self._say(f"[red]trial {trial} errored after its retries: {_last_line(trial)}[/]")
 
     def _say(self, message: str) -> None:
         if self._console is not None:

@@ -104,6 +104,7 @@ class SweepOutcome:
     counts: dict[str, int]  # planned, finished, failed, errored, damaged, unfinished
     parent_run_id: str | None
     tracked: bool = True  # every ended trial has its run and the parent was closed
+    storage_fault: str | None = None  # the one line, when a full or read-only disk stopped the sweep
 
     @property
     def complete(self) -> bool:
@@ -421,6 +422,7 @@ def run_sweep(
     console = console or Console(stderr=True)
     sweep_dir = sweep_dir_for(plan, root)
     layout.check_storage(sweep_dir)
+    layout.check_writable(sweep_dir, "storage_path" if plan.spec.storage_path else "LOTTERY_HOME")
     if resume and not layout.spec_file(sweep_dir).exists():
         raise UserError(f"--resume: no sweep '{plan.spec.name}' at {sweep_dir} to resume")
     uri = refuse_password(
@@ -470,11 +472,11 @@ def run_sweep(
                     if record is None
                     else log_process.sweep_logging(TrialLogger.for_sweep(record, sweep_dir), console)
                 ) as logging_process:
-                    keys = _fit(plan, sweep_dir, keys, console)
+                    keys, fault = _fit_or_storage_fault(plan, sweep_dir, keys, console)
                 replay = logging_process is None or not logging_process.gave_up
 
                 counts = layout.count_trials(sweep_dir, keys)
-                complete = SweepOutcome(sweep_dir, counts, None).complete
+                complete = SweepOutcome(sweep_dir, counts, None).complete and fault is None
                 closing = (
                     None
                     if record is None
@@ -483,7 +485,7 @@ def run_sweep(
                     )
                 )
             tracked = closing is not None and closing.result()
-        outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked)
+        outcome = SweepOutcome(sweep_dir, counts, record.parent_run_id if record else None, tracked, fault)
         if not tracked:
             console.print(
                 f"[yellow]tracking: MLflow at {uri} may miss some trials (results safe on disk); "
@@ -492,6 +494,26 @@ def run_sweep(
                 soft_wrap=True,  # one line, so the command can be copied whole
             )
     return outcome
+
+
+def _fit_or_storage_fault(
+    plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: Console
+) -> tuple[list[str], str | None]:
+    """`_fit`, and the one line of the storage fault that stopped it, if one did: a trial's (Tune was
+    stopped at once: orchestrator/run/storage_stop.py) or Tune's own (its state cannot be saved)."""
+    from orchestrator.run import storage_stop
+    from orchestrator.storage_fault import storage_fault
+
+    storage_stop.forget(sweep_dir)
+    try:
+        keys = _fit(plan, sweep_dir, keys, console)
+    except Exception as exc:
+        fault = storage_fault(exc, layout.tune_dir(sweep_dir))
+        if fault is None:
+            raise
+        return keys, fault.line()
+    fault = storage_stop.fault_for(sweep_dir)
+    return keys, fault.line() if fault else None
 
 
 def _fit(plan: SweepPlan, sweep_dir: layout.Location, keys: list[str], console: Console) -> list[str]:
@@ -817,6 +839,7 @@ def _tuner(
     from ray import tune
 
     from orchestrator.run.progress import ProgressCallback
+    from orchestrator.run.storage_stop import StopOnStorageFault
     from orchestrator.run.trainable import FAULT_ENV, TrialContext, run_planned_trial
     from orchestrator.tracking.sweep import TrackingCallback
 
@@ -862,6 +885,7 @@ def _tuner(
             # Keep every (epoch-marker) checkpoint: see orchestrator/run/trainable.py for why none is deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             callbacks=[
+                StopOnStorageFault(sweep_dir),  # first: the others then know a trial's error is the disk's
                 ProgressCallback(spec.name, [len(unit) for unit in plan.units]),
                 TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),
             ],

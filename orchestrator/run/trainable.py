@@ -14,9 +14,14 @@ leaves a state that points at a deleted checkpoint and the trial can never be re
 Marker checkpoints cost a few bytes each, so none needs deleting; the model state is written
 once per epoch instead of twice.
 
-Every attempt appends a line to `<trial_dir>/attempts.jsonl` (pid, the Ray node's id and IP,
-start time, the epoch it resumed from, from which checkpoint, and the epoch of the checkpoint
-Tune restored), so a retry, and where it ran, is visible on disk.
+Every attempt appends a line to `<trial_dir>/attempts.jsonl` of each seed it trains (pid, the Ray
+node's id and IP, start time, the epoch it resumed from, from which checkpoint, and the epoch of the
+checkpoint Tune restored), so a retry, and where it ran, is visible on disk. A finished seed of the
+unit gets none: it is not trained again (its pack mate retrained after damage, say).
+
+A unit that fails because the sweep directory is full or read-only raises StorageFault
+(orchestrator/storage_fault.py), whatever its underlying error, so the driver stops the sweep
+instead of retrying it.
 
 Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
 passes it here; that trial raises once, right after epoch `<epoch>` (not its last, which makes no
@@ -42,6 +47,7 @@ from ray import tune
 
 from orchestrator import layout
 from orchestrator.run.trial import TrialDirSink, load_checkpoint, pack_key, run_trials
+from orchestrator.storage_fault import StorageFault, storage_fault
 from trainers.config import DataConfig, TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import TUNE, EpochRecord, result_fields
@@ -106,6 +112,18 @@ class TrialContext:
 
 def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune entry point: `config` is `{"unit": i}`."""
+    try:
+        _run_unit(config, context)
+    except StorageFault:
+        raise
+    except Exception as exc:  # a full or read-only disk under another error (Tune's checkpoint upload)
+        fault = storage_fault(exc, context.sweep_dir)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
     members = context.members(config["unit"])
     sweep_dir = layout.location(context.sweep_dir)  # a local path, or a URI this worker writes to itself
     trial_dirs = [layout.trial_dir(sweep_dir, t.trial_key()) for t in members]
@@ -117,8 +135,9 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
     torch.set_num_threads(context.threads)
     resume, epoch, source = _resume_state(unit_dir)
     tune_epoch = _tune_checkpoint_epoch()
-    for directory in trial_dirs:
-        _record_attempt(directory, epoch, source, tune_epoch)
+    for directory, status in zip(trial_dirs, done, strict=True):
+        if not status.finished:  # only the seeds this attempt trains
+            _record_attempt(directory, epoch, source, tune_epoch)
     fault_epoch = next(
         (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
     )

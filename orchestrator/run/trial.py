@@ -10,6 +10,7 @@ Rows are keyed by epoch: a trial resumed from an older checkpoint overwrites, ne
 from __future__ import annotations
 
 import hashlib
+import io
 import sys
 import time
 import traceback
@@ -32,7 +33,6 @@ from orchestrator.layout import (
     TRACE,
     TRACE_PARTS,
     Location,
-    atomic_write,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
@@ -44,6 +44,7 @@ from orchestrator.layout import (
     trace_parts,
     trial_status,
 )
+from orchestrator.storage_fault import StorageFault
 from orchestrator.tracking.names import run_name
 from trainers.config import TrialConfig
 from trainers.data import LoadedData
@@ -86,14 +87,15 @@ class TrialDirSink:
         self, trial_dir: Location, config: TrialConfig, sweep: str, *, run_figure: bool = True
     ) -> None:
         self.dir = trial_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
         self.config = config
         self.run_figure = run_figure
         # Read once: only this sink writes the result, so it knows when that changes (on an object
         # store every status check would be a request per seed per epoch).
         self.finished = trial_status(self.dir).finished
-        atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep, run_figure=run_figure))
+        if not self.finished:  # a finished trial's directory is never written again (a pack mate's)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
+            atomic_write_json(self.dir / CONFIG, trial_meta(config, sweep, run_figure=run_figure))
         self._metrics = self._load_rows(METRICS)
         self._layers = self._load_rows(LAYERS)
 
@@ -191,7 +193,11 @@ class PackSink:
 
     def on_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
         self.pack_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.pack_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        # Serialised in memory, then written by the file layer: torch.save on a full disk raises an
+        # opaque RuntimeError, a plain write an OSError whose errno says the disk is full.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.pack_dir / CHECKPOINT, buffer.getvalue())
         if self._checkpoint_hook:
             self._checkpoint_hook(epoch, state)
 
@@ -294,6 +300,8 @@ def run_trials(
         sink = PackSink(sinks, pack_dir, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
         try:
             train(configs[0], sink, seeds=seeds, pack_size=len(seeds), resume=state, data=data)
+        except StorageFault:
+            raise  # the storage's fault, not the trial's: no error.txt (which could not be written either)
         except Exception:
             sink.on_error(traceback.format_exc())
             raise

@@ -180,12 +180,18 @@ def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]
     """
     if result is not None:
         end = float(result.get("ended_at") or (trial_dir / layout.RESULT).stat().st_mtime)
-        return int(1000 * (end - float(result.get("wall_s") or 0.0))), int(1000 * end)
+        return int(1000 * (end - float(result.get("wall_s") or 0.0))), result_end_ms(trial_dir, result)
     end = (trial_dir / layout.ERROR).stat().st_mtime
     attempts = trial_dir / layout.ATTEMPTS
     lines = attempts.read_text().splitlines() if attempts.exists() else []
     start = float(json.loads(lines[0]).get("started", end)) if lines else end
     return int(1000 * start), int(1000 * end)
+
+
+def result_end_ms(trial_dir: Path, result: dict[str, Any]) -> int:
+    """When the result was written, in ms: the end time of its run, so a FINISHED run whose end differs
+    was logged from an earlier result of the same trial (one trained again after damage)."""
+    return int(1000 * float(result.get("ended_at") or (trial_dir / layout.RESULT).stat().st_mtime))
 
 
 def failure_note(result: dict[str, Any]) -> str:
@@ -225,20 +231,31 @@ def log_trial(
 ) -> str | None:
     """Create (or complete) the MLflow run of one trial directory; returns its run id.
 
-    Returns None for a trial that has neither a result nor an error yet (nothing to log).
-    A run left unfinished by an interrupted earlier attempt is deleted and logged again in
-    full, so each trial key ends with exactly one run carrying its whole metric history.
+    Returns None for a trial that has neither a result nor an error yet, or is damaged (nothing to
+    log). A run left unfinished by an interrupted earlier attempt is deleted and logged again in
+    full, so each trial key ends with exactly one run carrying its whole metric history. A complete
+    run of an earlier result (the trial was trained again after damage) is superseded (see
+    `supersede`) once the new result's run exists.
     """
-    meta = layout.read_json(trial_dir / layout.CONFIG)
     trial = layout.trial_status(trial_dir)
     if not (trial.finished or trial.errored):
         return None
+    meta = layout.read_json(trial_dir / layout.CONFIG)
     result = trial.result
     status = "FINISHED" if trial.finished else "FAILED"
+    end = result_end_ms(trial_dir, result) if result is not None else None
+    current, earlier = None, []
     for run in find_runs(client, experiment_id, trial_key=meta["trial_key"]):
-        if run.info.status == status and run.data.tags.get("logged") == "complete":
-            return run.info.run_id
-        client.delete_run(run.info.run_id)
+        complete = run.data.tags.get("logged") == "complete"
+        if complete and run.info.status == status and (end is None or run.info.end_time == end):
+            current = current or run.info.run_id
+        elif complete and run.info.status == "FINISHED" and end is not None:
+            earlier.append(run.info.run_id)  # this trial's earlier result
+        else:
+            client.delete_run(run.info.run_id)
+    if current is not None:
+        supersede(client, earlier, current)
+        return current
 
     run_tags = {
         "trial_key": meta["trial_key"],
@@ -284,4 +301,27 @@ def log_trial(
     # Last, with the values: a run without this tag is incomplete, and is deleted and logged again.
     log_batches(client, run_id, params, metrics, [RunTag("logged", "complete")])
     client.set_terminated(run_id, status, end_time=end_ms)
+    supersede(client, earlier, run_id)
     return run_id
+
+
+SUPERSEDED_BY = "superseded_by"
+
+
+def supersede(client: MlflowClient, run_ids: list[str], by: str) -> None:
+    """Retire the runs of a trial's earlier result: tagged `superseded_by` and a note naming the run
+    that replaces them, ended KILLED, then deleted.
+
+    Deleted, not only tagged: MLflow's runs view, its comparisons and every search (this project's
+    too) show active runs, so a run left active would keep showing the old result beside the new one
+    under the same trial key. MLflow's delete is soft: the run stays in the store, restorable from
+    the "Deleted" view, where its tag and note say why it went.
+    """
+    for run_id in run_ids:
+        note = (
+            f"**Superseded** by run {by}: this trial's files were damaged, so it was trained again; "
+            "that run holds the result on disk."
+        )
+        client.log_batch(run_id, tags=[RunTag(SUPERSEDED_BY, by), RunTag("mlflow.note.content", note)])
+        client.set_terminated(run_id, "KILLED")
+        client.delete_run(run_id)

@@ -41,7 +41,13 @@ from orchestrator.spec import SweepPlan
 from orchestrator.tracking import log_process
 from orchestrator.tracking.log_process import LogProcess
 from orchestrator.tracking.record import CopiedSweep, SweepRecord, check_own_record
-from orchestrator.tracking.runs import client_for, default_tracking_uri, ensure_experiment, log_trial
+from orchestrator.tracking.runs import (
+    client_for,
+    default_tracking_uri,
+    ensure_experiment,
+    log_trial,
+    result_end_ms,
+)
 from orchestrator.tracking.source import LIBRARIES, git_state, source_tags
 from orchestrator.tracking.store import prepare_store
 from orchestrator.tracking.study import log_spec_params
@@ -136,9 +142,11 @@ def _parent_tags(plan: SweepPlan, sweep_dir: Path) -> dict[str, str]:
     return tags
 
 
-def logged_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
-    """trial_key -> status of every completely logged child run of this parent, in pages."""
-    found: dict[str, str] = {}
+def logged_trials(
+    client: MlflowClient, experiment_id: str, parent_run_id: str
+) -> dict[str, tuple[str, int | None]]:
+    """trial_key -> (status, end time in ms) of every completely logged child run of this parent, in pages."""
+    found: dict[str, tuple[str, int | None]] = {}
     token = None
     while True:
         page = client.search_runs(
@@ -147,7 +155,7 @@ def logged_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) 
             max_results=PAGE,
             page_token=token,
         )
-        found |= {run.data.tags["trial_key"]: run.info.status for run in page}
+        found |= {run.data.tags["trial_key"]: (run.info.status, run.info.end_time) for run in page}
         token = page.token
         if not token:
             return found
@@ -157,31 +165,41 @@ def logged_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) 
 class TrackingGaps:
     """How a sweep's trial directories compare with its runs: what `reconcile` and `lottery sync` act on."""
 
-    missing: list[str]  # trial keys with a result (or error) but no complete run of that status
+    missing: list[str]  # trial keys with a result (or error) but no complete run of it
     present: int  # trials whose complete run is already there
     unfinished: int  # trials with nothing to log yet (no result, and no error when errors count)
+    damaged: tuple[tuple[str, str], ...] = ()  # (trial key, problem): nothing to log until trained again
 
 
 def tracking_gaps(
     record: SweepRecord, sweep_dir: Path, trial_keys: list[str], *, errored: bool
 ) -> TrackingGaps:
-    """One search for the sweep's complete runs, compared with the trial directories on disk."""
+    """One search for the sweep's complete runs, compared with the trial directories on disk.
+
+    A finished trial's run is present when it ended when its result was written (`result_end_ms`):
+    a run of an earlier result (the trial was trained again after damage) is stale, and logging the
+    trial supersedes it."""
     logged = logged_trials(client_for(record.tracking_uri), record.experiment_id, record.parent_run_id)
-    missing, present, unfinished = [], 0, 0
+    missing, present, unfinished, damaged = [], 0, 0, []
     for key in trial_keys:
-        trial = layout.trial_status(layout.trial_dir(sweep_dir, key))
+        trial_dir = layout.trial_dir(sweep_dir, key)
+        trial = layout.trial_status(trial_dir)
+        status, end = logged.get(key, (None, None))
         if trial.finished:
-            wanted = "FINISHED"
+            current = status == "FINISHED" and end == result_end_ms(trial_dir, trial.result or {})
         elif errored and trial.errored:
-            wanted = "FAILED"
+            current = status == "FAILED"
+        elif trial.damaged:
+            damaged.append((key, trial.problem or "damaged"))
+            continue
         else:
             unfinished += 1
             continue
-        if logged.get(key) == wanted:
+        if current:
             present += 1
         else:
             missing.append(key)
-    return TrackingGaps(missing, present, unfinished)
+    return TrackingGaps(missing, present, unfinished, tuple(damaged))
 
 
 def reconcile(

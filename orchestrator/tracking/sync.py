@@ -4,7 +4,9 @@ The driver logs each trial when Tune is done with it; while the tracking server 
 skips, and the results stay in the trial directories (they are written before anything is
 sent). Sync replays what is missing once the server is back: it compares the trial
 directories with the sweep's complete child runs and logs exactly the missing ones through
-`log_trial`, which is idempotent by trial key, so running it twice changes nothing.
+`log_trial`, which is idempotent by trial key, so running it twice changes nothing. A damaged
+trial (a file missing or unreadable: layout.trial_status) has nothing to log: sync names it and
+goes on; the next `lottery sweep` trains it again.
 
 It reuses the parent run recorded in `<sweep>/sweep.json`. When there is none to reuse (the
 server was down before the sweep's first trial, or `--tracking-uri` names another store), it
@@ -51,6 +53,7 @@ class SyncReport:
     created: int  # runs logged now
     present: int  # trials whose complete run was already there
     unfinished: int  # trials with neither a result nor an error yet
+    damaged: tuple[tuple[str, str], ...] = ()  # (trial key, problem): skipped, trained again by the sweep
 
 
 def sync_sweep(
@@ -76,7 +79,7 @@ def sync_sweep(
         close_sweep(record, counts, complete=True)
     if before is None or before.parent_run_id != record.parent_run_id:
         summary_to_new_parent(record, sweep_dir, console or Console(stderr=True))
-    return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished)
+    return SyncReport(record, len(gaps.missing), gaps.present, gaps.unfinished, gaps.damaged)
 
 
 def summary_to_new_parent(record: SweepRecord, sweep_dir: Path, console: Console) -> None:
