@@ -12,7 +12,15 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from orchestrator import layout
-from orchestrator.errors import TRACKING_EXIT, USAGE_EXIT, UserError, fail, usage_error_line, user_errors
+from orchestrator.errors import (
+    ERRORED_EXIT,
+    TRACKING_EXIT,
+    USAGE_EXIT,
+    UserError,
+    fail,
+    usage_error_line,
+    user_errors,
+)
 from trainers.config import SCHEMES
 
 
@@ -164,7 +172,9 @@ def sweep(
 
     Exit codes: 0 every trial ended and is tracked; 1 interrupted (run it again to resume);
     2 a mistake in the input (nothing started); 3 every trial ended but some MLflow runs are
-    missing (run `lottery sync`).
+    missing (run `lottery sync`); 4 every trial ended but some errored: the last line names how
+    many and the first error (running again gives each errored trial one more try). A unit that
+    fails twice with the same error and no epoch in between is not retried again.
     """
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.run.sweep import run_sweep
@@ -213,6 +223,13 @@ def sweep(
             highlight=False,
             soft_wrap=True,
         )
+    if c["errored"]:  # after the tracking advice: the last line, and its exit code, name the errors
+        from orchestrator.run.errored import errored_line
+
+        keys = layout.planned_keys(outcome.sweep_dir)
+        console.print(errored_line(outcome.sweep_dir, keys, c["errored"]), highlight=False, soft_wrap=True)
+        raise typer.Exit(ERRORED_EXIT)
+    if not outcome.tracked:
         raise typer.Exit(TRACKING_EXIT)
 
 
