@@ -227,7 +227,8 @@ def sweep(
         from orchestrator.run.errored import errored_line
 
         keys = layout.planned_keys(outcome.sweep_dir)
-        console.print(errored_line(outcome.sweep_dir, keys, c["errored"]), highlight=False, soft_wrap=True)
+        line = errored_line(outcome.sweep_dir, keys, c["errored"])
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # an error's own [brackets] kept
         raise typer.Exit(ERRORED_EXIT)
     if not outcome.tracked:
         raise typer.Exit(TRACKING_EXIT)
