@@ -6,10 +6,12 @@ as the CPUs allow, 20 epochs). Once the first trial has written 3 epochs its wor
 pack, the one process training all 16 seeds) gets SIGKILL. Measured per run:
   delay : from the kill to the start of the trial's next attempt (attempts.jsonl `started`),
           i.e. how long Tune takes to notice the dead actor, clean up and start a new one;
-  spawn : from the kill to the creation of the retry's worker process (Tune noticing the dead
+  spawn : from the kill to the creation of the process that runs the retry (Tune noticing the dead
           actor, freeing its resources and asking Ray for a new one: what Tune's scheduling costs);
   start : from that process's creation to the retry's start (Python importing Ray, Tune and
-          torch and Tune setting up the trial: what the machine's speed costs);
+          torch and Tune setting up the trial: what the machine's speed costs). With actor reuse
+          that process may have been started for another trial, which ran first: then `start`
+          holds the wait for it;
   total : the whole `lottery sweep` command.
 With `reuse_actors=True` Tune keeps finished trials' actors for the next trial; after a worker
 death it has been seen to start and kill several cached actors in a row before the retry

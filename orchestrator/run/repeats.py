@@ -20,6 +20,7 @@ up its retries on refusals; and nothing in Tune 2.60 lets a trainable's error sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from typing import Any
@@ -50,10 +51,14 @@ def last_failure(unit_dir: layout.Location) -> dict[str, Any] | None:
 def record_failure(
     unit_dir: layout.Location, previous: dict[str, Any] | None, error: str, epoch: int
 ) -> bool:
-    """Record this attempt's failure; True if it repeats `previous` (same error, same epoch reached)."""
+    """Record this attempt's failure; True if it repeats `previous` (same error, same epoch reached).
+
+    A record that cannot be written (a full disk) raises nothing: the error itself is what gets raised.
+    """
     current = {"error": error_digest(error), "epoch": epoch, "line": last_line(error)}
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    layout.atomic_write_json(unit_dir / layout.FAILURE, current)
+    with contextlib.suppress(OSError):
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        layout.atomic_write_json(unit_dir / layout.FAILURE, current)
     return previous is not None and (previous.get("error"), previous.get("epoch")) == (
         current["error"],
         epoch,

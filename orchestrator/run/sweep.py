@@ -848,11 +848,11 @@ def trials_at_once(resources: Resources) -> int:
 
     Without a limit Tune creates every trial at once and asks Ray for resources for up to 200 of
     them, so after a worker dies its retry queues behind all the others' requests: the dead
-    worker's CPU went to the next waiting trial, and the retry waited for a whole trial to end
-    (bench/retry_delay.py: 46 s for a pack of 16 seeds, where starting a worker took 16 s). With
-    as many trials as fit, none waits, and the retry takes the slot its worker freed. A cluster
-    that should grow under load (an autoscaler adds nodes for waiting trials) sets
-    max_concurrent_trials itself.
+    worker's CPU went to the next waiting trial, and the retry waited for a running trial to end
+    (bench/retry_delay.py, packs of 16 seeds and 40 epochs on a loaded 2-core machine: 78 s; now
+    12-15 s, nearly all of it the new worker process importing torch). With as many trials as
+    fit, none waits, and the retry takes the slot its worker freed. A cluster that should grow
+    under load (an autoscaler adds nodes for waiting trials) sets max_concurrent_trials itself.
     """
     import ray
 
