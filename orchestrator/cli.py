@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from orchestrator import layout
 from orchestrator.errors import (
+    ERRORED_EXIT,
     STORAGE_EXIT,
     TRACKING_EXIT,
     USAGE_EXIT,
@@ -180,8 +181,11 @@ def sweep(
 
     Exit codes: 0 every trial ended and is tracked; 1 interrupted (run it again to resume);
     2 a mistake in the input (nothing started); 3 every trial ended but some MLflow runs are
-    missing (run `lottery sync`); 5 stopped because the sweep directory became full or read-only
-    (free space or remount it, then run it again to resume).
+    missing (run `lottery sync`); 4 every trial ended but some errored: the last line names how
+    many and the first error (running again gives each errored trial one more try). A unit that
+    fails twice with the same error and no epoch in between is not retried again; 5 stopped because
+    the sweep directory became full or read-only (free space or remount it, then run it again to
+    resume).
     """
     from orchestrator.run.sweep import dry_run as show_plan
     from orchestrator.run.sweep import run_sweep
@@ -240,6 +244,14 @@ def sweep(
             highlight=False,
             soft_wrap=True,
         )
+    if c["errored"]:  # after the tracking advice: the last line, and its exit code, name the errors
+        from orchestrator.run.errored import errored_line
+
+        keys = layout.planned_keys(outcome.sweep_dir)
+        line = errored_line(outcome.sweep_dir, keys, c["errored"])
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # an error's own [brackets] kept
+        raise typer.Exit(ERRORED_EXIT)
+    if not outcome.tracked:
         raise typer.Exit(TRACKING_EXIT)
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_EXIT = 2
 TRACKING_EXIT = 3  # `lottery sweep`: every trial ended, but some MLflow runs are missing (`lottery sync`)
+ERRORED_EXIT = 4  # `lottery sweep`: every trial ended, but some errored (their error.txt says why)
 STORAGE_EXIT = 5  # `lottery sweep`: stopped because the sweep directory is full or read-only
 UNKNOWN_ADVICE = "; remove it or check its spelling"
 

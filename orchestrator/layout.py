@@ -19,6 +19,8 @@ Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<r
     checkpoint.pt      a lone seed's latest epoch checkpoint (removed once result.json exists)
     attempts.jsonl     one line per attempt: pid, the epoch it resumed from, the checkpoint it used
   packs/<pack_key>/checkpoint.pt  a seed pack's checkpoint (its seeds' records are in their trial dirs)
+  failure.json  in a unit's directory (a lone seed's trial dir, or its pack's): its last failed attempt,
+                the error's digest and the epoch it had reached (orchestrator/run/repeats.py)
   tune/         Tune's experiment state and per-epoch marker checkpoints (epoch.json): what
                 `Tuner.restore` reads; an unreadable one is moved aside to tune.unreadable-<time>/.
                 A sequential study runs one Tune experiment per seed batch: tune/batch-<i>/
@@ -87,7 +89,7 @@ SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")  # sqlite's companions of a dat
 REPACKED = "repacked"  # suffix of a Tune state set aside because the trials were packed anew
 DRIVER_LOCK = "driver.lock"  # held by the running driver; names its host and pid
 CHANGED_DATA = "changed-data"  # trials/<key>.changed-data-<time>/: a result set aside by --retrain-changed
-# In a trial directory (a pack directory holds CHECKPOINT and FAULT_MARKER only)
+# In a trial directory (a pack directory holds CHECKPOINT, FAILURE and FAULT_MARKER only)
 CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
     "config.json",
     "metrics.parquet",
@@ -99,6 +101,7 @@ CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
 )
 TRACE_PARTS, ATTEMPTS = "trace_parts", "attempts.jsonl"
 CGN_FIGURE = "cgn_filters.png"  # drawn where the trial runs: the driver only uploads it
+FAILURE = "failure.json"  # a unit's last failed attempt: a repeat of it is not retried (run/repeats.py)
 FAULT_MARKER = ".fault_injected"  # tests only: the injected fault has fired (orchestrator/run/trainable.py)
 EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune
 

@@ -140,8 +140,14 @@ class ProgressCallback(Callback):
         self._say(f"[yellow]trial {trial} raised {_last_line(trial)}; retrying from its last checkpoint[/]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        from orchestrator.run.repeats import REPEATED_KEY
+
         if not storage_stop.stopping():
-            self._say(f"[red]trial {trial} errored after its retries: {_last_line(trial)}[/]")
+            repeated = (trial.last_result or {}).get(REPEATED_KEY)
+            why = (
+                "the same error again, with no epoch in between (not retried)" if repeated else "its retries"
+            )
+            self._say(f"[red]trial {trial} errored after {why}: {_last_line(trial)}[/]")
 
     def _say(self, message: str) -> None:
         if self._console is not None:

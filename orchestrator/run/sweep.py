@@ -58,6 +58,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -75,7 +76,7 @@ from orchestrator import layout
 from orchestrator.errors import UserError, one_line
 from orchestrator.run.preflight_model import DataShape, check_models, known_shapes
 from orchestrator.sequential import check_design, opened_plan
-from orchestrator.spec import SweepPlan
+from orchestrator.spec import Resources, SweepPlan
 
 if TYPE_CHECKING:  # both import Ray or MLflow, which a dry run never needs
     from ray.tune import Tuner
@@ -839,8 +840,9 @@ def _tuner(
     from ray import tune
 
     from orchestrator.run.progress import ProgressCallback
+    from orchestrator.run.repeats import StopRepeatedErrors
     from orchestrator.run.storage_stop import StopOnStorageFault
-    from orchestrator.run.trainable import FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, TrialContext, run_planned_trial
     from orchestrator.tracking.sweep import TrackingCallback
 
     spec = plan.spec
@@ -852,6 +854,7 @@ def _tuner(
         spec.resources.threads,
         run_figures=spec.run_figures,
         fault_once=os.environ.get(FAULT_ENV),
+        fault_always=os.environ.get(FAULT_ALWAYS_ENV),
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_planned_trial, context=context),
@@ -872,7 +875,7 @@ def _tuner(
         trainable,
         param_space={"unit": tune.grid_search(list(range(len(plan.units))))},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=spec.max_concurrent_trials or trials_at_once(spec.resources),
             reuse_actors=REUSE_ACTORS,
             trial_name_creator=functools.partial(trial_name, names=names),
             trial_dirname_creator=functools.partial(trial_name, names=names),
@@ -888,10 +891,31 @@ def _tuner(
                 StopOnStorageFault(sweep_dir),  # first: the others then know a trial's error is the disk's
                 ProgressCallback(spec.name, [len(unit) for unit in plan.units]),
                 TrackingCallback(sweep_dir, [[keys[i] for i in unit] for unit in plan.units]),
+                StopRepeatedErrors(spec.max_failures),
             ],
             verbose=0,
         ),
     )
+
+
+def trials_at_once(resources: Resources) -> int:
+    """How many trials the connected Ray cluster runs at once: Tune's limit when the spec sets none.
+
+    Without a limit Tune creates every trial at once and asks Ray for resources for up to 200 of
+    them, so after a worker dies its retry queues behind all the others' requests: the dead
+    worker's CPU went to the next waiting trial, and the retry waited for a running trial to end
+    (bench/retry_delay.py, packs of 16 seeds and 40 epochs on a loaded 2-core machine: 78 s; now
+    12-15 s, nearly all of it the new worker process importing torch). With as many trials as
+    fit, none waits, and the retry takes the slot its worker freed. A cluster that should grow
+    under load (an autoscaler adds nodes for waiting trials) sets max_concurrent_trials itself.
+    """
+    import ray
+
+    offered = ray.cluster_resources()
+    fits = [offered.get("CPU", 0.0) / resources.cpu]
+    if resources.gpu:
+        fits.append(offered.get("GPU", 0.0) / resources.gpu)
+    return max(1, math.floor(min(fits) + 1e-9))  # 0.3 / 0.1 is 2.999...: three fit
 
 
 def unit_name(index: int, unit: tuple[int, ...], plan: SweepPlan, keys: list[str]) -> str:

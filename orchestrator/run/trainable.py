@@ -26,11 +26,17 @@ instead of retrying it.
 Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epoch>` and
 passes it here; that trial raises once, right after epoch `<epoch>` (not its last, which makes no
 checkpoint) has been reported with its checkpoint. A marker file in the trial directory makes it
-fire only once.
+fire only once. `LOTTERY_FAULT_ALWAYS=<trial_key>:<epoch>` (tests only, too) makes that trial raise
+the same error in every attempt, at the end of epoch `<epoch>` (0-based) before its checkpoint: a
+deterministic error. For either, `*` in place of the trial key means every trial.
+
+A failed attempt is recorded in the unit's `failure.json`; one that repeats the error its
+predecessor left, at the same epoch, is not retried again (orchestrator/run/repeats.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -46,6 +52,7 @@ import torch
 from ray import tune
 
 from orchestrator import layout
+from orchestrator.run import repeats
 from orchestrator.run.trial import TrialDirSink, load_checkpoint, pack_key, run_trials
 from orchestrator.storage_fault import StorageFault, storage_fault
 from trainers.config import DataConfig, TrialConfig
@@ -54,6 +61,7 @@ from trainers.events import TUNE, EpochRecord, result_fields
 from trainers.loop import pick_device
 
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
+FAULT_ALWAYS_ENV = "LOTTERY_FAULT_ALWAYS"  # tests only: a deterministic error (see the module docstring)
 RESULT_KEYS = result_fields(TUNE)
 
 
@@ -79,6 +87,7 @@ class TrialContext:
     threads: int  # torch intra-op threads: the trial's CPU share
     run_figures: bool = True  # each seed's CGN figure for its MLflow run (SweepSpec.run_figures)
     fault_once: str | None = None  # "<trial_key>:<epoch>", tests only
+    fault_always: str | None = None  # "<trial_key>:<epoch>", tests only
 
     @classmethod
     def for_plan(
@@ -90,13 +99,24 @@ class TrialContext:
         threads: int,
         run_figures: bool = True,
         fault_once: str | None = None,
+        fault_always: str | None = None,
     ) -> TrialContext:
         configs: dict[str, int] = {}
         planned = []
         for trial in trials:
             document = trial.with_seed(0).model_dump_json()
             planned.append((configs.setdefault(document, len(configs)), trial.seed))
-        return cls(sweep, sweep_dir, tuple(configs), tuple(planned), units, threads, run_figures, fault_once)
+        return cls(
+            sweep,
+            sweep_dir,
+            tuple(configs),
+            tuple(planned),
+            units,
+            threads,
+            run_figures,
+            fault_once,
+            fault_always,
+        )
 
     def members(self, unit: int) -> list[TrialConfig]:
         """The trials one Tune trial trains, as planned."""
@@ -138,38 +158,48 @@ def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
     for directory, status in zip(trial_dirs, done, strict=True):
         if not status.finished:  # only the seeds this attempt trains
             _record_attempt(directory, epoch, source, tune_epoch)
-    fault_epoch = next(
-        (e for t in members if (e := _fault_epoch(context.fault_once, t.trial_key())) is not None), None
-    )
+    fault_epoch = _members_fault_epoch(context.fault_once, members)
+    always_epoch = _members_fault_epoch(context.fault_always, members)
+    previous_failure = repeats.last_failure(unit_dir)
+    reached = [epoch]  # the unit's checkpointed epoch: what a retry resumes from
     last: dict[str, float] = {}
 
     def on_epoch(record: EpochRecord) -> None:
         last.clear()
         last.update(epoch=record.epoch, train_loss=record.train_loss, test_acc=record.test_acc)
+        if record.epoch == always_epoch:
+            raise InjectedFault(f"{FAULT_ALWAYS_ENV}: injected failure in epoch {record.epoch}")
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # The state itself was just written to the unit's own checkpoint; Tune's marks the epoch.
         # The loop makes none after the last epoch: the result follows at once, and every report is
         # a round trip to the driver (the trainable waits for it), a large share of a short trial's cost.
+        reached[0] = int(state["progress"]["epoch"])
         with tempfile.TemporaryDirectory() as tmp:
-            mark = {"epoch": int(state["progress"]["epoch"])}
+            mark = {"epoch": reached[0]}
             (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
         if epoch == fault_epoch:
             _inject_fault_once(unit_dir, epoch)
 
-    data = _load_data_or_record(members, trial_dirs, context.sweep)
-    results = run_trials(
-        members,
-        trial_dirs,
-        sweep=context.sweep,
-        pack_dir=unit_dir,
-        data=data,
-        resume=resume,
-        on_epoch=on_epoch,
-        on_checkpoint=on_checkpoint,
-        run_figures=context.run_figures,
-    )
+    try:
+        data = _load_data_or_record(members, trial_dirs, context.sweep)
+        results = run_trials(
+            members,
+            trial_dirs,
+            sweep=context.sweep,
+            pack_dir=unit_dir,
+            data=data,
+            resume=resume,
+            on_epoch=on_epoch,
+            on_checkpoint=on_checkpoint,
+            run_figures=context.run_figures,
+        )
+    except Exception:
+        if repeats.record_failure(unit_dir, previous_failure, traceback.format_exc(), reached[0]):
+            with contextlib.suppress(Exception):  # then Tune retries as usual
+                tune.report({repeats.REPEATED_KEY: 1})  # handled by the driver before the error below
+        raise
     tune.report(_result_metrics(results))
 
 
@@ -260,11 +290,15 @@ def _result_metrics(results: list[dict[str, Any] | None]) -> dict[str, Any]:
     return metrics
 
 
-def _fault_epoch(fault_once: str | None, trial_key: str) -> int | None:
-    if not fault_once:
+def _fault_epoch(fault: str | None, trial_key: str) -> int | None:
+    if not fault:
         return None
-    key, _, epoch = fault_once.partition(":")
-    return int(epoch) if key == trial_key else None
+    key, _, epoch = fault.partition(":")
+    return int(epoch) if key in (trial_key, "*") else None
+
+
+def _members_fault_epoch(fault: str | None, members: list[TrialConfig]) -> int | None:
+    return next((e for t in members if (e := _fault_epoch(fault, t.trial_key())) is not None), None)
 
 
 def _inject_fault_once(unit_dir: layout.Location, epoch: int) -> None:
