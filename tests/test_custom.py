@@ -292,3 +292,64 @@ def test_an_edited_builder_refuses_its_stored_results(tmp_path: Path) -> None:
     result = lottery([*args, "--retrain-changed"], home)
     assert result.exit_code == 0, result.output
     assert "1 stored result(s) trained on other data would be set aside" in result.stdout
+
+
+# --- what a cluster's workers are sent --------------------------------------------------------------
+
+
+def test_the_runtime_env_ships_file_targets_and_the_user_s_packages_only(tmp_path: Path) -> None:
+    from orchestrator.run.user_code import code_runtime_env
+    from trainers.custom import SHIPPED_ENV
+
+    spec = example_copy(tmp_path / "study")
+    env = code_runtime_env(load_plan(spec))
+    study = tmp_path / "study"
+    assert env is not None
+    assert env["py_modules"] == sorted([str(study / "data.py"), str(study / "net.py")])
+    assert json.loads(env["env_vars"][SHIPPED_ENV]) == {
+        str(study / "net.py"): "net",
+        str(study / "data.py"): "data",
+    }
+
+    package = study / "mynets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(EXAMPLE / "net.py", package / "small.py")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["model"]["builder"] = "mynets.small:build"
+    spec.write_text(yaml.safe_dump(doc))
+    env = code_runtime_env(load_plan(spec))
+    assert env is not None and env["py_modules"] == sorted([str(package), str(study / "data.py")])
+
+    doc["base"]["model"]["builder"] = "torch.nn:Conv2d"  # installed: every worker has it already
+    doc["base"]["data"] = {"name": "digits"}
+    spec.write_text(yaml.safe_dump(doc))
+    assert code_runtime_env(load_plan(spec)) is None
+    builtin = example_copy(tmp_path / "builtin", model={"name": "crater_cnn"}, data={"name": "digits"})
+    assert code_runtime_env(load_plan(builtin)) is None
+
+
+def test_two_shipped_files_of_one_name_are_refused(tmp_path: Path) -> None:
+    from orchestrator.errors import UserError
+    from orchestrator.run.user_code import code_runtime_env
+
+    spec = example_copy(tmp_path / "study")
+    (tmp_path / "study" / "other").mkdir()
+    shutil.copy(EXAMPLE / "data.py", tmp_path / "study" / "other" / "net.py")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["data"]["loader"] = "other/net.py:load"
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(
+        UserError, match=r"^base\.data\.loader: .* share the module name 'net' on the workers"
+    ):
+        code_runtime_env(load_plan(spec))
+
+
+def test_submit_refuses_a_file_target_outside_the_uploaded_checkout(tmp_path: Path) -> None:
+    from orchestrator.errors import UserError
+    from orchestrator.run.user_code import check_uploaded
+
+    plan = load_plan(example_copy(tmp_path / "study"))
+    with pytest.raises(UserError, match=r"^base\.model\.builder: .*net\.py is outside .*put the file in it"):
+        check_uploaded(plan, ROOT)
+    check_uploaded(plan, tmp_path)  # inside: uploaded with the checkout

@@ -12,6 +12,7 @@ hashed (trainers/custom.py).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UserError
@@ -51,3 +52,18 @@ def code_runtime_env(plan: SweepPlan) -> dict[str, Any] | None:
     if shipped:
         env["env_vars"] = {SHIPPED_ENV: json.dumps(shipped, sort_keys=True)}
     return env
+
+
+def check_uploaded(plan: SweepPlan, root: Path) -> None:
+    """`lottery submit` uploads the checkout at `root` and runs the sweep from that copy, where a
+    file target outside it does not exist: refuse such a target here, in one line."""
+    from trainers.custom import file_path, is_file_target
+
+    for trial in plan.trials:
+        for cfg, section, field in ((trial.model, "model", "builder"), (trial.data, "data", "loader")):
+            text = getattr(cfg, field)
+            if text and is_file_target(text) and not file_path(text, cfg.base_dir).is_relative_to(root):
+                raise UserError(
+                    f"base.{section}.{field}: {file_path(text, cfg.base_dir)} is outside {root}; the job "
+                    "uploads that checkout, so put the file in it (beside the spec)"
+                )
