@@ -311,12 +311,12 @@ def test_the_runtime_env_ships_file_targets_and_the_user_s_packages_only(tmp_pat
         str(study / "data.py"): "data",
     }
 
-    package = study / "mynets"
+    package = study / "shipnets"  # a name no other test imports
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(EXAMPLE / "net.py", package / "small.py")
     doc = yaml.safe_load(spec.read_text())
-    doc["base"]["model"]["builder"] = "mynets.small:build"
+    doc["base"]["model"]["builder"] = "shipnets.small:build"
     spec.write_text(yaml.safe_dump(doc))
     env = code_runtime_env(load_plan(spec))
     assert env is not None and env["py_modules"] == sorted([str(package), str(study / "data.py")])
