@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # "custom": the user's own loader / builder, named by `loader` / `builder` (trainers/custom.py).
 DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder", "custom"]
@@ -45,16 +45,21 @@ class DataConfig(Strict):
     augment: Literal["none", "crop_flip"] = "none"
     # name: custom. "package.module:function" or "path/to/file.py:function", called as
     # function(**kwargs) -> (train_x, train_y, test_x, test_y); see trainers/custom.py.
-    loader: str | None = None
+    loader: str | None = Field(None, validate_default=True)
     kwargs: dict[str, Any] = {}  # passed to the loader; part of the trial key
     # Where a relative `loader` file resolves: the spec's folder (set when the spec is loaded). Where
     # the code is, not what it is, so it is no part of the trial key (as data_dir is not).
     base_dir: Path | None = None
 
-    @model_validator(mode="after")
-    def _custom_needs_loader(self) -> DataConfig:
-        _check_custom("data", self.name, "loader", self.loader, self.kwargs)
-        return self
+    @field_validator("loader")
+    @classmethod
+    def _custom_needs_loader(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_target("data", info.data.get("name"), "loader", value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_kwargs("data", info.data.get("name"), value)
 
 
 class ModelConfig(Strict):
@@ -67,30 +72,39 @@ class ModelConfig(Strict):
     batchnorm: bool = False  # BN after every conv under any scheme (the `batchnorm` scheme implies it)
     # name: custom. "package.module:function" or "path/to/file.py:function", called as
     # function(in_channels=C, num_classes=K, image_size=S, **kwargs) -> nn.Module; see trainers/custom.py.
-    builder: str | None = None
+    builder: str | None = Field(None, validate_default=True)
     kwargs: dict[str, Any] = {}  # passed to the builder; part of the trial key
     base_dir: Path | None = None  # where a relative `builder` file resolves (see DataConfig.base_dir)
 
-    @model_validator(mode="after")
-    def _custom_needs_builder(self) -> ModelConfig:
-        _check_custom("model", self.name, "builder", self.builder, self.kwargs)
-        return self
+    @field_validator("builder")
+    @classmethod
+    def _custom_needs_builder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_target("model", info.data.get("name"), "builder", value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_kwargs("model", info.data.get("name"), value)
 
 
-def _check_custom(section: str, name: str, field: str, target: str | None, kwargs: dict) -> None:
-    """`name: custom` and its `builder`/`loader` come together; built-ins take neither (nor kwargs)."""
+def _check_target(section: str, name: str | None, field: str, target: str | None) -> str | None:
+    """`name: custom` and its `builder`/`loader` come together; built-ins take neither."""
     if name == "custom" and not target:
         raise ValueError(
-            f"{section}.{field}: {section} 'custom' needs a {field}, as \"package.module:function\" or "
-            f'"path/to/file.py:function"'
+            f"{section} 'custom' needs a {field}, as \"package.module:function\" or "
+            '"path/to/file.py:function"'
         )
-    if name != "custom" and (target or kwargs):
-        what = field if target else "kwargs"
-        raise ValueError(f"{section}.{what}: only {section} 'custom' takes it; set {section}.name: custom")
+    if name != "custom" and target:
+        raise ValueError(f"only {section} 'custom' takes a {field}; set {section}.name: custom")
     if target is not None and (target.count(":") != 1 or not all(target.split(":"))):
-        raise ValueError(
-            f'{section}.{field}: {target!r} is not "package.module:function" or "path/to/file.py:function"'
-        )
+        raise ValueError(f'{target!r} is not "package.module:function" or "path/to/file.py:function"')
+    return target
+
+
+def _check_kwargs(section: str, name: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if kwargs and name != "custom":
+        raise ValueError(f"only {section} 'custom' takes kwargs; set {section}.name: custom")
+    return kwargs
 
 
 class OptimConfig(Strict):
