@@ -168,7 +168,7 @@ BAD_BUILDERS = {
     "no conv for a filter scheme": (
         "def build(*, in_channels, num_classes, image_size, **kw):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))\n",
-        "base.model.builder: net.py:build has no nn.Conv2d, so scheme randomout has no filters",
+        "base.model.builder: net.py:build has no nn.Conv2d",
         "",
     ),
 }
@@ -185,12 +185,12 @@ def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: 
     assert not (tmp_path / "home").exists()  # nothing written
 
 
-def test_a_net_without_convs_still_runs_under_baseline(tmp_path: Path) -> None:
+def test_a_net_without_convs_is_refused_under_baseline_too(tmp_path: Path) -> None:
     spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
     source = BAD_BUILDERS["no conv for a filter scheme"][0]
     (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
-    result = lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home")
-    assert result.exit_code == 0, result.output
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line.startswith("base.model.builder: net.py:build has no nn.Conv2d, and the per-layer filter")
 
 
 def test_the_batchnorm_scheme_on_a_custom_net_is_refused(tmp_path: Path) -> None:

@@ -90,10 +90,17 @@ def _check_net(trial: TrialConfig, *, local: bool) -> str:
 
 
 def _check_filters(trial: TrialConfig, convs: str) -> None:
+    """A filter scheme needs filters. So, for now, does baseline: its per-layer CGN record
+    (trainers/cgn.py) expects at least one conv layer."""
     if convs == "" and trial.scheme.name != "baseline":
         raise UserError(
             f"base.model.builder: {trial.model.builder} has no nn.Conv2d, so scheme {trial.scheme.name} "
-            "has no filters to work on; add a conv layer, or run it under baseline only"
+            "has no filters to work on; add a conv layer"
+        )
+    if convs == "":
+        raise UserError(
+            f"base.model.builder: {trial.model.builder} has no nn.Conv2d, and the per-layer filter record "
+            "needs at least one; add a conv layer"
         )
 
 
