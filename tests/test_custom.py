@@ -357,3 +357,11 @@ def test_submit_refuses_a_file_target_outside_the_uploaded_checkout(tmp_path: Pa
     with pytest.raises(UserError, match=r"^base\.model\.builder: .*net\.py is outside .*put the file in it"):
         check_uploaded(plan, ROOT)
     check_uploaded(plan, tmp_path)  # inside: uploaded with the checkout
+
+
+def test_lottery_train_makes_the_same_checks(tmp_path: Path) -> None:
+    (tmp_path / "lin.py").write_text(NET_HEAD + BAD_BUILDERS["no conv for a filter scheme"][0])
+    args = ["train", "--model=custom", f"--set=model.builder={tmp_path / 'lin.py'}:build", "--epochs=1"]
+    line = one_error_line(lottery([*args, f"--out={tmp_path / 'out'}", "--no-mlflow"], tmp_path / "home"))
+    assert line.startswith(f"base.model.builder: {tmp_path / 'lin.py'}:build has no nn.Conv2d")
+    assert not (tmp_path / "out").exists()  # nothing written

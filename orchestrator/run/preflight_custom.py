@@ -31,7 +31,15 @@ def check_custom_models(
 ) -> list[tuple[Path, str]]:
     """Build and run each custom net once; returns the finished trials trained by an edited builder
     (only with `retrain_changed`; otherwise they are refused in one line)."""
-    custom = [t for t in plan.trials if t.model.name == "custom"]
+    return check_custom_trials(list(plan.trials), sweep_dir, local=local, retrain_changed=retrain_changed)
+
+
+def check_custom_trials(
+    trials: list[TrialConfig], sweep_dir: Path, *, local: bool, retrain_changed: bool
+) -> list[tuple[Path, str]]:
+    """check_custom_models for any trials whose directories live under `sweep_dir` (`lottery train`'s
+    own directory included)."""
+    custom = [t for t in trials if t.model.name == "custom"]
     if not custom:
         return []
     seen: dict[str, str] = {}
