@@ -464,9 +464,20 @@ def load_spec(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepS
 def load_plan(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepPlan:
     """A spec file's plan. The trial cap applies to a spec given now, not to one a sweep recorded
     (`lottery sync` expands spec.json as it was accepted)."""
-    spec = load_spec(path, overrides)
+    spec = with_code_folder(load_spec(path, overrides), path.resolve().parent)
     check_trial_count(spec)
     return expand(spec)
+
+
+def with_code_folder(spec: SweepSpec, folder: Path) -> SweepSpec:
+    """A relative `model.builder` / `data.loader` file resolves against the spec's folder: that folder
+    travels as the section's base_dir (no part of the trial key, so moving the folder keeps the keys)."""
+    base = copy.deepcopy(spec.base)
+    for section, field in (("model", "builder"), ("data", "loader")):
+        doc = base.get(section)
+        if isinstance(doc, dict) and doc.get(field) and "base_dir" not in doc:
+            doc["base_dir"] = str(folder)
+    return spec if base == spec.base else spec.model_copy(update={"base": base})
 
 
 def expand(spec: SweepSpec) -> SweepPlan:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder"]
-ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn", "resnet20"]
+# "custom": the user's own loader / builder, named by `loader` / `builder` (trainers/custom.py).
+DatasetName = Literal["digits", "synthetic", "craters", "cifar10", "mnist", "imagefolder", "custom"]
+ModelName = Literal["crater_cnn", "inception28", "vanilla_cnn", "resnet20", "custom"]
 InitName = Literal["uniform0.01", "xavier", "kaiming"]
 ReprMetric = Literal["ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"]
 
@@ -46,6 +47,23 @@ class DataConfig(Strict):
     normalize: Literal["standard", "mean_image"] = "standard"
     # Training minibatches only, drawn from data_seed so schemes stay paired (trainers/augment.py).
     augment: Literal["none", "crop_flip"] = "none"
+    # name: custom. "package.module:function" or "path/to/file.py:function", called as
+    # function(**kwargs) -> (train_x, train_y, test_x, test_y); see trainers/custom.py.
+    loader: str | None = Field(None, validate_default=True)
+    kwargs: dict[str, Any] = {}  # passed to the loader; part of the trial key
+    # Where a relative `loader` file resolves: the spec's folder (set when the spec is loaded). Where
+    # the code is, not what it is, so it is no part of the trial key (as data_dir is not).
+    base_dir: Path | None = None
+
+    @field_validator("loader")
+    @classmethod
+    def _custom_needs_loader(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_target("data", info.data.get("name"), "loader", value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_kwargs("data", info.data.get("name"), value)
 
 
 class ModelConfig(Strict):
@@ -56,6 +74,41 @@ class ModelConfig(Strict):
     padding: int = Field(1, ge=0, le=3)  # crater_cnn conv padding
     init: InitName = "uniform0.01"  # the reference code's default initializer
     batchnorm: bool = False  # BN after every conv under any scheme (the `batchnorm` scheme implies it)
+    # name: custom. "package.module:function" or "path/to/file.py:function", called as
+    # function(in_channels=C, num_classes=K, image_size=S, **kwargs) -> nn.Module; see trainers/custom.py.
+    builder: str | None = Field(None, validate_default=True)
+    kwargs: dict[str, Any] = {}  # passed to the builder; part of the trial key
+    base_dir: Path | None = None  # where a relative `builder` file resolves (see DataConfig.base_dir)
+
+    @field_validator("builder")
+    @classmethod
+    def _custom_needs_builder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_target("model", info.data.get("name"), "builder", value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_kwargs("model", info.data.get("name"), value)
+
+
+def _check_target(section: str, name: str | None, field: str, target: str | None) -> str | None:
+    """`name: custom` and its `builder`/`loader` come together; built-ins take neither."""
+    if name == "custom" and not target:
+        raise ValueError(
+            f"{section} 'custom' needs a {field}, as \"package.module:function\" or "
+            '"path/to/file.py:function"'
+        )
+    if name != "custom" and target:
+        raise ValueError(f"only {section} 'custom' takes a {field}; set {section}.name: custom")
+    if target is not None and (target.count(":") != 1 or not all(target.split(":"))):
+        raise ValueError(f'{target!r} is not "package.module:function" or "path/to/file.py:function"')
+    return target
+
+
+def _check_kwargs(section: str, name: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if kwargs and name != "custom":
+        raise ValueError(f"only {section} 'custom' takes kwargs; set {section}.name: custom")
+    return kwargs
 
 
 class OptimConfig(Strict):
@@ -243,6 +296,8 @@ class TrialConfig(Strict):
         doc = self.model_dump(mode="json", exclude_defaults=True, exclude={"device": True})
         doc.setdefault("data", {}).pop("data_dir", None)
         doc.get("data", {}).pop("download", None)
+        doc.get("data", {}).pop("base_dir", None)
+        doc.get("model", {}).pop("base_dir", None)
         doc["scheme"] = self.scheme.model_dump(mode="json", exclude_defaults=True) | {
             "name": self.scheme.name
         }

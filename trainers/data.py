@@ -458,6 +458,22 @@ def _open_image(path: str) -> Image.Image:
         return image
 
 
+def _load_custom(cfg: DataConfig, generator: torch.Generator) -> _Raw:
+    """The user's loader (trainers/custom.py). Its record, and so the data fingerprint, is the SHA-256
+    of the tensors it returned plus its identity (target, kwargs, source hash): new data or an edited
+    loader is changed data."""
+    from trainers.custom import CustomCodeError, load_tensors
+
+    try:
+        (x_train, y_train, x_test, y_test), classes, target, digest = load_tensors(cfg)
+    except CustomCodeError as error:
+        raise DataError(str(error)) from None
+    record = {"records": len(y_train) + len(y_test), "sha256": digest} | target.identity(cfg.kwargs)
+    description = f"custom {target.text}"
+    files = {"loader": record}
+    return _Raw(x_train, y_train, x_test, y_test, classes, description, seeded=False, files=files)
+
+
 _LOADERS: dict[str, Callable[[DataConfig, torch.Generator], _Raw]] = {
     "digits": _load_digits,
     "synthetic": _load_synthetic,
@@ -465,4 +481,5 @@ _LOADERS: dict[str, Callable[[DataConfig, torch.Generator], _Raw]] = {
     "cifar10": _load_cifar10,
     "mnist": _load_mnist,
     "imagefolder": _load_imagefolder,
+    "custom": _load_custom,
 }

@@ -145,6 +145,11 @@ class TrialResult:
     # What it was trained on (trainers/data.py): the hash of `data_files` ("" for generated data).
     data_fingerprint: str = ""
     data_files: dict[str, Any] = field(default_factory=dict)
+    # What net it was: `model.builder` for a custom net (else the model name), the SHA-256 of the
+    # builder's source file ("" for built-ins) and one seed's parameter count.
+    builder: str = ""
+    builder_sha256: str = ""
+    parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -200,6 +200,7 @@ def train_pack(
     resume: dict[str, Any] | None = None,
 ) -> list[TrialResult]:
     model = build_pack(config, seeds, data).to(device)
+    built = _built(config, model, len(seeds))
     scheme = build_scheme(config.scheme)
     data_gen = torch.Generator().manual_seed(config.data_seed)
     scheme_gens = [torch.Generator(device=device).manual_seed(derive_seeds(s)[1]) for s in seeds]
@@ -275,7 +276,7 @@ def train_pack(
             )
             sink.on_epoch(record, trace)
             if seed_progress.diverged:
-                results[k] = _result(config, k, data, progress, scheme, device)
+                results[k] = _result(config, k, data, progress, scheme, device, built)
                 sink.on_result(results[k])
         if any(ctx.alive) and epoch < config.total_epochs - 1:
             # None after the last epoch: the results follow at once (a trial stopped in between trains
@@ -284,7 +285,7 @@ def train_pack(
 
     for k in range(len(seeds)):
         if k not in results:
-            results[k] = _result(config, k, data, progress, scheme, device)
+            results[k] = _result(config, k, data, progress, scheme, device, built)
             sink.on_result(results[k])
     return [results[k] for k in range(len(seeds))]
 
@@ -347,6 +348,7 @@ def _result(
     progress: _Progress,
     scheme: Scheme,
     device: torch.device,
+    built: dict[str, Any],
 ) -> TrialResult:
     seed = progress.seeds[k]
     chance = data.chance
@@ -371,7 +373,19 @@ def _result(
         threads=torch.get_num_threads(),
         data_fingerprint=data.fingerprint if data.files else "",
         data_files=data.files,
+        **built,
     )
+
+
+def _built(config: TrialConfig, model: torch.nn.Module, seeds: int) -> dict[str, Any]:
+    """What net was trained, for the record: its builder (a custom net's target, else the model name),
+    the builder's source hash ("" for built-ins) and one seed's parameter count (before a scheme adds
+    any of its own, such as edge-popup's scores)."""
+    return {
+        "builder": config.model.builder or config.model.name,
+        "builder_sha256": getattr(model, "builder_sha256", ""),
+        "parameters": sum(p.numel() for p in model.parameters()) // seeds,
+    }
 
 
 def _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress: _Progress) -> dict[str, Any]:

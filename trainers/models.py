@@ -7,6 +7,7 @@ global RNG that other code may depend on.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,11 +233,55 @@ def _resnet20(
     return FilterNet(layers)
 
 
+def conv_filter_layers(model: nn.Module) -> list[FilterLayer]:
+    """Every nn.Conv2d of a net that is not a FilterNet, named by module path; its hook sees the conv's
+    own output (before any BatchNorm or nonlinearity the net applies)."""
+    return [FilterLayer(name, m, None, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _custom(
+    cfg: ModelConfig,
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    batchnorm: bool,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """The user's net (`model.builder`, trainers/custom.py), drawn from the trial's generator like the
+    built-ins: conv and linear weights from `model.init` (so RandomOut's re-draws match the layers'
+    first draw), biases zero; anything else as the builder made it under torch's RNG seeded from the
+    generator. The builder's source hash rides on the net as `builder_sha256`, for the result."""
+    from trainers.custom import build_network
+
+    if batchnorm:
+        raise ValueError(
+            "model.batchnorm: a custom net gets no BatchNorm inserted; add nn.BatchNorm2d in the builder "
+            "and train it under baseline"
+        )
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    model, target = build_network(
+        cfg, in_channels=in_channels, num_classes=num_classes, image_size=image_size, seed=seed
+    )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                module.weight.copy_(_draw(module.weight, cfg.init, generator))
+                if module.bias is not None:
+                    module.bias.zero_()
+    if not hasattr(model, "filter_layers"):
+        model.filter_layers = functools.partial(conv_filter_layers, model)
+    model.builder_sha256 = target.sha256
+    return model
+
+
 MODELS: dict[str, Callable[..., FilterNet]] = {
     "crater_cnn": _crater_cnn,
     "inception28": _inception28,
     "vanilla_cnn": _vanilla_cnn,
     "resnet20": _resnet20,
+    "custom": _custom,
 }
 
 
@@ -250,6 +295,16 @@ def build_model(
     generator: torch.Generator,
 ) -> FilterNet:
     builder = MODELS.get(cfg.name)
+    if cfg.name == "custom":
+        _initializer(cfg.init)
+        return _custom(
+            cfg,
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=num_classes,
+            batchnorm=batchnorm,
+            generator=generator,
+        )
     if builder is None:
         raise ValueError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
     _initializer(cfg.init)  # fail before building

@@ -96,6 +96,12 @@ def run_single(
         if not retrain_changed:
             raise UserError(changed_data_message(changed, data_fingerprint(data), "data"))
         console.print(f"set aside the result trained on other data: {set_aside_changed(changed)[0]}")
+    from orchestrator.run.preflight_custom import check_custom_trials
+
+    if changed := check_custom_trials(
+        [config], layout.train_dir(root), local=True, retrain_changed=retrain_changed
+    ):
+        console.print(f"set aside the result trained by other code: {set_aside_changed(changed)[0]}")
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
     stored = layout.trial_status(trial_dir)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from orchestrator import layout
 from orchestrator.errors import UserError
+from orchestrator.run.user_code import check_uploaded
 from orchestrator.spec import SweepPlan
 from orchestrator.tracking.runs import refuse_password
 
@@ -95,6 +96,7 @@ def submit_sweep(spec: Path, plan: SweepPlan, address: str, environ: Mapping[str
     entrypoint = job_entrypoint(spec)
     env = job_env(environ)
     check_storage(plan, environ)
+    check_uploaded(plan, PROJECT_ROOT)
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
     with jobs_client(address) as client:
         return client.submit_job(

@@ -184,7 +184,11 @@ def preflight(
         check_models(plan, known_shapes(plan))  # the data is the workers': its shape is known
     check_recorded_plan(plan, sweep_dir, allow_mixed=allow_mixed)
     check_device_provenance(plan, sweep_dir, embedded=address is None, allow_mixed=allow_mixed)
-    return check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
+    changed = check_stored_data(plan, sweep_dir, fingerprints, retrain_changed=retrain_changed)
+    from orchestrator.run.preflight_custom import check_custom_models
+
+    changed += check_custom_models(plan, sweep_dir, local=address is None, retrain_changed=retrain_changed)
+    return list(dict(changed).items())  # a trial changed in data and code is set aside once
 
 
 def check_tracking_uri(plan: SweepPlan) -> None:
@@ -436,7 +440,9 @@ def run_sweep(
         for key, value in DRIVER_ENV.items():
             os.environ.setdefault(key, value)
         if address is not None:  # connect first: a cluster that cannot run the trials costs nothing
-            cluster.enter_context(ray_session(address))
+            from orchestrator.run.user_code import code_runtime_env
+
+            cluster.enter_context(ray_session(address, code_runtime_env(plan)))
             _sigterm_as_ctrl_c()
             check_cluster_resources(plan, address)
         if changed:
@@ -707,8 +713,9 @@ def _close_tracking(
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Use a running Ray if this process has one; else connect to `address`; else start a local one."""
+def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) -> Iterator[None]:
+    """Use a running Ray if this process has one; else connect to `address` (with `runtime_env`: the
+    user's code shipped to its workers, orchestrator/run/user_code.py); else start a local one."""
     import ray
 
     if ray.is_initialized():
@@ -716,7 +723,7 @@ def ray_session(address: str | None) -> Iterator[None]:
         return
     with contextlib.ExitStack() as stack:
         if address:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
         else:
             stack.enter_context(loopback_only())
             ray.init(

@@ -90,7 +90,7 @@ def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
     return client.search_runs([experiment_id], filter_string=clause, max_results=1000)
 
 
-PROVENANCE = ("device", "pack_size", "threads", "data_fingerprint")
+PROVENANCE = ("device", "pack_size", "threads", "data_fingerprint", "builder", "builder_sha256", "parameters")
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,0 +1,367 @@
+"""The user's own network and data (`name: custom`): identity, resolution and every bad input refused
+before anything starts, in one line naming the field (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from trialfactory import stored_result
+from typer.testing import CliRunner, Result
+
+from orchestrator import layout
+from orchestrator.cli import app
+from orchestrator.spec import load_plan
+from trainers.config import TrialConfig
+from trainers.custom import file_path, resolve
+from trainers.data import load_data
+from trainers.models import build_model, derive_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "custom"
+
+
+def lottery(args: list[str], home: Path) -> Result:
+    env = {"RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None, "LOTTERY_HOME": str(home)}
+    return CliRunner().invoke(app, args, env=env)
+
+
+def one_error_line(result: Result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0].removeprefix("error: ")
+
+
+def example_copy(folder: Path, *, schemes: list[dict] | None = None, **base: object) -> Path:
+    """The example's net, loader and spec in `folder` (a small train split), `base` fields replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("net.py", "data.py"):
+        shutil.copy(EXAMPLE / name, folder / name)
+    doc = yaml.safe_load((EXAMPLE / "spec.yaml").read_text())
+    doc["base"]["data"]["kwargs"] = {"train": 300}
+    doc["base"]["epochs"] = 1
+    doc["base"].update(base)
+    if schemes is not None:
+        doc["schemes"] = schemes
+    spec = folder / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    return spec
+
+
+def custom_trial(**model: object) -> TrialConfig:
+    return TrialConfig.model_validate(
+        {
+            "model": {"name": "custom", "builder": "net.py:build", "base_dir": str(EXAMPLE)} | model,
+            "data": {"name": "custom", "loader": "data.py:load", "base_dir": str(EXAMPLE)},
+        }
+    )
+
+
+# --- identity ---------------------------------------------------------------------------------------
+
+
+def test_the_key_holds_builder_and_kwargs_but_not_where_the_files_are() -> None:
+    trial = custom_trial()
+    moved = custom_trial(base_dir="/elsewhere")
+    assert trial.trial_key() == moved.trial_key()  # moving the spec's folder keeps every key
+    assert trial.trial_key() != custom_trial(kwargs={"width": 4}).trial_key()
+    assert trial.trial_key() != custom_trial(builder="other.py:build").trial_key()
+    identity = trial.identity()
+    assert identity["model"] == {"name": "custom", "builder": "net.py:build"}
+    assert identity["data"] == {"name": "custom", "loader": "data.py:load"}
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"name": "custom"}, "builder: model 'custom' needs a builder"),
+        ({"name": "crater_cnn", "builder": "net.py:build"}, "builder: only model 'custom' takes a builder"),
+        ({"name": "crater_cnn", "kwargs": {"a": 1}}, "kwargs: only model 'custom' takes kwargs"),
+        ({"name": "custom", "builder": "net.py"}, "builder: 'net.py' is not"),
+    ],
+)
+def test_custom_and_its_builder_come_together(model: dict, message: str) -> None:
+    field, text = message.split(": ", 1)
+    with pytest.raises(ValidationError) as caught:
+        TrialConfig.model_validate({"model": model})
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("model", field) and text in error["msg"]
+
+
+def test_a_relative_file_resolves_against_the_spec_folder(tmp_path: Path, monkeypatch) -> None:
+    spec = example_copy(tmp_path / "study")
+    monkeypatch.chdir(ROOT)  # not the spec's folder
+    trial = load_plan(spec).trials[0]
+    assert file_path(trial.model.builder or "", trial.model.base_dir) == tmp_path / "study" / "net.py"
+    target = resolve(trial.model.builder or "", trial.model.base_dir, "model.builder")
+    assert target.source == tmp_path / "study" / "net.py"
+
+
+def test_a_custom_net_is_a_pure_function_of_its_seed_and_keeps_the_global_rng() -> None:
+    trial = custom_trial(init="kaiming")
+    data = load_data(trial.data, 0, torch.device("cpu"))
+
+    def build(seed: int) -> torch.nn.Module:
+        return build_model(
+            trial.model,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            num_classes=data.num_classes,
+            batchnorm=False,
+            generator=torch.Generator().manual_seed(derive_seeds(seed)[0]),
+        )
+
+    state = torch.random.get_rng_state()
+    first, again, other = build(0), build(0), build(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.state_dict()["stem.0.weight"], other.state_dict()["stem.0.weight"])
+    names = [layer.name for layer in first.filter_layers()]
+    assert names == ["stem.0", "blocks.0.dw", "blocks.0.pw", "blocks.1.dw", "blocks.1.pw"]
+
+
+def test_custom_data_fingerprint_is_the_tensors_and_the_loader(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path)
+    trial = load_plan(spec).trials[0]
+    data = load_data(trial.data, 0, torch.device("cpu"))
+    record = data.files["loader"]
+    assert record["target"] == "data.py:load" and record["kwargs"] == {"train": 300}
+    assert len(record["sha256"]) == 64 and len(record["source_sha256"]) == 64
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 8)
+    assert len(data.y_train) == 300
+    fingerprint = data.fingerprint
+    other = trial.data.model_copy(update={"kwargs": {"train": 301}})
+    assert load_data(other, 0, torch.device("cpu")).fingerprint != fingerprint  # other tensors
+    (tmp_path / "data.py").write_text((tmp_path / "data.py").read_text() + "\n# edited\n")
+    assert load_data(trial.data, 0, torch.device("cpu")).fingerprint != fingerprint  # edited loader
+
+
+# --- bad input, before anything starts ------------------------------------------------------------------
+
+NET_HEAD = "import torch\nfrom torch import nn\n\n"
+BAD_BUILDERS = {
+    "not importable": (
+        "import no_such_module_here\n",
+        "base.model.builder: importing",
+        "ModuleNotFoundError: No module named 'no_such_module_here'",
+    ),
+    "not callable": ("build = 3\n", "base.model.builder: net.py:build is a int, not a callable", ""),
+    "not a module": (
+        "def build(**kw):\n    return 'net'\n",
+        "base.model.builder: net.py:build returned a str, not a torch.nn.Module",
+        "",
+    ),
+    "wrong output": (
+        "def build(*, in_channels, num_classes, image_size, **kw):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))\n",
+        "base.model.builder: the net maps 2 x 1 x 8 x 8 images to (2, 3), not N x K logits (2, 10)",
+        "",
+    ),
+    "no conv for a filter scheme": (
+        "def build(*, in_channels, num_classes, image_size, **kw):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))\n",
+        "base.model.builder: net.py:build has no nn.Conv2d",
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUILDERS))
+def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: str) -> None:
+    source, start, detail = BAD_BUILDERS[case]
+    spec = example_copy(tmp_path / "study")
+    (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line.startswith(start), line
+    assert detail in line
+    assert not (tmp_path / "home").exists()  # nothing written
+
+
+def test_a_net_without_convs_is_refused_under_baseline_too(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
+    source = BAD_BUILDERS["no conv for a filter scheme"][0]
+    (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line.startswith("base.model.builder: net.py:build has no nn.Conv2d, and the per-layer filter")
+
+
+def test_the_batchnorm_scheme_on_a_custom_net_is_refused(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "batchnorm"}])
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line.startswith("base.model.batchnorm: a custom net gets no BatchNorm inserted")
+
+
+LOADER_HEAD = (
+    "import torch\n\ndef load(**kw):\n    x = torch.rand(20, 1, 8, 8)\n    y = torch.arange(20) % 4\n"
+)
+BAD_LOADERS = {
+    "not importable": (
+        "    return x, y, x, y\n\nimport no_such_loader_dep\n",
+        "ModuleNotFoundError: No module named 'no_such_loader_dep'",
+    ),
+    "not a tuple": ("    return x\n", "data.loader: data.py:load returned a Tensor; return the tuple"),
+    "not tensors": (
+        "    return x.numpy(), y, x, y\n",
+        "data.loader: train_x is a ndarray; return torch tensors",
+    ),
+    "wrong shape": (
+        "    return x[:, 0], y, x, y\n",
+        "data.loader: train_x has shape (20, 8, 8); images are N x C",
+    ),
+    "int labels of the wrong type": (
+        "    return x, y.int(), x, y\n",
+        "data.loader: train_y is torch.int32 of shape (20,); labels are a 1-D int64",
+    ),
+    "nan": (
+        "    x[3, 0, 1, 1] = float('nan')\n    return x, y, x, y\n",
+        "data.loader: train_x holds NaN or inf",
+    ),
+    "empty split": ("    return x, y, x[:0], y[:0]\n", "data.loader: test_x is empty"),
+    "labels outside": ("    return x, y, x, y + 2\n", "data.loader: label 5 is outside 0..3"),
+    "negative labels": ("    return x, y - 1, x, y\n", "data.loader: label -1 is outside 0..2"),
+    "shapes differ": (
+        "    return x, y, torch.rand(20, 1, 9, 9), y\n",
+        "data.loader: train images are (1, 8, 8) but test images (1, 9, 9)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOADERS))
+def test_a_bad_loader_is_one_line_before_anything_starts(tmp_path: Path, case: str) -> None:
+    body, expected = BAD_LOADERS[case]
+    spec = example_copy(tmp_path / "study")
+    (tmp_path / "study" / "data.py").write_text(LOADER_HEAD + body)
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line.startswith("base.data.loader: "), line
+    assert expected in line, line
+
+
+def test_a_package_builder_that_cannot_import_says_why(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["model"]["builder"] = "no_such_package.nets:build"
+    spec.write_text(yaml.safe_dump(doc))
+    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
+    assert line == (
+        "base.model.builder: cannot import no_such_package.nets: "
+        "ModuleNotFoundError: No module named 'no_such_package'"
+    )
+
+
+def test_a_package_builder_imports_from_the_spec_folder(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
+    package = tmp_path / "study" / "mynets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(EXAMPLE / "net.py", package / "small.py")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["model"]["builder"] = "mynets.small:build"
+    spec.write_text(yaml.safe_dump(doc))
+    result = lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home")
+    assert result.exit_code == 0, result.output
+
+
+# --- an edited builder is other code, as changed data is other data ------------------------------------
+
+
+def test_an_edited_builder_refuses_its_stored_results(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
+    trial = load_plan(spec).trials[0]
+    sha = resolve("net.py:build", tmp_path / "study", "model.builder").sha256
+    trial_dir = layout.trial_dir(home / "custom-example", trial.trial_key())
+    trial_dir.mkdir(parents=True)
+    fingerprint = load_data(trial.data, 0, torch.device("cpu")).fingerprint
+    stored = stored_result(
+        device="cpu", builder="net.py:build", builder_sha256=sha, data_fingerprint=fingerprint
+    )
+    (trial_dir / "result.json").write_text(json.dumps(stored))
+    args = ["sweep", "--dry-run", "--no-estimate", str(spec)]
+    result = lottery(args, home)
+    assert result.exit_code == 0, result.output  # the same file: resumes
+
+    net = tmp_path / "study" / "net.py"
+    net.write_text(net.read_text().replace("width: int = 8", "width: int = 6"))
+    line = one_error_line(lottery(args, home))
+    assert line.startswith(f"base.model.builder: the stored result of trial {trial.trial_key()} was trained")
+    assert f"source sha256 {sha[:12]}" in line and "--retrain-changed" in line
+    result = lottery([*args, "--retrain-changed"], home)
+    assert result.exit_code == 0, result.output
+    assert "1 stored result(s) trained on other data would be set aside" in result.stdout
+
+
+# --- what a cluster's workers are sent --------------------------------------------------------------
+
+
+def test_the_runtime_env_ships_file_targets_and_the_user_s_packages_only(tmp_path: Path) -> None:
+    from orchestrator.run.user_code import code_runtime_env
+    from trainers.custom import SHIPPED_ENV
+
+    spec = example_copy(tmp_path / "study")
+    env = code_runtime_env(load_plan(spec))
+    study = tmp_path / "study"
+    assert env is not None
+    assert env["py_modules"] == sorted([str(study / "data.py"), str(study / "net.py")])
+    assert json.loads(env["env_vars"][SHIPPED_ENV]) == {
+        str(study / "net.py"): "net",
+        str(study / "data.py"): "data",
+    }
+
+    package = study / "shipnets"  # a name no other test imports
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(EXAMPLE / "net.py", package / "small.py")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["model"]["builder"] = "shipnets.small:build"
+    spec.write_text(yaml.safe_dump(doc))
+    env = code_runtime_env(load_plan(spec))
+    assert env is not None and env["py_modules"] == sorted([str(package), str(study / "data.py")])
+
+    doc["base"]["model"]["builder"] = "torch.nn:Conv2d"  # installed: every worker has it already
+    doc["base"]["data"] = {"name": "digits"}
+    spec.write_text(yaml.safe_dump(doc))
+    assert code_runtime_env(load_plan(spec)) is None
+    builtin = example_copy(tmp_path / "builtin", model={"name": "crater_cnn"}, data={"name": "digits"})
+    assert code_runtime_env(load_plan(builtin)) is None
+
+
+def test_two_shipped_files_of_one_name_are_refused(tmp_path: Path) -> None:
+    from orchestrator.errors import UserError
+    from orchestrator.run.user_code import code_runtime_env
+
+    spec = example_copy(tmp_path / "study")
+    (tmp_path / "study" / "other").mkdir()
+    shutil.copy(EXAMPLE / "data.py", tmp_path / "study" / "other" / "net.py")
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["data"]["loader"] = "other/net.py:load"
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(
+        UserError, match=r"^base\.data\.loader: .* share the module name 'net' on the workers"
+    ):
+        code_runtime_env(load_plan(spec))
+
+
+def test_submit_refuses_a_file_target_outside_the_uploaded_checkout(tmp_path: Path) -> None:
+    from orchestrator.errors import UserError
+    from orchestrator.run.user_code import check_uploaded
+
+    plan = load_plan(example_copy(tmp_path / "study"))
+    with pytest.raises(UserError, match=r"^base\.model\.builder: .*net\.py is outside .*put the file in it"):
+        check_uploaded(plan, ROOT)
+    check_uploaded(plan, tmp_path)  # inside: uploaded with the checkout
+
+
+def test_lottery_train_makes_the_same_checks(tmp_path: Path) -> None:
+    (tmp_path / "lin.py").write_text(NET_HEAD + BAD_BUILDERS["no conv for a filter scheme"][0])
+    args = ["train", "--model=custom", f"--set=model.builder={tmp_path / 'lin.py'}:build", "--epochs=1"]
+    line = one_error_line(lottery([*args, f"--out={tmp_path / 'out'}", "--no-mlflow"], tmp_path / "home"))
+    assert line.startswith(f"base.model.builder: {tmp_path / 'lin.py'}:build has no nn.Conv2d")
+    assert not (tmp_path / "out").exists()  # nothing written
