@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
-from trialfactory import stored_result
+from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner, Result
 
 from orchestrator import layout
@@ -278,12 +278,11 @@ def test_an_edited_builder_refuses_its_stored_results(tmp_path: Path) -> None:
     trial = load_plan(spec).trials[0]
     sha = resolve("net.py:build", tmp_path / "study", "model.builder").sha256
     trial_dir = layout.trial_dir(home / "custom-example", trial.trial_key())
-    trial_dir.mkdir(parents=True)
     fingerprint = load_data(trial.data, 0, torch.device("cpu")).fingerprint
     stored = stored_result(
         device="cpu", builder="net.py:build", builder_sha256=sha, data_fingerprint=fingerprint
     )
-    (trial_dir / "result.json").write_text(json.dumps(stored))
+    store_finished(trial_dir, stored)
     args = ["sweep", "--dry-run", "--no-estimate", str(spec)]
     result = lottery(args, home)
     assert result.exit_code == 0, result.output  # the same file: resumes

@@ -59,7 +59,7 @@ def check_models(plan: SweepPlan, shapes: dict[str, DataShape]) -> None:
     seen: set[tuple[str, bool, DataShape]] = set()
     for trial in plan.trials:
         shape = shapes.get(trial.data.model_dump_json())
-        if shape is None:
+        if shape is None or trial.model.name == "custom":  # built and run for real: preflight_custom.py
             continue
         key = (trial.model.model_dump_json(), trial.uses_batchnorm, shape)
         if key in seen:
@@ -78,6 +78,8 @@ def model_problem(trial: TrialConfig, shape: DataShape, where: str = "") -> str 
     from trainers.models import MODELS
 
     cfg = trial.model
+    if cfg.name == "custom":  # the user's builder may not run on the meta device: preflight_custom.py
+        return None
     size = f"{shape.in_channels}x{shape.image_size}x{shape.image_size}"
     try:
         with torch.device("meta"):
