@@ -7,6 +7,7 @@ global RNG that other code may depend on.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,12 +268,26 @@ def draw_conv_weight(conv: nn.Conv2d, init: str, generator: torch.Generator) -> 
     return _draw(conv.weight, init, generator)
 
 
+LAYER_DEFAULT_INIT = "default"  # a conv's own default initializer (PyTorch's), for nets built elsewhere
+
+
+def _layer_default(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """PyTorch's Conv2d/Linear `reset_parameters` weight draw (kaiming_uniform, a = sqrt(5)), from the
+    given generator rather than the global one. Fans come from the weight shape, so a grouped or
+    depthwise conv ([F, C / groups, k, k]) gets its own fan_in, as PyTorch gives it."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
+
+
 def draw_filters(
-    shape: tuple[int, ...], init: str, generator: torch.Generator, device: torch.device
+    shape: tuple[int, ...], init: str | None, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """A fresh [F, C, k, k] draw; fans come from this one-seed shape, so packs draw as single seeds do."""
+    """A fresh [F, C, k, k] draw; fans come from this one-seed shape, so packs draw as single seeds do.
+
+    `init` None (or LAYER_DEFAULT_INIT) draws as the layer's own default initializer would: a net
+    built by user code has no project initializer of its own."""
     fresh = torch.empty(shape, device=generator.device)
-    return _initializer(init)(fresh, generator).to(device)
+    draw = _layer_default if init in (None, LAYER_DEFAULT_INIT) else _initializer(init)
+    return draw(fresh, generator).to(device)
 
 
 def _initializer(init: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
