@@ -27,7 +27,8 @@ class SurgeryError(ValueError):
 def insert_batchnorm(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     """`model` with a BatchNorm2d after every conv (in place; returned for chaining).
 
-    `sample` is one batch of inputs ([N, C, H, W], N >= 2 so train-mode BN has statistics to take).
+    `sample` is one batch of inputs ([N, C, H, W]). A refused net is left half-operated: build a
+    fresh one.
     """
     existing = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if existing:
@@ -56,6 +57,8 @@ def insert_batchnorm(model: nn.Module, sample: torch.Tensor) -> nn.Module:
         model.eval()  # eval: the check leaves the new running statistics untouched
         with torch.no_grad():
             model(sample)
+    except (AttributeError, TypeError, RuntimeError):
+        pass  # e.g. `self.conv.weight` read by a functional call: the conv is now a wrapper
     finally:
         for h in handles:
             h.remove()
