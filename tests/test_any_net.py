@@ -398,3 +398,21 @@ def test_nets_vmap_cannot_batch_are_named_in_one_line():
     for name in ("dropout", "branch"):
         assert problems[name].startswith("vmap cannot batch this net") and "\n" not in problems[name], name
         assert problems[name].endswith("it trains one seed per trial")
+
+
+@pytest.mark.parametrize("metric", ["taylor", "apoz", "oracle", "ortho"])
+def test_repr_ranks_each_seed_of_a_generic_pack_as_alone(metric):
+    """Activation criteria hook the template's layers, one seed at a time, in the pack's [K, F] layout."""
+    from types import SimpleNamespace
+
+    from trainers.ranking import score_filters
+
+    x, y = batch(32)
+    data = SimpleNamespace(x_val=x, y_val=y)
+    models = [nested(s) for s in (1, 2)]
+    pack = FuncPack(models)
+    packed = score_filters(metric, pack, filter_groups(pack), data, [], [])
+    for k, model in enumerate(models):
+        alone = score_filters(metric, model, filter_groups(model), data, [], [])
+        for p, a in zip(packed, alone, strict=True):
+            torch.testing.assert_close(p[k], a[0], rtol=1e-4, atol=1e-6)
