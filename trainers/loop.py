@@ -76,7 +76,7 @@ def train(
     if pack_size > 1 and config.uses_batchnorm:
         raise ValueError(
             f"pack_size: {config.model.name} with BatchNorm={config.uses_batchnorm} trains one seed per "
-            f"process; packs support nets without BatchNorm"
+            "process; packs support nets without BatchNorm"
         )
     if resume is not None and len(seeds) > pack_size:
         raise ValueError("resume: a checkpoint belongs to one pack; pass only that pack's seeds")
