@@ -20,6 +20,7 @@ from orchestrator.spec import load_plan
 from trainers.config import TrialConfig
 from trainers.custom import file_path, resolve
 from trainers.data import load_data
+from trainers.filters import conv_layers, filter_groups
 from trainers.models import build_model, derive_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,8 +125,7 @@ def test_a_custom_net_is_a_pure_function_of_its_seed_and_keeps_the_global_rng() 
     for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(first.state_dict()["stem.0.weight"], other.state_dict()["stem.0.weight"])
-    names = [layer.name for layer in first.filter_layers()]
-    assert names == ["stem.0", "blocks.0.dw", "blocks.0.pw", "blocks.1.dw", "blocks.1.pw"]
+    assert list(conv_layers(first)) == ["stem.0", "blocks.0.dw", "blocks.0.pw", "blocks.1.dw", "blocks.1.pw"]
 
 
 def test_custom_data_fingerprint_is_the_tensors_and_the_loader(tmp_path: Path) -> None:
@@ -193,10 +193,36 @@ def test_a_net_without_convs_is_refused_under_baseline_too(tmp_path: Path) -> No
     assert line.startswith("base.model.builder: net.py:build has no nn.Conv2d, and the per-layer filter")
 
 
-def test_the_batchnorm_scheme_on_a_custom_net_is_refused(tmp_path: Path) -> None:
+def test_the_batchnorm_scheme_puts_batchnorm_after_every_conv_of_a_custom_net(tmp_path: Path) -> None:
     spec = example_copy(tmp_path / "study", schemes=[{"name": "batchnorm"}])
+    result = lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home")
+    assert result.exit_code == 0, result.output
+    trial = load_plan(spec).trials[0]
+    data = load_data(trial.data, 0, torch.device("cpu"))
+    model = build_model(
+        trial.model,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
+        batchnorm=trial.uses_batchnorm,
+        generator=torch.Generator().manual_seed(0),
+    )
+    groups = filter_groups(model)
+    assert [g.name for g in groups] == ["stem.0", "blocks.0.dw", "blocks.0.pw", "blocks.1.dw", "blocks.1.pw"]
+    assert all(g.bn is not None and g.bn.num_features == g.filters for g in groups)
+
+
+def test_the_batchnorm_scheme_refuses_a_custom_net_that_has_batchnorm(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "batchnorm"}])
+    net = tmp_path / "study" / "net.py"
+    net.write_text(
+        net.read_text().replace(
+            "nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()",
+            "nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width)",
+        )
+    )
     line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
-    assert line.startswith("base.model.batchnorm: a custom net gets no BatchNorm inserted")
+    assert "batchnorm: the net already has BatchNorm (stem.1)" in line
 
 
 LOADER_HEAD = (

@@ -148,6 +148,9 @@ class ReprScheme(Strict):
     metric: ReprMetric = "ortho"
     include_first_layer: bool = False
     reset_optimizer_state: bool = True
+    # Filter layers (module paths, trainers/filters.py) never dropped, as fnmatch globs: ["stem.*", "head"].
+    # Their filters still count for drop_fraction_of "all". Each pattern must match some conv layer.
+    exclude_layers: list[str] = []
 
 
 class ImpScheme(Strict):

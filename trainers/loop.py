@@ -25,6 +25,7 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
+from trainers.funcpack import FuncPack, generic_pack_problem
 from trainers.models import build_model, derive_seeds
 from trainers.optim import RowAdam
 from trainers.pack import PACKABLE, PackedNet
@@ -43,8 +44,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def can_pack(config: TrialConfig) -> bool:
-    """Packs need a conv/linear stack without BatchNorm (BN statistics would need per-seed handling)."""
+    """Grouped-conv packs need a conv/linear stack without BatchNorm (BN statistics would need per-seed
+    handling). Any other net may still pack generically (`generic_pack_problem` says whether)."""
     return config.model.name in PACKABLE and not config.uses_batchnorm
+
+
+def pack_problem(config: TrialConfig, data: LoadedData) -> str | None:
+    """Why seeds of this configuration cannot share a pack (one line), or None: grouped packs for the
+    built-in feed-forward nets, else a generic (torch.func) pack when the net batches under vmap."""
+    if can_pack(config):
+        return None
+    model = build_pack(config, [config.seed], data)
+    return generic_pack_problem(model, data.x_train[: min(8, len(data.x_train))].cpu())
 
 
 def train(
@@ -55,22 +66,28 @@ def train(
     pack_size: int = 1,
     resume: dict[str, Any] | None = None,
     data: LoadedData | None = None,
+    generic: bool | None = None,
 ) -> list[TrialResult]:
-    """Train one configuration for each seed (default: config.seed), `pack_size` seeds at a time."""
+    """Train one configuration for each seed (default: config.seed), `pack_size` seeds at a time.
+
+    `generic` picks the kind of pack: None grouped-conv packs where the net has them, else generic
+    (torch.func) packs; True generic packs for any net (benchmarks, equivalence checks)."""
     seeds = [config.seed] if seeds is None else list(seeds)
-    if pack_size > 1 and not can_pack(config):
+    if pack_size > 1 and config.uses_batchnorm:
         raise ValueError(
             f"pack_size: {config.model.name} with BatchNorm={config.uses_batchnorm} trains one seed per "
-            f"process; packs support {', '.join(PACKABLE)} without BatchNorm"
+            "process; packs support nets without BatchNorm"
         )
     if resume is not None and len(seeds) > pack_size:
         raise ValueError("resume: a checkpoint belongs to one pack; pass only that pack's seeds")
     device = pick_device(config.device)
     data = data if data is not None else load_data(config.data, config.data_seed, device)
+    if pack_size > 1 and generic is not True and (problem := pack_problem(config, data)) is not None:
+        raise ValueError(f"pack_size: {config.model.name} cannot pack: {problem}")
     results: list[TrialResult] = []
     for start in range(0, len(seeds), pack_size):
         chunk = seeds[start : start + pack_size]
-        results += train_pack(config, chunk, sink, data=data, device=device, resume=resume)
+        results += train_pack(config, chunk, sink, data=data, device=device, resume=resume, generic=generic)
     return results
 
 
@@ -174,8 +191,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     return loss, correct
 
 
-def build_pack(config: TrialConfig, seeds: list[int], data: LoadedData) -> torch.nn.Module:
-    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1."""
+def build_pack(
+    config: TrialConfig, seeds: list[int], data: LoadedData, generic: bool | None = None
+) -> torch.nn.Module:
+    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1:
+    grouped convs for the built-in feed-forward nets, a torch.func pack for any other (or `generic`)."""
     models = [
         build_model(
             config.model,
@@ -187,7 +207,11 @@ def build_pack(config: TrialConfig, seeds: list[int], data: LoadedData) -> torch
         )
         for seed in seeds
     ]
-    return models[0] if len(models) == 1 else PackedNet(models)
+    if len(models) == 1:
+        return models[0]
+    if generic is None:
+        generic = not can_pack(config)
+    return FuncPack(models) if generic else PackedNet(models)
 
 
 def train_pack(
@@ -198,8 +222,9 @@ def train_pack(
     data: LoadedData,
     device: torch.device,
     resume: dict[str, Any] | None = None,
+    generic: bool | None = None,
 ) -> list[TrialResult]:
-    model = build_pack(config, seeds, data).to(device)
+    model = build_pack(config, seeds, data, generic).to(device)
     built = _built(config, model, len(seeds))
     scheme = build_scheme(config.scheme)
     data_gen = torch.Generator().manual_seed(config.data_seed)

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from trainers.filters import conv_layers
+from trainers.funcpack import FuncPack
 from trainers.pack import PackedConv, PackedLinear, PackedNet
 
 
@@ -26,6 +28,7 @@ class MaskedWeight:
     kind: Literal["conv", "linear"]
     weight: torch.Tensor  # the live parameter
     seeds: int
+    stacked: bool = False  # a generic pack's parameter: [K, ...] whatever the layer
 
     def per_seed(self, tensor: torch.Tensor) -> torch.Tensor:
         """[K, N] view of a tensor laid out like the weight."""
@@ -35,32 +38,39 @@ class MaskedWeight:
     def single_shape(self) -> tuple[int, ...]:
         """One seed's weight shape: what an initializer draw must have (fans come from it)."""
         shape = tuple(self.weight.shape)
-        if self.seeds == 1:
+        if self.seeds == 1 and not self.stacked:
             return shape
-        return (shape[0] // self.seeds, *shape[1:]) if self.kind == "conv" else shape[1:]
+        if self.stacked or self.kind == "linear":
+            return shape[1:]
+        return (shape[0] // self.seeds, *shape[1:])
 
     @property
     def fan_in(self) -> int:
         return math.prod(self.single_shape[1:])
 
-    def stacked(self, per_seed: list[torch.Tensor]) -> torch.Tensor:
+    def stacked_like(self, per_seed: list[torch.Tensor]) -> torch.Tensor:
         """Per-seed tensors of `single_shape` in the weight's own layout."""
         return torch.stack(per_seed).view(self.weight.shape)
 
 
 def masked_weights(model: nn.Module, layers: Literal["all", "conv", "linear"] = "all") -> list[MaskedWeight]:
-    """The conv and linear weights of a model (or pack), in module order."""
-    seeds = model.seeds if isinstance(model, PackedNet) else 1
+    """The conv and linear weights of a model (or pack), in module order, named as filter layers are
+    (trainers/filters.py: module paths; a built-in unit's conv by the unit's path)."""
+    stacked = isinstance(model, FuncPack)
+    seeds = model.seeds if isinstance(model, PackedNet | FuncPack) else 1
+    root = model.stack if stacked else model
+    convs = {id(conv): name for name, conv in conv_layers(root).items()}
     out = []
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         if isinstance(module, nn.Conv2d | PackedConv):
             kind: Literal["conv", "linear"] = "conv"
+            name = convs.get(id(module), name)
         elif isinstance(module, nn.Linear | PackedLinear):
             kind = "linear"
         else:
             continue
         if layers in ("all", kind):
-            out.append(MaskedWeight(name.removesuffix(".conv"), kind, module.weight, seeds))
+            out.append(MaskedWeight(name, kind, module.weight, seeds, stacked))
     return out
 
 

@@ -7,7 +7,7 @@ global RNG that other code may depend on.
 
 from __future__ import annotations
 
-import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from trainers.config import ModelConfig
-
-BN_EPS = 1e-3  # old MXNet BatchNorm default, as in the reference code
-BN_MOMENTUM = 0.1  # PyTorch's convention for MXNet's moving-average momentum 0.9
+from trainers.surgery import BN_EPS, BN_MOMENTUM
 
 _INITIALIZERS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "uniform0.01": lambda t, g: nn.init.uniform_(t, -0.01, 0.01, generator=g),
@@ -233,12 +231,6 @@ def _resnet20(
     return FilterNet(layers)
 
 
-def conv_filter_layers(model: nn.Module) -> list[FilterLayer]:
-    """Every nn.Conv2d of a net that is not a FilterNet, named by module path; its hook sees the conv's
-    own output (before any BatchNorm or nonlinearity the net applies)."""
-    return [FilterLayer(name, m, None, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
 def _custom(
     cfg: ModelConfig,
     *,
@@ -254,11 +246,6 @@ def _custom(
     generator. The builder's source hash rides on the net as `builder_sha256`, for the result."""
     from trainers.custom import build_network
 
-    if batchnorm:
-        raise ValueError(
-            "model.batchnorm: a custom net gets no BatchNorm inserted; add nn.BatchNorm2d in the builder "
-            "and train it under baseline"
-        )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     model, target = build_network(
@@ -270,8 +257,10 @@ def _custom(
                 module.weight.copy_(_draw(module.weight, cfg.init, generator))
                 if module.bias is not None:
                     module.bias.zero_()
-    if not hasattr(model, "filter_layers"):
-        model.filter_layers = functools.partial(conv_filter_layers, model)
+    if batchnorm:  # the scheme by module surgery; a net it cannot treat is refused in one line
+        from trainers.surgery import insert_batchnorm
+
+        insert_batchnorm(model, torch.zeros(2, in_channels, image_size, image_size))
     model.builder_sha256 = target.sha256
     return model
 
@@ -322,12 +311,26 @@ def draw_conv_weight(conv: nn.Conv2d, init: str, generator: torch.Generator) -> 
     return _draw(conv.weight, init, generator)
 
 
+LAYER_DEFAULT_INIT = "default"  # a conv's own default initializer (PyTorch's), for nets built elsewhere
+
+
+def _layer_default(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """PyTorch's Conv2d/Linear `reset_parameters` weight draw (kaiming_uniform, a = sqrt(5)), from the
+    given generator rather than the global one. Fans come from the weight shape, so a grouped or
+    depthwise conv ([F, C / groups, k, k]) gets its own fan_in, as PyTorch gives it."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
+
+
 def draw_filters(
-    shape: tuple[int, ...], init: str, generator: torch.Generator, device: torch.device
+    shape: tuple[int, ...], init: str | None, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """A fresh [F, C, k, k] draw; fans come from this one-seed shape, so packs draw as single seeds do."""
+    """A fresh [F, C, k, k] draw; fans come from this one-seed shape, so packs draw as single seeds do.
+
+    `init` None (or LAYER_DEFAULT_INIT) draws as the layer's own default initializer would: a net
+    built by user code has no project initializer of its own."""
     fresh = torch.empty(shape, device=generator.device)
-    return _initializer(init)(fresh, generator).to(device)
+    draw = _layer_default if init in (None, LAYER_DEFAULT_INIT) else _initializer(init)
+    return draw(fresh, generator).to(device)
 
 
 def _initializer(init: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:

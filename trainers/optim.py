@@ -16,6 +16,8 @@ from its first step: the same numbers to float rounding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -76,13 +78,14 @@ class RowAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def reset_rows(self, param: torch.Tensor, rows: torch.Tensor) -> None:
-        """Restart the rows of `param` selected by the boolean `rows` [param.shape[0]] as a fresh Adam
-        would: moments zero, step count zero. A mask with no row set changes nothing but switches the
-        parameter to per-row counting (cheap, and no host sync to find out)."""
+        """Restart the rows of `param` selected by the boolean `rows` as a fresh Adam would: moments
+        zero, step count zero. `rows` has one flag per filter: [K*F] for a grouped pack's [K*F, ...]
+        tensor and for a generic pack's stacked [K, F, ...] one alike. A mask with no row set changes
+        nothing but switches the parameter to per-row counting (cheap, and no host sync to find out)."""
         state = self.state.get(param)
         if not state:
             return  # no step taken yet: it is fresh already
-        shape = (param.shape[0],) + (1,) * (param.dim() - 1)
+        shape = _row_shape(param, rows.numel())
         keep = ~rows.reshape(shape)
         if state.get("row_step") is None:
             # The param's dtype: Optimizer.load_state_dict casts state to it, so a resume sees the same.
@@ -91,3 +94,12 @@ class RowAdam(torch.optim.Optimizer):
         state["row_step"].mul_(keep)
         state["exp_avg"].mul_(keep)
         state["exp_avg_sq"].mul_(keep)
+
+
+def _row_shape(param: torch.Tensor, rows: int) -> tuple[int, ...]:
+    """The leading dimensions of `param` that `rows` flags index, then ones: (K*F, 1, 1, 1) for a
+    [K*F, C, k, k] weight, (K, F, 1, 1, 1) for a stacked [K, F, C, k, k] one."""
+    for lead in range(1, param.dim() + 1):
+        if math.prod(param.shape[:lead]) == rows:
+            return tuple(param.shape[:lead]) + (1,) * (param.dim() - lead)
+    raise ValueError(f"reset_rows: {rows} row flags do not index a parameter of shape {tuple(param.shape)}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.filters import FilterGroup
+from trainers.funcpack import FuncPack
 
 RANK_SAMPLES = 1024  # examples used by data-driven criteria when no held-out split exists
 
@@ -53,32 +54,49 @@ def _rank_batch(data) -> tuple[torch.Tensor, torch.Tensor]:
 def _activation_stats(
     model: torch.nn.Module, groups: list[FilterGroup], x: torch.Tensor, y: torch.Tensor, with_grad: bool
 ) -> list[dict[str, torch.Tensor]]:
-    """Per (seed, channel) mean activation, zero fraction and Taylor |a * dL/da| from forward hooks."""
-    outputs: list[torch.Tensor] = []
+    """Per (seed, channel) mean activation, zero fraction and Taylor |a * dL/da| from forward hooks.
 
-    def hook(_module, _inp, out):
-        if with_grad:
-            out.retain_grad()
-        outputs.append(out)
-
-    handles = [group.act.register_forward_hook(hook) for group in groups]
+    A generic pack (FuncPack) runs its seeds one at a time here: hooks under vmap would see batched
+    tensors. Its per-seed outputs are joined along channels, as a grouped pack lays them out."""
+    per_seed = isinstance(model, FuncPack)
+    passes = [lambda k=k: model.seed_forward(k, x) for k in range(model.seeds)] if per_seed else [None]
+    outputs: list[list[torch.Tensor]] = [[] for _ in groups]
     was_training = model.training
     model.eval()
     try:
-        with torch.set_grad_enabled(with_grad):
-            loss, _ = pack_loss(pack_logits(model, x), y)
-            if with_grad:
-                loss.backward()
+        for forward in passes:
+            calls: dict[int, torch.Tensor] = {}
+
+            def hook(_module, _inp, out, i: int, calls=calls):
+                # By layer, not call order: a net's forward need not follow its registration order.
+                if with_grad:
+                    out.retain_grad()
+                calls.setdefault(i, out)
+
+            handles = [
+                group.act.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+                for i, group in enumerate(groups)
+            ]
+            try:
+                with torch.set_grad_enabled(with_grad):
+                    logits = pack_logits(model, x) if forward is None else forward().unsqueeze(0)
+                    loss, _ = pack_loss(logits, y)
+                    if with_grad:
+                        loss.backward()
+            finally:
+                for h in handles:
+                    h.remove()
+            for i in range(len(groups)):
+                outputs[i].append(calls[i])
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     stats = []
-    for group, out in zip(groups, outputs, strict=True):
-        a = out.detach().reshape(out.shape[0], group.seeds, group.filters, -1)  # [B, K, F, HW]
+    for group, outs in zip(groups, outputs, strict=True):
+        out = torch.cat([o.detach() for o in outs], dim=1)
+        a = out.reshape(out.shape[0], group.seeds, group.filters, -1)  # [B, K, F, HW]
         entry = {"mean": a.mean(dim=(0, 3)), "apoz": (a == 0).float().mean(dim=(0, 3))}
         if with_grad:
-            g = out.grad.reshape(a.shape)
+            g = torch.cat([o.grad for o in outs], dim=1).reshape(a.shape)
             entry["taylor"] = (a * g).mean(dim=3).abs().mean(dim=0)
         stats.append(entry)
     if with_grad:

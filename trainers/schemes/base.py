@@ -42,10 +42,16 @@ class TrainContext:
         if not self.alive:
             self.alive = [True] * len(self.generators)
 
+    @property
+    def init(self) -> str | None:
+        """The spec's initializer for re-drawn filters; None: each layer's own default (a model
+        config without an `init` of its own)."""
+        return getattr(self.config.model, "init", None)
+
     def fresh_filters(self, group: FilterGroup) -> torch.Tensor:
         """One initializer draw of the layer per seed, from that seed's generator: [K, F, C, k, k]."""
         device = group.weight.device
-        draws = [draw_filters(group.single_shape, self.config.model.init, g, device) for g in self.generators]
+        draws = [draw_filters(group.single_shape, self.init, g, device) for g in self.generators]
         return draws[0].unsqueeze(0) if len(draws) == 1 else torch.stack(draws)
 
 

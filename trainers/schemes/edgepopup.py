@@ -50,8 +50,8 @@ class EdgePopup(Scheme):
                 bound = 1.0 / math.sqrt(w.fan_in)
                 scores.append(torch.rand(w.single_shape, generator=g, device=g.device) * 2 * bound - bound)
             device = w.weight.device
-            self.frozen.append(w.stacked(drawn).to(device))
-            self.scores.append(w.stacked(scores).to(device).requires_grad_(True))
+            self.frozen.append(w.stacked_like(drawn).to(device))
+            self.scores.append(w.stacked_like(scores).to(device).requires_grad_(True))
         self._refresh()
 
     def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:

@@ -28,7 +28,6 @@ import torch
 from trainers.config import ImpScheme
 from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
 from trainers.models import build_model, derive_seeds
-from trainers.pack import PackedNet
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -74,7 +73,8 @@ class Imp(Scheme):
             )
             for seed in ctx.seeds
         ]
-        model = models[0] if len(models) == 1 else PackedNet(models)
+        # Packed as the trial's own model is (grouped or generic), so the layouts match.
+        model = models[0] if len(models) == 1 else type(ctx.model)(models)
         device = self.weights[0].weight.device
         return {k: v.to(device) for k, v in model.state_dict().items()}
 

@@ -20,6 +20,7 @@ and covered by tests.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -50,7 +51,10 @@ class RePr(Scheme):
         return {(i + 1) * c for i in range(self.cfg.n_iter)}
 
     def eligible(self, ctx: TrainContext) -> list[bool]:
-        return [self.cfg.include_first_layer or i > 0 for i in range(len(ctx.groups))]
+        """Layers whose filters may be dropped: all but the first (unless include_first_layer) and
+        those an `exclude_layers` glob names."""
+        excluded = [any(fnmatchcase(g.name, p) for p in self.cfg.exclude_layers) for g in ctx.groups]
+        return [(self.cfg.include_first_layer or i > 0) and not excluded[i] for i in range(len(ctx.groups))]
 
     def dropped_masks(self) -> list[torch.Tensor] | None:
         return self.drop
@@ -131,7 +135,7 @@ class RePr(Scheme):
     @torch.no_grad()
     def _reintroduce(self, ctx: TrainContext) -> None:
         assert self.drop is not None
-        init = ctx.config.model.init
+        init = ctx.init
         for i, (group, mask, old) in enumerate(zip(ctx.groups, self.drop, self.old_rows, strict=True)):
             if not bool(mask.any()):
                 continue
@@ -175,6 +179,12 @@ class RePr(Scheme):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
+        names = [g.name for g in ctx.groups]
+        for pattern in self.cfg.exclude_layers:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise ValueError(
+                    f"scheme.exclude_layers: {pattern!r} matches no conv layer; layers: {', '.join(names)}"
+                )
         if self.drop is not None:
             for i, mask in enumerate(self.drop):
                 ctx.monitor.active[i] = ~mask
