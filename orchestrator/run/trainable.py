@@ -22,6 +22,15 @@ Fault injection for tests: the driver reads `LOTTERY_FAULT_ONCE=<trial_key>:<epo
 passes it here; that trial raises once, right after epoch `<epoch>` (not its last, which makes no
 checkpoint) has been reported with its checkpoint. A marker file in the trial directory makes it
 fire only once.
+
+Barrier for tests: `LOTTERY_HOLD=<epoch>:<directory>` (read by the driver, passed here the same way)
+holds a trial right after epoch `<epoch>` (counted from 0 as above; not its last) has been
+checkpointed and reported to Tune: it writes `<directory>/reached-<trial_key>` (each seed of a pack)
+and waits until `<directory>/release` exists. A kill test so lands its fault where it says, at
+any load: the trial's epochs up to then are on disk and reported to Tune, nothing after. If
+`<directory>/only` exists, it lists the trial keys that hold (one a line); the others run through,
+so a test can let some trials finish while others wait. A retry that resumes after `<epoch>` never
+holds again.
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ from trainers.events import EpochRecord
 from trainers.loop import pick_device
 
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
+HOLD_ENV = "LOTTERY_HOLD"  # tests only: see the module docstring
+HOLD_POLL_S = 0.05
+HOLD_REACHED, HOLD_RELEASE, HOLD_ONLY = "reached-", "release", "only"  # the barrier's file names
 RESULT_KEYS = ("final_test_acc", "best_test_acc", "failed", "diverged", "epochs_done", "total_resets")
 
 
@@ -73,6 +85,7 @@ class TrialContext:
     threads: int  # torch intra-op threads: the trial's CPU share
     run_figures: bool = True  # each seed's CGN figure for its MLflow run (SweepSpec.run_figures)
     fault_once: str | None = None  # "<trial_key>:<epoch>", tests only
+    hold: str | None = None  # "<epoch>:<directory>", tests only
 
     @classmethod
     def for_plan(
@@ -84,13 +97,16 @@ class TrialContext:
         threads: int,
         run_figures: bool = True,
         fault_once: str | None = None,
+        hold: str | None = None,
     ) -> TrialContext:
         configs: dict[str, int] = {}
         planned = []
         for trial in trials:
             document = trial.with_seed(0).model_dump_json()
             planned.append((configs.setdefault(document, len(configs)), trial.seed))
-        return cls(sweep, sweep_dir, tuple(configs), tuple(planned), units, threads, run_figures, fault_once)
+        return cls(
+            sweep, sweep_dir, tuple(configs), tuple(planned), units, threads, run_figures, fault_once, hold
+        )
 
     def members(self, unit: int) -> list[TrialConfig]:
         """The trials one Tune trial trains, as planned."""
@@ -136,6 +152,8 @@ def run_planned_trial(config: dict[str, Any], context: TrialContext) -> None:
             mark = {"epoch": int(state["progress"]["epoch"])}
             (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
+        if context.hold:
+            _hold(context.hold, epoch, [t.trial_key() for t in members])
         if epoch == fault_epoch:
             _inject_fault_once(unit_dir, epoch)
 
@@ -255,3 +273,18 @@ def _inject_fault_once(unit_dir: layout.Location, epoch: int) -> None:
         return
     marker.write_text(str(epoch))
     raise InjectedFault(f"{FAULT_ENV}: injected failure after epoch {epoch}")
+
+
+def _hold(hold: str, epoch: int, keys: list[str]) -> None:
+    """The test barrier (see the module docstring): announce the epoch, then wait for the release."""
+    at, _, where = hold.partition(":")
+    directory = Path(where)
+    if epoch != int(at):
+        return
+    only = directory / HOLD_ONLY
+    if only.exists() and not set(keys) & set(only.read_text().split()):
+        return
+    for key in keys:
+        (directory / f"{HOLD_REACHED}{key}").touch()
+    while not (directory / HOLD_RELEASE).exists():
+        time.sleep(HOLD_POLL_S)
