@@ -682,17 +682,19 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ray_processes_in_own_sessions() -> Iterator[None]:
-    """The processes a local ray.init starts (GCS, raylet, and through the raylet every worker) each
-    lead a session of their own, as the logging process does (tracking/log_process.py).
+    """The processes a local ray.init starts (GCS, raylet, log monitor) each lead a session of their
+    own, as the logging process does (tracking/log_process.py); the raylet's workers and agents
+    share the raylet's.
 
     A scheduler stops a job by signalling its whole process group (`timeout`, Kubernetes, a shell's
     `kill -- -PGID`). Ray blocks SIGINT in its processes, so Ctrl-C reaches the driver alone, but
     SIGTERM killed the GCS and raylet under a driver that was still saving Tune's state: it hung
-    ~60 s waiting for them, left the parent run RUNNING and finished trials unlogged. In sessions
+    60 s waiting for them, left the parent run RUNNING and finished trials unlogged. In sessions
     of their own they receive only what the driver sends them (ray.shutdown), and they still die
-    with the driver: on Linux each is started with the kernel's parent-death signal. Without that
-    (Ray then cleans up through a reaper that needs its processes in the driver's group), nothing is
-    changed. Ray offers no setting for it, so its Popen is wrapped while ray.init runs.
+    with the driver: on Linux Ray starts each with the kernel's parent-death signal, and the
+    raylet's workers and agents exit once they see it gone. Without that signal (Ray then cleans
+    up through a reaper that needs its processes in the driver's group) nothing is changed. Ray
+    offers no setting for it, so its Popen is wrapped while ray.init runs.
     """
     from ray._private import services
     from ray._private.utils import detect_fate_sharing_support
