@@ -6,8 +6,9 @@ Trials record the Ray node of every attempt in attempts.jsonl, so placement is r
 
   - a sweep with its storage on the S3 server (tests/s3server.py; every node gets the AWS_*
     settings, so trials write their directories straight to the bucket and no node reads another's
-    disk) lands on both workers; one worker node is SIGKILLed mid-sweep and its trials are retried
-    on the other and finish, with one MLflow run per trial key on the PostgreSQL-backed server;
+    disk) lands on both workers; one worker node is SIGKILLed while its trial is held mid-trial
+    (tests/barrier.py) and its trials are retried on the other and finish, with one MLflow run per
+    trial key on the PostgreSQL-backed server;
   - a worker with --num-gpus 2 (logical, no CUDA here) runs `resources.gpu: 0.25` trials 8 at a
     time, and a `device: cuda` trial fails there with one line naming the device and the node.
 
@@ -33,6 +34,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from barrier import Barrier
 from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
 from raynodes import Node, cluster, kill_pids, new_token, processes_with, ray_env
@@ -154,22 +156,14 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
         ids = {a.node_id(): "a", b.node_id(): "b"}
         started = time.time()
         tracking = {"LOTTERY_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server}  # PostgreSQL-backed
-        with driver(spec, head, token, log, tracking) as process:
+        barrier = Barrier(tmp_path / "barrier")  # every trial holds after its first epoch until released
+        with driver(spec, head, token, log, tracking | barrier.env()) as process:
 
-            def running_on_b() -> bool:
+            def held_on_both() -> bool:
                 seen = attempts(dirs)
-                on = {ids.get(line["node_id"]) for lines in seen.values() for line in lines}
-                busy_b = [
-                    k
-                    for k, lines in seen.items()
-                    if lines
-                    and ids.get(lines[-1]["node_id"]) == "b"
-                    and not (dirs[k] / layout.RESULT).exists()
-                    and time.time() - lines[-1]["started"] > 3  # training, not just starting
-                ]
-                return on == {"a", "b"} and bool(busy_b)
+                return {ids.get(seen[k][-1]["node_id"]) for k in barrier.reached() if seen[k]} == {"a", "b"}
 
-            wait_until(running_on_b, 240, process, log)
+            wait_until(held_on_both, 240, process, log)
             before = attempts(dirs)
             victims = [
                 k
@@ -178,6 +172,7 @@ def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_
             ]
             b.kill()
             killed = time.time()
+            barrier.release()  # b's trials retry on a from their checkpoint; the rest train through
             returncode = process.wait(timeout=400)
             ended = time.time()
             # No trial directory on any node's disk (nor the driver's): the bucket holds them all.

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from barrier import Barrier
 from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner, Result
 
@@ -316,9 +317,10 @@ def test_dry_run_estimates_the_cost_from_a_probe_then_from_finished_trials(tmp_p
 # --- signals --------------------------------------------------------------------------------------
 
 
-def start_sweep(spec: Path, home: Path) -> subprocess.Popen:
+def start_sweep(spec: Path, home: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["LOTTERY_HOME"] = str(home)
+    env |= extra_env or {}
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sweep", str(spec)],
         cwd=ROOT,
@@ -343,13 +345,12 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path: Path) -> None:
 
     home = tmp_path / "home"
     spec = write_spec(tmp_path / "spec.yaml", max_concurrent_trials=1)
-    doc = yaml.safe_load(spec.read_text())
-    doc["base"]["epochs"] = 200
-    spec.write_text(yaml.safe_dump(doc))
-    driver = start_sweep(spec, home)
+    barrier = Barrier(tmp_path / "barrier")  # the first trial holds after its first epoch
+    driver = start_sweep(spec, home, barrier.env())
     try:
-        wait_for(lambda: any(home.glob("mistakes/trials/*/metrics.parquet")), 180, "a trained epoch")
+        wait_for(lambda: bool(barrier.reached()), 180, "a trial held after a trained epoch")
         driver.send_signal(signal.SIGTERM)
+        barrier.release()  # it trains on as any running trial would, until Tune stops it
         out, err = driver.communicate(timeout=120)
     finally:
         driver.kill()

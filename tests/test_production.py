@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from barrier import Barrier
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
@@ -464,8 +465,8 @@ def epochs_written(trial_dir: Path) -> int:
 
 
 def test_sigkilled_trial_process_is_retried_from_its_last_epoch_checkpoint(tmp_path: Path) -> None:
-    """Epoch rows are written before each epoch's checkpoint, so 3 rows mean epoch 1 is checkpointed."""
-    epochs = 20
+    """The trial is held right after epoch 1's checkpoint (tests/barrier.py) and its process killed there."""
+    epochs = 4
     spec = write_spec(
         tmp_path,
         "sigkill",
@@ -475,13 +476,15 @@ def test_sigkilled_trial_process_is_retried_from_its_last_epoch_checkpoint(tmp_p
         pack_size=1,
     )
     trial_dir = tmp_path / "home" / "sigkill" / "trials" / load_plan(spec).trials[0].trial_key()
+    barrier = Barrier(tmp_path / "barrier", epoch=1)
     with private_ray_tmpdir() as ray_tmpdir:
-        env = clean_env(ray_tmpdir, tmp_path / "home")  # the sweep's own sqlite store
+        env = clean_env(ray_tmpdir, tmp_path / "home") | barrier.env()  # the sweep's own sqlite store
         with driver(spec, env, tmp_path / "driver.log") as process:
-            wait_until(lambda: epochs_written(trial_dir) >= 3 or process.poll() is not None, 180, 0.02)
+            barrier.wait_reached(1, process, tmp_path / "driver.log")
             assert not (trial_dir / "result.json").exists(), "the trial ended before it could be killed"
             victim = read_attempts(trial_dir)[0]["pid"]
             os.kill(victim, signal.SIGKILL)
+            barrier.release()
             returncode = process.wait(timeout=300)
     output = (tmp_path / "driver.log").read_text()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from barrier import Barrier, kill_driver, lingering_ray_pids
 from fixtures_s3 import BUCKET
-from test_sweep import BASE, child_runs, complete_runs, kill_pids, lingering_ray_pids, ray_pids, ray_tmpdir
+from test_sweep import BASE, child_runs, complete_runs
 
 from orchestrator import layout
 from orchestrator.errors import UserError
@@ -25,7 +25,6 @@ from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.storage import StorePath, location
 
-__all__ = ["ray_tmpdir"]  # the fixture, shared with test_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -218,32 +217,30 @@ def test_a_sweep_on_s3_survives_a_killed_driver_and_is_reported_from_the_bucket(
     s3_store, s3_env, tmp_path: Path, ray_tmpdir: str
 ) -> None:
     prefix = f"s3://{BUCKET}/killed-{time.time_ns()}"
-    # One unit at a time, so three of the four are still to run when the first is logged.
+    # One unit at a time: the first finishes and is logged, the second holds after its first epoch.
     spec = write_spec(tmp_path, "s3killed", prefix, max_concurrent_trials=1, pack_size=1)
-    keys = [t.trial_key() for t in load_plan(spec).trials]
+    plan = load_plan(spec)
+    keys = [t.trial_key() for t in plan.trials]
+    first = {keys[i] for i in plan.units[0]}
+    barrier = Barrier(tmp_path / "barrier", only=set(keys) - first)
     sweep = location(f"{prefix}/s3killed")
     home = tmp_path / "home"
     env = os.environ | s3_store.env | {"RAY_TMPDIR": ray_tmpdir, "LOTTERY_HOME": str(home)}
-    env |= {"RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"RAY_USAGE_STATS_ENABLED": "0"} | barrier.env()
     env.pop(FAULT_ENV, None)
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
-    log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 180
-    while not complete_runs(sweep) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.3)  # kill once a trial is finished and logged, while others are still running
-    if driver.poll() is not None:
-        pytest.fail("the driver ended before it could be killed:\n" + (tmp_path / "first.log").read_text())
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    time.sleep(1)
-    kill_pids(ray_pids(f"RAY_TMPDIR={ray_tmpdir}"))  # Ray's agents outlive a SIGKILLed driver
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    barrier.wait_reached(1, driver, log_path, also=lambda: first <= set(complete_runs(sweep)))
+    kill_driver(driver, ray_tmpdir)
+    barrier.release()  # for the resumed run
 
     before = s3_mtimes(sweep, keys)
-    assert before and len(before) < len(keys), (tmp_path / "first.log").read_text()
+    assert before and len(before) < len(keys), log_path.read_text()
     tries = {k: len(read_attempts(layout.trial_dir(sweep, k))) for k in before}
     logged = complete_runs(sweep)
     assert logged

@@ -8,7 +8,6 @@ by PID afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -16,13 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from barrier import Barrier, kill_driver, lingering_ray_pids
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -205,34 +204,6 @@ def test_raising_trial_resumes_from_its_checkpoint_and_diverging_or_broken_trial
 # --- driver killed with SIGKILL, then the same command again ---------------------------------------
 
 
-def ray_pids(marker: str) -> list[int]:
-    """Processes whose environment carries our private RAY_TMPDIR: exactly what this test started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def lingering_ray_pids(ray_tmpdir: str, grace_s: float = 15.0) -> list[int]:
-    """Ray's processes still alive after `grace_s`: they exit on their own shortly after shutdown."""
-    deadline = time.monotonic() + grace_s
-    while (pids := ray_pids(f"RAY_TMPDIR={ray_tmpdir}")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return pids
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def finished_keys(sweep_dir: Path, keys: list[str]) -> list[str]:
     return [k for k in keys if (sweep_dir / "trials" / k / "result.json").exists()]
 
@@ -248,43 +219,32 @@ def complete_runs(sweep_dir: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-@pytest.fixture
-def ray_tmpdir() -> Iterator[str]:
-    """A short private Ray temp root (socket paths must stay under ~107 characters); cleaned by PID."""
-    path = tempfile.mkdtemp(prefix="lr", dir="/tmp")
-    yield path
-    kill_pids(ray_pids(f"RAY_TMPDIR={path}"))
-    subprocess.run(["rm", "-rf", path], check=False)
-
-
 @pytest.mark.parametrize("pack_size", [1, 2], ids=["alone", "packs"])
 def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray_tmpdir, pack_size):
-    # Packs finish 2 seeds at a time: one unit at a time, and enough of them (8) that several are
-    # still to run when the first is logged, however fast this machine trains.
+    # The first unit finishes and is logged; every other one holds after its first epoch, so the
+    # kill lands with one unit finished and the rest unfinished, however loaded the machine.
     concurrent = 2 if pack_size == 1 else 1
     seeds = list(range(4 * pack_size))
     spec = write_spec(tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size)
-    keys = [t.trial_key() for t in load_plan(spec).trials]
+    plan = load_plan(spec)
+    keys = [t.trial_key() for t in plan.trials]
+    first = {keys[i] for i in plan.units[0]}
+    barrier = Barrier(tmp_path / "barrier", only=set(keys) - first)
     sweep_dir = tmp_path / "runs" / "killed"
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"} | barrier.env()
     env.pop(FAULT_ENV, None)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
-    log = (tmp_path / "first.log").open("w")
+    log_path = tmp_path / "first.log"
+    log = log_path.open("w")
     driver = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 120
-    while not complete_runs(sweep_dir) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.2)  # kill once a trial is finished and logged, while others are still running
-    if driver.poll() is not None:
-        pytest.fail("the driver ended before it could be killed:\n" + (tmp_path / "first.log").read_text())
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    time.sleep(1)
-    kill_pids(ray_pids(f"RAY_TMPDIR={ray_tmpdir}"))  # Ray's agents outlive a SIGKILLed driver
+    barrier.wait_reached(pack_size, driver, log_path, also=lambda: first <= set(complete_runs(sweep_dir)))
+    kill_driver(driver, ray_tmpdir)
+    barrier.release()  # for the resumed run: the units not yet started train through
 
     before = finished_keys(sweep_dir, keys)
-    assert before and len(before) < len(keys), (tmp_path / "first.log").read_text()
+    assert before and len(before) < len(keys), log_path.read_text()
     mtimes = {k: (sweep_dir / "trials" / k / "result.json").stat().st_mtime_ns for k in before}
     tries = {k: len(read_attempts(sweep_dir / "trials" / k)) for k in before}
     logged = complete_runs(sweep_dir)  # a half-logged run would be replaced, by design
@@ -302,6 +262,62 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
     assert sorted(r.data.tags["trial_key"] for r in children) == sorted(keys), done.stderr  # once each
     after = {r.data.tags["trial_key"]: (r.info.run_id, r.info.start_time) for r in children}
     assert {k: after[k] for k in logged} == logged  # runs logged before the kill were kept, not redone
+    assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+
+
+# --- SIGTERM to the driver's whole process group, as `timeout` and schedulers send it ---------------
+
+
+def test_sigterm_to_the_process_group_stops_like_ctrl_c_and_resumes(tmp_path, ray_tmpdir):
+    """Every process in the group gets the signal: Ray's own must not, or the driver loses its cluster
+    while it saves Tune's state (it hung for a minute and left the parent RUNNING, trials unlogged)."""
+    spec = write_spec(tmp_path, "termed", max_concurrent_trials=2, pack_size=1)
+    plan = load_plan(spec)
+    keys = [t.trial_key() for t in plan.trials]
+    first = {keys[i] for i in plan.units[0]}
+    barrier = Barrier(tmp_path / "barrier", only=set(keys) - first)
+    sweep_dir = tmp_path / "runs" / "termed"
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"} | barrier.env()
+    env.pop(FAULT_ENV, None)
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(spec)]
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        # The first unit has finished (its run may still be on its way); one other holds mid-trial.
+        barrier.wait_reached(1, driver, log_path, also=lambda: first <= set(finished_keys(sweep_dir, keys)))
+        signalled = time.monotonic()
+        os.killpg(driver.pid, signal.SIGTERM)
+        barrier.release()  # held trials go on as any running trial would: Tune stops them
+        returncode = driver.wait(timeout=120)
+        stopped_s = time.monotonic() - signalled
+    finally:
+        if driver.poll() is None:
+            kill_driver(driver, ray_tmpdir)
+    output = log_path.read_text()
+    print(f"SIGTERM to the process group -> driver exit: {stopped_s:.1f} s")
+
+    assert returncode == 1, output
+    assert f"interrupted: run `lottery sweep {spec}` again to resume" in output
+    assert "Traceback" not in output and "SIGTERM received" not in output
+    assert stopped_s < 45, output  # with Ray killed under it, the driver waited 60 s for its GCS
+    assert not lingering_ray_pids(ray_tmpdir), "a stopped driver must leave no Ray process"
+    before = finished_keys(sweep_dir, keys)
+    assert first <= set(before) and len(before) < len(keys)  # the last unit never started
+    _, parent, _ = child_runs(sweep_dir)
+    assert parent.info.status == "KILLED"
+    logged = complete_runs(sweep_dir)
+    assert set(before) <= set(logged), output  # every finished trial has its complete run
+
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(resuming)" in done.stderr
+    assert finished_keys(sweep_dir, keys) == keys
+    _, parent, children = child_runs(sweep_dir)
+    assert sorted(r.data.tags["trial_key"] for r in children) == sorted(keys)  # once each
+    assert {k: v for k, v in complete_runs(sweep_dir).items() if k in logged} == logged
     assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
 
 

@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -726,6 +727,7 @@ def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) 
             ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
         else:
             stack.enter_context(loopback_only())
+            stack.enter_context(ray_processes_in_own_sessions())
             ray.init(
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
@@ -737,6 +739,42 @@ def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) 
             yield
         finally:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_processes_in_own_sessions() -> Iterator[None]:
+    """The processes a local ray.init starts (GCS, raylet, log monitor) each lead a session of their
+    own, as the logging process does (tracking/log_process.py); the raylet's workers and agents
+    share the raylet's.
+
+    A scheduler stops a job by signalling its whole process group (`timeout`, Kubernetes, a shell's
+    `kill -- -PGID`). Ray blocks SIGINT in its processes, so Ctrl-C reaches the driver alone, but
+    SIGTERM killed the GCS and raylet under a driver that was still saving Tune's state: it hung
+    60 s waiting for them, left the parent run RUNNING and finished trials unlogged. In sessions
+    of their own they receive only what the driver sends them (ray.shutdown), and they still die
+    with the driver: on Linux Ray starts each with the kernel's parent-death signal, and the
+    raylet's workers and agents exit once they see it gone. Without that signal (Ray then cleans
+    up through a reaper that needs its processes in the driver's group) nothing is changed. Ray
+    offers no setting for it, so its Popen is wrapped while ray.init runs.
+    """
+    from ray._private import services
+    from ray._private.utils import detect_fate_sharing_support
+
+    if not (sys.platform.startswith("linux") and detect_fate_sharing_support()):
+        yield
+        return
+    popen = services.ConsolePopen
+
+    class OwnSessionPopen(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 @contextlib.contextmanager
@@ -849,7 +887,13 @@ def _tuner(
     from orchestrator.run.progress import ProgressCallback
     from orchestrator.run.repeats import StopRepeatedErrors
     from orchestrator.run.storage_stop import StopOnStorageFault
-    from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, TrialContext, run_planned_trial
+    from orchestrator.run.trainable import (
+        FAULT_ALWAYS_ENV,
+        FAULT_ENV,
+        HOLD_ENV,
+        TrialContext,
+        run_planned_trial,
+    )
     from orchestrator.tracking.sweep import TrackingCallback
 
     spec = plan.spec
@@ -862,6 +906,7 @@ def _tuner(
         run_figures=spec.run_figures,
         fault_once=os.environ.get(FAULT_ENV),
         fault_always=os.environ.get(FAULT_ALWAYS_ENV),
+        hold=os.environ.get(HOLD_ENV),
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_planned_trial, context=context),

@@ -32,6 +32,15 @@ deterministic error. For either, `*` in place of the trial key means every trial
 
 A failed attempt is recorded in the unit's `failure.json`; one that repeats the error its
 predecessor left, at the same epoch, is not retried again (orchestrator/run/repeats.py).
+
+Barrier for tests: `LOTTERY_HOLD=<epoch>:<directory>` (read by the driver, passed here the same way)
+holds a trial right after epoch `<epoch>` (counted from 0 as above; not its last) has been
+checkpointed and reported to Tune: it writes `<directory>/reached-<trial_key>` (each seed of a pack)
+and waits until `<directory>/release` exists. A kill test so lands its fault where it says, at
+any load: the trial's epochs up to then are on disk and reported to Tune, nothing after. If
+`<directory>/only` exists, it lists the trial keys that hold (one a line); the others run through,
+so a test can let some trials finish while others wait. A retry that resumes after `<epoch>` never
+holds again.
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ from trainers.loop import pick_device
 
 FAULT_ENV = "LOTTERY_FAULT_ONCE"
 FAULT_ALWAYS_ENV = "LOTTERY_FAULT_ALWAYS"  # tests only: a deterministic error (see the module docstring)
+HOLD_ENV = "LOTTERY_HOLD"  # tests only: see the module docstring
+HOLD_POLL_S = 0.05
+HOLD_REACHED, HOLD_RELEASE, HOLD_ONLY = "reached-", "release", "only"  # the barrier's file names
 RESULT_KEYS = result_fields(TUNE)
 
 
@@ -88,6 +100,7 @@ class TrialContext:
     run_figures: bool = True  # each seed's CGN figure for its MLflow run (SweepSpec.run_figures)
     fault_once: str | None = None  # "<trial_key>:<epoch>", tests only
     fault_always: str | None = None  # "<trial_key>:<epoch>", tests only
+    hold: str | None = None  # "<epoch>:<directory>", tests only
 
     @classmethod
     def for_plan(
@@ -100,6 +113,7 @@ class TrialContext:
         run_figures: bool = True,
         fault_once: str | None = None,
         fault_always: str | None = None,
+        hold: str | None = None,
     ) -> TrialContext:
         configs: dict[str, int] = {}
         planned = []
@@ -116,6 +130,7 @@ class TrialContext:
             run_figures,
             fault_once,
             fault_always,
+            hold,
         )
 
     def members(self, unit: int) -> list[TrialConfig]:
@@ -179,6 +194,8 @@ def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
             mark = {"epoch": reached[0]}
             (Path(tmp) / layout.EPOCH_MARK).write_text(json.dumps(mark))
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(tmp))
+        if context.hold:
+            _hold(context.hold, epoch, [t.trial_key() for t in members])
         if epoch == fault_epoch:
             _inject_fault_once(unit_dir, epoch)
 
@@ -308,3 +325,18 @@ def _inject_fault_once(unit_dir: layout.Location, epoch: int) -> None:
         return
     marker.write_text(str(epoch))
     raise InjectedFault(f"{FAULT_ENV}: injected failure after epoch {epoch}")
+
+
+def _hold(hold: str, epoch: int, keys: list[str]) -> None:
+    """The test barrier (see the module docstring): announce the epoch, then wait for the release."""
+    at, _, where = hold.partition(":")
+    directory = Path(where)
+    if epoch != int(at):
+        return
+    only = directory / HOLD_ONLY
+    if only.exists() and not set(keys) & set(only.read_text().split()):
+        return
+    for key in keys:
+        (directory / f"{HOLD_REACHED}{key}").touch()
+    while not (directory / HOLD_RELEASE).exists():
+        time.sleep(HOLD_POLL_S)
