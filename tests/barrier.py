@@ -57,8 +57,12 @@ class Barrier:
         wait_until(lambda: len(self.reached()) >= count and also(), driver, log, timeout_s)
         return self.reached()
 
-    def release(self) -> None:
-        (self.directory / HOLD_RELEASE).touch()
+    def release(self, keys: Iterable[str] | None = None) -> None:
+        """Every trial, now and later; or only the trials `keys` (each seed of a pack must be named)."""
+        if keys is None:
+            (self.directory / HOLD_RELEASE).touch()
+        for key in keys or ():
+            (self.directory / f"{HOLD_RELEASE}-{key}").touch()
 
 
 def wait_until(condition: Callable[[], bool], driver: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sweep import BASE
 
 from orchestrator import layout
 from orchestrator.errors import ERRORED_EXIT
 from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
-from tests.test_sweep import BASE, ray_tmpdir
 
-__all__ = ["ray_tmpdir"]  # the fixture, shared with test_sweep
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]

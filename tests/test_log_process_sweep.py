@@ -20,17 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from barrier import Barrier, lingering_ray_pids
+from test_sweep import child_runs, complete_runs, finished_keys
 
 from orchestrator import layout
 from orchestrator.run.trainable import FAULT_ENV
 from orchestrator.spec import load_plan
-from tests.test_sweep import (  # noqa: F401  (ray_tmpdir is a fixture)
-    child_runs,
-    complete_runs,
-    finished_keys,
-    lingering_ray_pids,
-    ray_tmpdir,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +40,7 @@ def write_spec(tmp_path: Path) -> Path:
             "data": {"name": "digits"},
             "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
             "optim": {"name": "adam", "lr": 0.002},
-            "epochs": 20,
+            "epochs": 3,
             "device": "cpu",
         },
         "seeds": [0, 1, 2, 3],
@@ -75,34 +70,38 @@ def logging_pids(sweep_dir: Path) -> set[int]:
     return found
 
 
-def kill_logging_processes(driver: subprocess.Popen, sweep_dir: Path, keys: list[str], kills: int) -> None:
-    """SIGKILL each of the sweep's first `kills` logging processes as soon as it appears."""
+def kill_logging_processes(
+    driver: subprocess.Popen, sweep_dir: Path, keys: list[str], kills: int, barrier: Barrier, log: Path
+) -> None:
+    """SIGKILL each of the sweep's first `kills` logging processes while the first trial is held at the
+    barrier (no trial has ended, so no run can be logged yet)."""
+    barrier.wait_reached(1, driver, log)
     killed: set[int] = set()
     deadline = time.monotonic() + 240
     while len(killed) < kills and driver.poll() is None and time.monotonic() < deadline:
         for pid in logging_pids(sweep_dir) - killed:
-            if finished_keys(sweep_dir, keys):
-                pytest.fail("a trial ended before the logging process was killed: the kill came late")
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
             break
         time.sleep(0.02)
     assert len(killed) == kills, f"killed {len(killed)} logging process(es), wanted {kills}"
+    assert not finished_keys(sweep_dir, keys)  # held: nothing ended before the kills
 
 
-def watch_until_done(driver: subprocess.Popen, sweep_dir: Path, keys: list[str]) -> int | None:
-    """How many trials had ended when the first run reached MLflow (None: none before the driver ended)."""
-    while driver.poll() is None:
-        if complete_runs(sweep_dir):
-            ended = len(finished_keys(sweep_dir, keys))
-            driver.wait(timeout=300)
-            return ended
-        time.sleep(0.2)
-    return None
+def first_run_while_others_are_held(
+    driver: subprocess.Popen, sweep_dir: Path, keys: list[str], barrier: Barrier, log: Path
+) -> int:
+    """Release the first trial alone; once the second is held, wait for the first trial's run to reach
+    MLflow; then release every trial. Returns how many trials had ended when that run arrived."""
+    barrier.release(keys[:1])
+    barrier.wait_reached(2, driver, log, also=lambda: bool(complete_runs(sweep_dir)))
+    ended = len(finished_keys(sweep_dir, keys))
+    barrier.release()
+    return ended
 
 
-def start_sweep(spec: Path, tmp_path: Path, ray_root: str) -> subprocess.Popen:
-    env = os.environ | {"RAY_TMPDIR": ray_root, "RAY_USAGE_STATS_ENABLED": "0"}
+def start_sweep(spec: Path, tmp_path: Path, ray_root: str, barrier: Barrier) -> subprocess.Popen:
+    env = os.environ | {"RAY_TMPDIR": ray_root, "RAY_USAGE_STATS_ENABLED": "0"} | barrier.env()
     env.pop(FAULT_ENV, None)
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sweep", str(spec)],
@@ -116,22 +115,26 @@ def start_sweep(spec: Path, tmp_path: Path, ray_root: str) -> subprocess.Popen:
 
 def test_a_killed_logging_process_is_restarted_and_logs_the_sweeps_runs_while_it_runs(
     tmp_path,
-    ray_tmpdir,  # noqa: F811  (the fixture imported above)
+    ray_tmpdir,
 ):
     spec = write_spec(tmp_path)
     keys = [t.trial_key() for t in load_plan(spec).trials]
     sweep_dir = tmp_path / "runs" / "logged"
-    driver = start_sweep(spec, tmp_path, ray_tmpdir)
+    barrier = Barrier(tmp_path / "barrier", epoch=0)
+    driver = start_sweep(spec, tmp_path, ray_tmpdir, barrier)
     try:
-        kill_logging_processes(driver, sweep_dir, keys, kills=1)
-        ended_at_first_run = watch_until_done(driver, sweep_dir, keys)
+        kill_logging_processes(driver, sweep_dir, keys, 1, barrier, tmp_path / "sweep.log")
+        ended_at_first_run = first_run_while_others_are_held(
+            driver, sweep_dir, keys, barrier, tmp_path / "sweep.log"
+        )
+        driver.wait(timeout=300)
     finally:
         driver.kill()
         driver.wait()
     said = (tmp_path / "sweep.log").read_text()
     assert driver.returncode == 0, said
     # Logged as the trials end, by the restarted process: not all at the end by the driver.
-    assert ended_at_first_run is not None and ended_at_first_run < len(keys), (ended_at_first_run, said)
+    assert ended_at_first_run == 1, (ended_at_first_run, said)
     deaths = [line for line in said.splitlines() if "logging process died" in line]
     assert len(deaths) == 1, said
     assert deaths[0].startswith("tracking: the MLflow logging process died (signal SIGKILL); restarting it")
@@ -142,14 +145,16 @@ def test_a_killed_logging_process_is_restarted_and_logs_the_sweeps_runs_while_it
 
 def test_a_logging_process_that_dies_twice_ends_the_sweep_with_exit_3_and_sync_completes_it(
     tmp_path,
-    ray_tmpdir,  # noqa: F811  (the fixture imported above)
+    ray_tmpdir,
 ):
     spec = write_spec(tmp_path)
     keys = [t.trial_key() for t in load_plan(spec).trials]
     sweep_dir = tmp_path / "runs" / "logged"
-    driver = start_sweep(spec, tmp_path, ray_tmpdir)
+    barrier = Barrier(tmp_path / "barrier", epoch=0)
+    driver = start_sweep(spec, tmp_path, ray_tmpdir, barrier)
     try:
-        kill_logging_processes(driver, sweep_dir, keys, kills=2)
+        kill_logging_processes(driver, sweep_dir, keys, 2, barrier, tmp_path / "sweep.log")
+        barrier.release()
         driver.wait(timeout=300)
     finally:
         driver.kill()

@@ -3,8 +3,9 @@
 Without max_concurrent_trials Tune used to ask Ray for resources for every trial at once; the slot
 a SIGKILLed worker freed then went to the next waiting trial, and the retry waited for a whole trial
 to end (bench/retry_delay.py times it). The order is what is asserted, read from the attempt
-records, so the test holds however slow the machine is: one slot (a trial asks for every CPU), two
-units; the first unit's worker is killed while it trains and the second has never started.
+records, and the kill lands at a barrier (tests/barrier.py), so the test holds however slow the machine
+is: one slot (a trial asks for every CPU), two units; the first unit's worker is killed while it is
+held after its first epoch, and the second has never started.
 """
 
 from __future__ import annotations
@@ -13,37 +14,26 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from barrier import Barrier, kill_driver
+from test_sweep import BASE
 
-from orchestrator import layout
 from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
-from tests.test_sweep import BASE, ray_tmpdir
 
-__all__ = ["ray_tmpdir"]  # the fixture, shared with test_sweep
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def epochs_written(trial_dir: Path) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_metadata(trial_dir / layout.METRICS).num_rows
-    except (OSError, ValueError):
-        return 0
 
 
 def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_path, ray_tmpdir):
     cpus = os.cpu_count() or 1
     doc = {
         "name": "order",
-        "base": BASE | {"epochs": 20},  # the kill lands while the first unit trains: a window of 19 epochs
+        "base": BASE | {"epochs": 3},
         "seeds": [0, 1],
         "schemes": [{"name": "baseline"}],
         "pack_size": 1,
@@ -52,8 +42,10 @@ def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_pat
     }
     spec = tmp_path / "order.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    first, waiting = [tmp_path / "runs" / "order" / "trials" / t.trial_key() for t in load_plan(spec).trials]
-    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
+    keys = [t.trial_key() for t in load_plan(spec).trials]
+    first, waiting = [tmp_path / "runs" / "order" / "trials" / key for key in keys]
+    barrier = Barrier(tmp_path / "barrier", epoch=0, only=keys[:1])  # the first unit's first try holds
+    env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"} | barrier.env()
     for name in (FAULT_ENV, FAULT_ALWAYS_ENV):
         env.pop(name, None)
     log = (tmp_path / "driver.log").open("w")
@@ -66,17 +58,14 @@ def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_pat
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while epochs_written(first) < 1 and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert epochs_written(first) >= 1 and not read_attempts(waiting), (
-            tmp_path / "driver.log"
-        ).read_text()
+        barrier.wait_reached(1, driver, tmp_path / "driver.log")
+        assert not read_attempts(waiting), (tmp_path / "driver.log").read_text()
         os.kill(read_attempts(first)[0]["pid"], signal.SIGKILL)
+        barrier.release()  # the retry resumes after epoch 0, so it never holds again
         assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()
     finally:
         if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+            kill_driver(driver, ray_tmpdir)
     retried, started = read_attempts(first), read_attempts(waiting)
     assert len(retried) == 2 and len(started) == 1
     assert retried[1]["started"] < started[0]["started"], "the waiting trial took the freed slot first"

@@ -18,6 +18,7 @@ import scipy.integrate
 import scipy.special
 import scipy.stats
 import yaml
+from sweepfactory import lottery_trials, write_sweep
 from typer.testing import CliRunner
 
 from dashboards.planning import paired_sample_size, rate_sample_size, rate_sample_size_anytime
@@ -28,7 +29,6 @@ from orchestrator.errors import UserError
 from orchestrator.run.sweep import record_plan
 from orchestrator.sequential import StudyState, replay
 from orchestrator.spec import Sequential, SweepSpec, expand
-from tests.sweepfactory import lottery_trials, write_sweep
 
 ALPHA = 0.05
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 from barrier import Barrier, kill_driver, lingering_ray_pids
+from test_sweep import child_runs, complete_runs, finished_keys
 
 from orchestrator.aggregate import aggregate, sequential_statement
 from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.sequential import replay
 from orchestrator.spec import load_plan
-from tests.test_sweep import child_runs, complete_runs, finished_keys
 
 pytestmark = pytest.mark.integration
 

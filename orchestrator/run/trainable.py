@@ -36,7 +36,8 @@ predecessor left, at the same epoch, is not retried again (orchestrator/run/repe
 Barrier for tests: `LOTTERY_HOLD=<epoch>:<directory>` (read by the driver, passed here the same way)
 holds a trial right after epoch `<epoch>` (counted from 0 as above; not its last) has been
 checkpointed and reported to Tune: it writes `<directory>/reached-<trial_key>` (each seed of a pack)
-and waits until `<directory>/release` exists. A kill test so lands its fault where it says, at
+and waits until `<directory>/release` exists (or `release-<trial_key>`, which releases that trial
+alone: every seed of its pack). A kill test so lands its fault where it says, at
 any load: the trial's epochs up to then are on disk and reported to Tune, nothing after. If
 `<directory>/only` exists, it lists the trial keys that hold (one a line); the others run through,
 so a test can let some trials finish while others wait. A retry that resumes after `<epoch>` never
@@ -338,5 +339,6 @@ def _hold(hold: str, epoch: int, keys: list[str]) -> None:
         return
     for key in keys:
         (directory / f"{HOLD_REACHED}{key}").touch()
-    while not (directory / HOLD_RELEASE).exists():
+    released = [directory / HOLD_RELEASE, *(directory / f"{HOLD_RELEASE}-{key}" for key in keys)]
+    while not released[0].exists() and not all(path.exists() for path in released[1:]):
         time.sleep(HOLD_POLL_S)
