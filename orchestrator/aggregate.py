@@ -99,7 +99,7 @@ def _trial_row(
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
         row["setting"] = json.dumps(setting_of(config.get("trial", {})))
     if status.result is not None:
-        row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
+        row.update({k: status.result[k] for k in _RESULT_FIELDS})  # None where not recorded: NaN
         row["status"] = "finished"
         return row
     row["status"] = "errored" if status.errored else "incomplete"
