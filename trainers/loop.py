@@ -25,9 +25,9 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
-from trainers.models import build_model, derive_seeds
+from trainers.models import derive_seeds
 from trainers.optim import RowAdam
-from trainers.pack import PACKABLE, PackedNet
+from trainers.pack import PACKABLE, build_pack
 from trainers.ranking import ortho_scores, pack_logits, pack_loss
 from trainers.schemes import Scheme, TrainContext, build_scheme
 
@@ -172,22 +172,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
         correct = hits if correct is None else correct + hits
     model.train(was_training)
     return loss, correct
-
-
-def build_pack(config: TrialConfig, seeds: list[int], data: LoadedData) -> torch.nn.Module:
-    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1."""
-    models = [
-        build_model(
-            config.model,
-            in_channels=data.in_channels,
-            image_size=data.image_size,
-            num_classes=data.num_classes,
-            batchnorm=config.uses_batchnorm,
-            generator=torch.Generator().manual_seed(derive_seeds(seed)[0]),
-        )
-        for seed in seeds
-    ]
-    return models[0] if len(models) == 1 else PackedNet(models)
 
 
 def train_pack(

@@ -16,12 +16,17 @@ per-call overhead is what a tiny CNN's step time is made of.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models import ConvUnit, FilterNet
+from trainers.models import ConvUnit, FilterNet, build_model, derive_seeds
+
+if TYPE_CHECKING:
+    from trainers.config import TrialConfig
+    from trainers.data import LoadedData
 
 PACKABLE = ("crater_cnn", "vanilla_cnn")
 # The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, 2-core CPU; numbers in
@@ -105,6 +110,23 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
+
+
+def build_pack(config: TrialConfig, seeds: list[int], data: LoadedData) -> nn.Module:
+    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1.
+    IMP's control arm builds its fresh initialisations here too, from seeds shifted by its offset."""
+    models = [
+        build_model(
+            config.model,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            num_classes=data.num_classes,
+            batchnorm=config.uses_batchnorm,
+            generator=torch.Generator().manual_seed(derive_seeds(seed)[0]),
+        )
+        for seed in seeds
+    ]
+    return models[0] if len(models) == 1 else PackedNet(models)
 
 
 class PackedNet(nn.Sequential):

@@ -27,8 +27,7 @@ import torch
 
 from trainers.config import ImpScheme
 from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
-from trainers.models import build_model, derive_seeds
-from trainers.pack import PackedNet
+from trainers.pack import build_pack
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -63,18 +62,7 @@ class Imp(Scheme):
         """The initial weights a trial of seed + reinit_offset starts from (packed like this one)."""
         data, config = ctx.data, ctx.config
         assert data is not None
-        models = [
-            build_model(
-                config.model,
-                in_channels=data.in_channels,
-                image_size=data.image_size,
-                num_classes=data.num_classes,
-                batchnorm=config.uses_batchnorm,
-                generator=torch.Generator().manual_seed(derive_seeds(seed + self.cfg.reinit_offset)[0]),
-            )
-            for seed in ctx.seeds
-        ]
-        model = models[0] if len(models) == 1 else PackedNet(models)
+        model = build_pack(config, [seed + self.cfg.reinit_offset for seed in ctx.seeds], data)
         device = self.weights[0].weight.device
         return {k: v.to(device) for k, v in model.state_dict().items()}
 
