@@ -19,18 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-from orchestrator import layout
-from orchestrator.run.trainable import FAULT_ENV
-from orchestrator.spec import load_plan
-from tests.test_sweep import (  # noqa: F401  (ray_tmpdir is a fixture)
+import specfactory
+from specfactory import BASE
+from test_sweep import (  # noqa: F401  (ray_tmpdir is a fixture)
     child_runs,
     complete_runs,
     finished_keys,
     lingering_ray_pids,
     ray_tmpdir,
 )
+
+from orchestrator import layout
+from orchestrator.run.trainable import FAULT_ENV
+from orchestrator.spec import load_plan
 
 pytestmark = pytest.mark.integration
 
@@ -39,25 +40,16 @@ LOGGER_MODULE = "orchestrator.tracking.log_process"
 
 
 def write_spec(tmp_path: Path) -> Path:
-    doc = {
-        "name": "logged",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-            "optim": {"name": "adam", "lr": 0.002},
-            "epochs": 20,
-            "device": "cpu",
-        },
-        "seeds": [0, 1, 2, 3],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "max_concurrent_trials": 1,  # one at a time: trials still run after the first one's run is logged
-        "max_failures": 1,
-        "storage_path": str(tmp_path / "runs"),
-    }
-    path = tmp_path / "logged.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return specfactory.write_spec(
+        tmp_path,
+        "logged",
+        base=BASE | {"epochs": 20},
+        seeds=[0, 1, 2, 3],
+        pack_size=1,
+        max_concurrent_trials=1,  # one at a time: trials still run after the first one's run is logged
+        max_failures=1,
+        storage_path=str(tmp_path / "runs"),
+    )
 
 
 def logging_pids(sweep_dir: Path) -> set[int]:

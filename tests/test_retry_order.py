@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from specfactory import BASE, write_spec
+from test_sweep import ray_tmpdir
 
 from orchestrator import layout
 from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
-from tests.test_sweep import BASE, ray_tmpdir
 
 __all__ = ["ray_tmpdir"]  # the fixture, shared with test_sweep
 pytestmark = pytest.mark.integration
@@ -41,17 +41,14 @@ def epochs_written(trial_dir: Path) -> int:
 
 def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_path, ray_tmpdir):
     cpus = os.cpu_count() or 1
-    doc = {
-        "name": "order",
-        "base": BASE | {"epochs": 20},  # the kill lands while the first unit trains: a window of 19 epochs
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "resources": {"cpu": cpus},  # one trial at a time on any machine
-        "storage_path": str(tmp_path / "runs"),
-    }
-    spec = tmp_path / "order.yaml"
-    spec.write_text(yaml.safe_dump(doc))
+    spec = write_spec(
+        tmp_path,
+        "order",
+        base=BASE | {"epochs": 20},  # the kill lands while the first unit trains: a window of 19 epochs
+        pack_size=1,
+        resources={"cpu": cpus},  # one trial at a time on any machine
+        storage_path=str(tmp_path / "runs"),
+    )
     first, waiting = [tmp_path / "runs" / "order" / "trials" / t.trial_key() for t in load_plan(spec).trials]
     env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
     for name in (FAULT_ENV, FAULT_ALWAYS_ENV):
