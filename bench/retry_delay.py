@@ -37,7 +37,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from specfactory import BASE, TWO_ARMS, spec_doc  # noqa: E402
 
 from bench.common import save  # noqa: E402
 from orchestrator import layout  # noqa: E402
@@ -57,22 +59,16 @@ SCENARIOS = {  # name: (seeds, pack_size, max_concurrent_trials)
 
 def write_spec(directory: Path, scenario: str, epochs: int = 20) -> Path:
     seeds, pack_size, concurrent = SCENARIOS[scenario]
-    doc = {
-        "name": "retry",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-            "optim": {"name": "adam", "lr": 0.002},
-            "epochs": epochs,
-            "device": "cpu",
-        },
-        "seeds": seeds,
-        "schemes": [{"name": "baseline"}, {"name": "randomout", "params": {"tau": 1e-6}}],
-        "storage_path": str(directory / "runs"),
-        "max_failures": 2,
-        "max_concurrent_trials": concurrent,
-        "pack_size": pack_size,
-    }
+    doc = spec_doc(
+        "retry",
+        base=BASE | {"epochs": epochs},
+        seeds=seeds,
+        schemes=TWO_ARMS,
+        storage_path=str(directory / "runs"),
+        max_failures=2,
+        max_concurrent_trials=concurrent,
+        pack_size=pack_size,
+    )
     path = directory / "retry.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

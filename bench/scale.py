@@ -39,26 +39,22 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from specfactory import spec_doc  # noqa: E402
 
 from bench.common import save  # noqa: E402
 from orchestrator import layout  # noqa: E402
 
 
 def tiny_spec(path: Path, trials: int, epochs: int, samples: int, fields: dict[str, object]) -> Path:
-    doc = {
-        "name": "scale",
-        "base": {
-            "data": {"name": "synthetic", "synthetic_samples": samples},
-            "model": {"name": "crater_cnn", "filters": 1, "hidden_fc": 0},
-            "epochs": epochs,
-            "device": "cpu",
-        },
-        "seeds": list(range(trials)),
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "resources": {"cpu": 1},
-    } | fields
+    base = {
+        "data": {"name": "synthetic", "synthetic_samples": samples},
+        "model": {"name": "crater_cnn", "filters": 1, "hidden_fc": 0},
+        "epochs": epochs,
+        "device": "cpu",
+    }
+    doc = spec_doc("scale", base=base, seeds=list(range(trials)), pack_size=1, resources={"cpu": 1}) | fields
     path.write_text(yaml.safe_dump(doc))
     return path
 

@@ -433,34 +433,38 @@ def _epoch_figure(
     return Rendered(name, title, caption, fig)
 
 
-def accuracy_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
-    """Test accuracy per epoch: how non-failed seeds learn, and where failed ones stall."""
-    title = "Test accuracy over training"
-    return _epoch_figure(
-        trials, epochs, "test_acc", "accuracy_epochs", title, "test accuracy (%)", "accuracy"
-    )
+@dataclass(frozen=True)
+class EpochFigure:
+    """A per-epoch figure (`_epoch_figure`): its metric column, file name, title, y label and kind."""
+
+    column: str
+    name: str
+    title: str
+    ylabel: str
+    kind: str
+
+    def render(self, trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
+        return _epoch_figure(trials, epochs, self.column, self.name, self.title, self.ylabel, self.kind)
 
 
-def cgn_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
-    """Fig. 7: mean convolutional gradient norm (CGN) per epoch; zeros kept on a symlog axis."""
-    title = "Mean CGN over training (Fig. 7)"
-    return _epoch_figure(trials, epochs, "cgn_mean", "fig7_cgn", title, "mean CGN per filter", "cgn")
-
-
-def below_tau_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
-    """Fig. 8: (step, filter) checks with CGN below tau per epoch: what RandomOut resets, or would."""
-    title = "Filters below tau per epoch (Fig. 8)"
-    return _epoch_figure(
-        trials, epochs, "below_tau", "fig8_below_tau", title, "mean checks with CGN < tau", "below"
-    )
-
-
-def ortho_over_epochs(trials: pd.DataFrame, epochs: pd.DataFrame) -> Rendered:
-    """RePr's summed Ortho score per epoch: how much filter overlap the ranking sees."""
-    title = "RePr Ortho sum over training"
-    return _epoch_figure(
-        trials, epochs, "ortho_sum", "repr_ortho", title, "sum over filters of $O_l^f$", "band"
-    )
+# Test accuracy per epoch: how non-failed seeds learn, and where failed ones stall.
+ACCURACY = EpochFigure(
+    "test_acc", "accuracy_epochs", "Test accuracy over training", "test accuracy (%)", "accuracy"
+)
+# Fig. 7: mean convolutional gradient norm (CGN) per epoch; zeros kept on a symlog axis.
+CGN = EpochFigure("cgn_mean", "fig7_cgn", "Mean CGN over training (Fig. 7)", "mean CGN per filter", "cgn")
+# Fig. 8: (step, filter) checks with CGN below tau per epoch: what RandomOut resets, or would.
+BELOW_TAU = EpochFigure(
+    "below_tau",
+    "fig8_below_tau",
+    "Filters below tau per epoch (Fig. 8)",
+    "mean checks with CGN < tau",
+    "below",
+)
+# RePr's summed Ortho score per epoch: how much filter overlap the ranking sees.
+ORTHO = EpochFigure(
+    "ortho_sum", "repr_ortho", "RePr Ortho sum over training", "sum over filters of $O_l^f$", "band"
+)
 
 
 def all_figures(trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFrame) -> list[Rendered]:
@@ -475,10 +479,8 @@ def all_figures(trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFram
         figures.append(tau_p_heatmap(trials))
     figures += [
         accuracy_vs_filters(trials),
-        accuracy_over_epochs(trials, epochs),
-        cgn_over_epochs(trials, epochs),
-        below_tau_over_epochs(trials, epochs),
+        *(figure.render(trials, epochs) for figure in (ACCURACY, CGN, BELOW_TAU)),
     ]
     if "repr" in schemes:
-        figures.append(ortho_over_epochs(trials, epochs))
+        figures.append(ORTHO.render(trials, epochs))
     return figures

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
-from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE
+from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD
 
@@ -190,11 +190,7 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
                     str(r.look),
                     arm_label(r.scheme, r.hparam_label),
                     str(r.seeds),
-                    str(r.n),
-                    _pct(r.estimate, 2),
-                    f"[{_pct(r.cs_low, 2)}, {_pct(r.cs_high, 2)}]",
-                    "yes" if r.met else "no",
-                    str(r.verdict),
+                    *look_cells(r, _pct),
                 ]
             )
         )

@@ -28,7 +28,9 @@ Pure functions on arrays and the per-trial table (dashboards.stats.TRIAL_COLUMNS
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -210,3 +212,11 @@ def paired_look(
 
 def looks_frame(rows: list[dict[str, object]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(LOOK_COLUMNS)).astype(LOOK_COLUMNS)
+
+
+def look_cells(look: Any, pct: Callable[[float, int], str]) -> list[str]:
+    """A look's n, estimate, anytime-valid interval, whether it met the rule and its verdict, as text
+    (`pct` writes a share in percent, as the table it goes into writes one): the report's look table
+    and the CLI's share these columns."""
+    interval = f"[{pct(look.cs_low, 2)}, {pct(look.cs_high, 2)}]"
+    return [str(look.n), pct(look.estimate, 2), interval, "yes" if look.met else "no", str(look.verdict)]

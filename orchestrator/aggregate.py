@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from rich.table import Table
 
-from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, looks_frame
+from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
 from orchestrator import layout
@@ -99,7 +99,7 @@ def _trial_row(
         row["hparams"] = json.dumps(config.get("hparams", {}), sort_keys=True)
         row["setting"] = json.dumps(setting_of(config.get("trial", {})))
     if status.result is not None:
-        row.update({k: status.result[k] for k in _RESULT_FIELDS if k in status.result})
+        row.update({k: status.result[k] for k in _RESULT_FIELDS})  # None where not recorded: NaN
         row["status"] = "finished"
         return row
     row["status"] = "errored" if status.errored else "incomplete"
@@ -265,22 +265,17 @@ def format_looks_table(looks: pd.DataFrame) -> Table:
     """The last look of a sequential study, per arm, with its anytime-valid interval."""
     last = looks[looks["look"] == looks["look"].max()]
     table = Table(title="Sequential study: last look (anytime-valid 95% interval, in %)")
-    for name in ("scheme", "hparams", "statistic", "n", "estimate", "interval", "met", "verdict"):
-        table.add_column(
-            name, justify="left" if name in ("scheme", "hparams", "statistic", "verdict") else "right"
-        )
+    names = ("scheme", "hparams", "statistic", "n", "estimate", "interval", "met", "verdict")
+    _add_columns(table, names, text=("scheme", "hparams", "statistic", "verdict"))
     for r in last.itertuples(index=False):
-        table.add_row(
-            str(r.scheme),
-            str(r.hparam_label or ""),
-            str(r.statistic),
-            str(r.n),
-            _pct(r.estimate, 2),
-            f"[{_pct(r.cs_low, 2)}, {_pct(r.cs_high, 2)}]",
-            "yes" if r.met else "no",
-            str(r.verdict),
-        )
+        table.add_row(str(r.scheme), str(r.hparam_label or ""), str(r.statistic), *look_cells(r, _pct))
     return table
+
+
+def _add_columns(table: Table, names: list[str] | tuple[str, ...], text: tuple[str, ...]) -> None:
+    """Columns named `names`: those in `text` left-aligned, the numbers right-aligned."""
+    for name in names:
+        table.add_column(name, justify="left" if name in text else "right")
 
 
 def format_summary_table(summary: pd.DataFrame) -> Table:
@@ -297,11 +292,8 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
     )
     columns = ["scheme", "hparams", *(["setting"] if varying else []), "filters", "n", "failed"]
     columns += ["fail % [95% CI]", "mean %", "median %", "min %", "std %"]
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("scheme", "hparams", "setting") else "right")
-    table.add_column("gain pts (median)", justify="right")
-    table.add_column("better/tied/worse", justify="right")
-    table.add_column("Wilcoxon p (n, method)", justify="right")
+    columns += ["gain pts (median)", "better/tied/worse", "Wilcoxon p (n, method)"]
+    _add_columns(table, columns, text=("scheme", "hparams", "setting"))
     for r in summary.itertuples(index=False):
         pending = r.n_planned - r.n
         fail = f"{_pct(r.failure_rate)} [{_pct(r.failure_ci_low)}, {_pct(r.failure_ci_high)}]"
@@ -332,10 +324,9 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
 def format_rounds_table(rounds: pd.DataFrame) -> Table:
     """IMP per round: sparsity, accuracy and the paired gain over the reference arm, in points."""
     table = Table(title="IMP rounds (test accuracy at each round's end; gain paired by seed and round)")
-    for name in ("scheme", "hparams", "round", "n", "sparsity %", "median %", "IQR %", "vs", "pairs"):
-        table.add_column(name, justify="left" if name in ("scheme", "hparams", "vs") else "right")
-    for name in ("gain pts (median)", "improved %", "Wilcoxon p"):
-        table.add_column(name, justify="right")
+    names = ("scheme", "hparams", "round", "n", "sparsity %", "median %", "IQR %", "vs", "pairs")
+    names += ("gain pts (median)", "improved %", "Wilcoxon p")
+    _add_columns(table, names, text=("scheme", "hparams", "vs"))
     for r in rounds.itertuples(index=False):
         table.add_row(
             str(r.scheme),

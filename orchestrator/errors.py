@@ -89,6 +89,17 @@ def choice_hint(error: Mapping[str, Any]) -> str:
     return did_you_mean(given, re.findall(r"'([^']*)'", expected))
 
 
+def plain_message(error: Mapping[str, Any], message: str) -> str:
+    """pydantic's `message` for a field, said plainly: a missing field as such, the value given echoed
+    when it is short and not already in the message, a near choice suggested (specs and trial configs)."""
+    if error["type"] == "missing":
+        return "required field is missing"
+    if "input" in error and not isinstance(error["input"], dict | list):
+        echo = "" if repr(error["input"]) in message else f" (got {error['input']!r})"
+        return f"{message}{echo}{choice_hint(error)}"
+    return message + choice_hint(error)
+
+
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     from trainers.config import SCHEMES, TrialConfig
 
@@ -104,13 +115,8 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
         model = TrialConfig if error.title == TrialConfig.__name__ else None
         where = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
         message = unknown_field_message(model, where) if model else f"unknown field{UNKNOWN_ADVICE}"
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    elif "input" in first and not isinstance(first["input"], dict | list):
-        echo = "" if repr(first["input"]) in message else f" (got {first['input']!r})"
-        message = f"{message}{echo}{choice_hint(first)}"
     else:
-        message += choice_hint(first)
+        message = plain_message(first, message)
     extra = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
     return f"{field}: {message}{extra}"
 

@@ -66,6 +66,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UserError
+from orchestrator.formats import FormatError, upgrade_result
 from orchestrator.storage import StorePath, is_uri, location
 from orchestrator.storage_fault import STORAGE_ERRNOS, StorageFault, free_bytes, human_bytes, storage_fault
 
@@ -503,10 +504,13 @@ def planned_keys(sweep_dir: Location) -> list[str]:
 
 
 class ResultSchema(BaseModel):
-    """What every result.json holds (trainers.events.TrialResult): checked on every read, so a
-    damaged file (`{}`, a field lost or mistyped) is never counted as a finished trial."""
+    """What every result.json holds (trainers.events.TrialResult) once brought to the current format
+    (orchestrator/formats.py): checked on every read, so a damaged file (`{}`, a field lost or mistyped)
+    is never counted as a finished trial."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+    format: int = Field(ge=1)
 
     epochs_done: int = Field(ge=0)
     final_test_acc: float  # NaN when the loss diverged
@@ -567,6 +571,7 @@ def trial_status(trial_dir: Location) -> TrialStatus:
         metrics = _checked_table(trial_dir / METRICS, required=("epoch",))
         result = _checked_json(trial_dir / RESULT, _result_problem)
         if result is not None:
+            result = upgrade_result(result)
             _required(config is not None, trial_dir / CONFIG)
             _required(metrics or result["epochs_done"] == 0, trial_dir / METRICS)
         elif (trial_dir / ERROR).exists():
@@ -586,7 +591,9 @@ def _required(present: bool, path: Location) -> None:
 
 def _result_problem(doc: dict[str, Any]) -> bool | str:
     try:
-        ResultSchema.model_validate(doc)
+        ResultSchema.model_validate(upgrade_result(doc))
+    except FormatError as exc:
+        return str(exc)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])

@@ -34,9 +34,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.errors import UserError, choice_hint, did_you_mean, unknown_field_message
+from orchestrator.errors import UserError, did_you_mean, plain_message, unknown_field_message
 from trainers.config import MAX_SEED, SCHEMES, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -82,10 +90,27 @@ class Resources(_Strict):
         return max(1, math.floor(self.cpu))
 
 
+def _check_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    for key, values in grid.items():
+        if not values:
+            raise ValueError(f"{key}: an empty list of values")
+        try:
+            distinct = {json.dumps(v, sort_keys=True) for v in values}
+        except TypeError:  # a YAML date, or a mapping with mixed key types
+            raise ValueError(f"{key}: values must be numbers, strings, booleans, lists or mappings") from None
+        if len(distinct) != len(values):
+            raise ValueError(f"{key}: a value is listed more than once")
+    return grid
+
+
+# A grid of values to cross: every list non-empty, its values distinct (a scheme's grid and the base grid).
+Grid = Annotated[dict[str, list[Any]], AfterValidator(_check_grid)]
+
+
 class SchemeEntry(_Strict):
     name: str
     params: dict[str, Any] = {}  # fixed hyperparameters of this entry
-    grid: dict[str, list[Any]] = {}  # crossed, in the order written
+    grid: Grid = {}  # crossed, in the order written
 
     @field_validator("name")
     @classmethod
@@ -94,11 +119,6 @@ class SchemeEntry(_Strict):
             hint = did_you_mean(value, SCHEMES) or f"; choose one of {', '.join(SCHEMES)}"
             raise ValueError(f"unknown scheme {value!r}{hint}")
         return value
-
-    @field_validator("grid")
-    @classmethod
-    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return _check_grid(grid)
 
 
 class FailureRateRule(_Strict):
@@ -187,7 +207,7 @@ class SweepSpec(_Strict):
     # Set from `seeds: {start, max, batch, until}`: the seeds above are then the most a study may use.
     sequential: Sequential | None = None
     schemes: list[SchemeEntry] = Field(min_length=1)
-    grid: dict[str, list[Any]] = {}  # TrialConfig paths crossed for every scheme
+    grid: Grid = {}  # TrialConfig paths crossed for every scheme
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
     resources: Resources = Resources()
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the resources allow
@@ -243,11 +263,6 @@ class SweepSpec(_Strict):
                 raise ValueError(f"{key} does not belong in base; {advice}")
         return base
 
-    @field_validator("grid")
-    @classmethod
-    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return _check_grid(grid)
-
 
 def _float(value: Any) -> float | None:
     if isinstance(value, bool):
@@ -295,19 +310,6 @@ def _seed_range(start: int, stop: int) -> list[int]:
     if stop - start > MAX_SEEDS:  # a typo such as count: 1e9 would otherwise exhaust memory
         raise ValueError(f"{stop - start} seeds; at most {MAX_SEEDS} per sweep")
     return list(range(start, stop))
-
-
-def _check_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    for key, values in grid.items():
-        if not values:
-            raise ValueError(f"{key}: an empty list of values")
-        try:
-            distinct = {json.dumps(v, sort_keys=True) for v in values}
-        except TypeError:  # a YAML date, or a mapping with mixed key types
-            raise ValueError(f"{key}: values must be numbers, strings, booleans, lists or mappings") from None
-        if len(distinct) != len(values):
-            raise ValueError(f"{key}: a value is listed more than once")
-    return grid
 
 
 @dataclass(frozen=True)
@@ -660,12 +662,7 @@ def _describe(error: dict[str, Any], count: int, field: str | None = None, *, mo
         message = f"a sweep name is {NAME_RULE} (got {error['input']!r})"
     elif error["type"] == "extra_forbidden":
         message = unknown_field_message(model, loc)
-    elif error["type"] == "missing":
-        message = "required field is missing"
-    elif "input" in error and not isinstance(error["input"], dict | list):
-        echo = "" if repr(error["input"]) in message else f" (got {error['input']!r})"
-        message = f"{message}{echo}{choice_hint(error)}"
     else:
-        message += choice_hint(error)
+        message = plain_message(error, message)
     more = f" (and {count - 1} more)" if count > 1 else ""
     return f"{field}: {message}{more}"

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
+from specfactory import spec_doc
 from test_malformed_specs import CORPUS, assert_one_error_line, expected_error, run_cli
 
 from orchestrator.errors import UserError
@@ -30,7 +31,7 @@ BASE = {
 
 
 def write_spec(path: Path, **changes: Any) -> Path:
-    doc = {"name": "checks", "seeds": [0, 1], "base": BASE, "schemes": [{"name": "baseline"}]} | changes
+    doc = spec_doc("checks", **({"base": BASE} | changes))
     path.write_text(yaml.safe_dump(doc))
     return path
 

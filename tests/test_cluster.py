@@ -33,12 +33,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
+import specfactory
 from barrier import Barrier
 from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
 from raynodes import Node, cluster, kill_pids, new_token, processes_with, ray_env
 from s3server import S3Server
+from specfactory import BASE
 
 from orchestrator import layout
 from orchestrator.run.trainable import read_attempts
@@ -50,12 +51,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
-BASE = {
-    "data": {"name": "digits"},
-    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-    "optim": {"name": "adam", "lr": 0.002},
-    "device": "cpu",
-}
 
 
 @pytest.fixture
@@ -65,18 +60,9 @@ def storage(tmp_path: Path) -> str:
 
 
 def write_spec(directory: Path, name: str, storage: str, **changes: Any) -> Path:
-    doc = {
-        "name": name,
-        "base": BASE | {"epochs": 4},
-        "seeds": [0, 1, 2, 3],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "storage_path": storage,
-        "max_failures": 2,
-    } | changes
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """Four lone seeds of 4 epochs, stored under `storage`, a trial retried twice."""
+    fields = {"base": BASE | {"epochs": 4}, "seeds": [0, 1, 2, 3], "pack_size": 1} | changes
+    return specfactory.write_spec(directory, name, **({"storage_path": storage, "max_failures": 2} | fields))
 
 
 @contextlib.contextmanager

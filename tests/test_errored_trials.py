@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_sweep import BASE
+from specfactory import spec_doc
 
 from orchestrator import layout
 from orchestrator.errors import ERRORED_EXIT
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sweep(tmp_path: Path, ray_tmpdir: str, doc: dict, faults: dict[str, str]) -> subprocess.CompletedProcess:
     spec = tmp_path / f"{doc['name']}.yaml"
-    spec.write_text(yaml.safe_dump({"base": BASE, "storage_path": str(tmp_path / "runs")} | doc))
+    spec.write_text(yaml.safe_dump({"storage_path": str(tmp_path / "runs")} | doc))
     env = os.environ | {"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"} | faults
     for name in {FAULT_ENV, FAULT_ALWAYS_ENV} - set(faults):
         env.pop(name, None)
@@ -49,7 +49,7 @@ def test_a_sweep_whose_trials_all_error_exits_4_names_the_first_error_and_tries_
     tmp_path, ray_tmpdir
 ):
     # A pack of two seeds and a lone seed; max_failures 2 would try each of them three times.
-    doc = {"name": "broken", "seeds": [0, 1, 2], "schemes": [{"name": "baseline"}], "pack_size": 2}
+    doc = spec_doc("broken", seeds=[0, 1, 2], pack_size=2)
     done = sweep(tmp_path, ray_tmpdir, doc | {"max_failures": 2}, {FAULT_ALWAYS_ENV: "*:1"})
     assert done.returncode == ERRORED_EXIT == 4, done.stderr
     sweep_dir = tmp_path / "runs" / "broken"
@@ -71,9 +71,8 @@ def test_a_sweep_whose_trials_all_error_exits_4_names_the_first_error_and_tries_
 
 
 def test_a_trial_that_fails_once_then_finishes_exits_0(tmp_path, ray_tmpdir):
-    doc = {"name": "flaky", "seeds": [0, 1], "schemes": [{"name": "baseline"}], "pack_size": 1}
-    spec_doc = {"base": BASE, "storage_path": str(tmp_path / "runs")} | doc
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(spec_doc))
+    doc = spec_doc("flaky", pack_size=1)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(doc | {"storage_path": str(tmp_path / "runs")}))
     flaky = load_plan(tmp_path / "plan.yaml").trials[0].trial_key()
     done = sweep(tmp_path, ray_tmpdir, doc, {FAULT_ENV: f"{flaky}:1"})
     assert done.returncode == 0, done.stderr

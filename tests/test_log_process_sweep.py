@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+import specfactory
 from barrier import Barrier, lingering_ray_pids
+from specfactory import BASE
 from test_sweep import child_runs, complete_runs, finished_keys
 
 from orchestrator import layout
@@ -34,25 +35,16 @@ LOGGER_MODULE = "orchestrator.tracking.log_process"
 
 
 def write_spec(tmp_path: Path) -> Path:
-    doc = {
-        "name": "logged",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-            "optim": {"name": "adam", "lr": 0.002},
-            "epochs": 3,
-            "device": "cpu",
-        },
-        "seeds": [0, 1, 2, 3],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "max_concurrent_trials": 1,  # one at a time: trials still run after the first one's run is logged
-        "max_failures": 1,
-        "storage_path": str(tmp_path / "runs"),
-    }
-    path = tmp_path / "logged.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return specfactory.write_spec(
+        tmp_path,
+        "logged",
+        base=BASE | {"epochs": 3},
+        seeds=[0, 1, 2, 3],
+        pack_size=1,
+        max_concurrent_trials=1,  # one at a time: trials still run after the first one's run is logged
+        max_failures=1,
+        storage_path=str(tmp_path / "runs"),
+    )
 
 
 def logging_pids(sweep_dir: Path) -> set[int]:

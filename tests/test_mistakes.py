@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from barrier import Barrier
+from specfactory import spec_doc
 from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner, Result
 
@@ -61,19 +62,13 @@ def one_error_line(result: Result) -> str:
 
 
 def write_spec(path: Path, **changes: Any) -> Path:
-    doc = {
-        "name": "mistakes",
-        "seeds": [0, 1],
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 0},
-            "epochs": 3,
-            "device": "cpu",
-        },
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "resources": {"cpu": 1},
-    } | changes
+    base = {
+        "data": {"name": "digits"},
+        "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 0},
+        "epochs": 3,
+        "device": "cpu",
+    }
+    doc = spec_doc("mistakes", base=base, pack_size=1, resources={"cpu": 1}) | changes
     path.write_text(yaml.safe_dump(doc))
     return path
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
+import specfactory
 from barrier import Barrier
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from fixtures_s3 import BUCKET
@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 from raynodes import is_loopback, listening, new_token, start_node, stop_node
 from s3server import S3Server
 from server import stop_process_group
+from specfactory import BASE, TWO_ARMS
 
 from orchestrator import layout
 from orchestrator.run.trainable import read_attempts
@@ -52,13 +53,6 @@ SMOKE_SPEC = "tests/specs/cluster_smoke.yaml"
 # The Ray token is a real one: the embedded sweeps and the submit test's head run with it.
 CANARIES = {"MLFLOW_TRACKING_PASSWORD": "sekrit-canary", "RAY_AUTH_TOKEN": "canary" + "0" * 58}
 CREDENTIALS = CANARIES | {"MLFLOW_TRACKING_USERNAME": "lottery-test"}
-BASE = {
-    "data": {"name": "digits"},
-    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-    "optim": {"name": "adam", "lr": 0.002},
-    "epochs": 3,
-    "device": "cpu",
-}
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -72,16 +66,8 @@ CHROMIUM_FLAGS = [
 
 
 def write_spec(directory: Path, name: str, **changes: Any) -> Path:
-    doc = {
-        "name": name,
-        "base": BASE,
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}, {"name": "randomout", "params": {"tau": 1e-6}}],
-        "max_failures": 1,
-    } | changes
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """Both arms, a trial retried once."""
+    return specfactory.write_spec(directory, name, **({"schemes": TWO_ARMS, "max_failures": 1} | changes))
 
 
 def processes_with(marker: str) -> list[int]:

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from barrier import Barrier, kill_driver
-from test_sweep import BASE
+from specfactory import BASE, write_spec
 
 from orchestrator.run.trainable import FAULT_ALWAYS_ENV, FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
@@ -31,17 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_path, ray_tmpdir):
     cpus = os.cpu_count() or 1
-    doc = {
-        "name": "order",
-        "base": BASE | {"epochs": 3},
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "resources": {"cpu": cpus},  # one trial at a time on any machine
-        "storage_path": str(tmp_path / "runs"),
-    }
-    spec = tmp_path / "order.yaml"
-    spec.write_text(yaml.safe_dump(doc))
+    spec = write_spec(
+        tmp_path,
+        "order",
+        base=BASE | {"epochs": 3},
+        pack_size=1,
+        resources={"cpu": cpus},  # one trial at a time on any machine
+        storage_path=str(tmp_path / "runs"),
+    )
     keys = [t.trial_key() for t in load_plan(spec).trials]
     first, waiting = [tmp_path / "runs" / "order" / "trials" / key for key in keys]
     barrier = Barrier(tmp_path / "barrier", epoch=0, only=keys[:1])  # the first unit's first try holds

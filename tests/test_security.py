@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from raynodes import gcs_call, is_loopback, kill_pids, listening, new_token, processes_with
+from specfactory import spec_doc
 
 from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
@@ -35,7 +36,7 @@ def test_embedded_ray_listens_on_loopback_only_and_refuses_clients_without_the_t
         "epochs": 4,
         "device": "cpu",
     }
-    doc = {"name": "secure", "base": base, "seeds": [0, 1], "schemes": [{"name": "baseline"}], "pack_size": 1}
+    doc = spec_doc("secure", base=base, pack_size=1)
     spec.write_text(yaml.safe_dump(doc | {"storage_path": str(tmp_path / "runs")}))
     trial_dirs = [tmp_path / "runs" / "secure" / "trials" / t.trial_key() for t in load_plan(spec).trials]
     ray_tmpdir, token = tempfile.mkdtemp(prefix="ls", dir="/tmp"), new_token()

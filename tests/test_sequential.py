@@ -18,6 +18,7 @@ import scipy.integrate
 import scipy.special
 import scipy.stats
 import yaml
+from specfactory import PLANNED_BASE
 from sweepfactory import lottery_trials, write_sweep
 from typer.testing import CliRunner
 
@@ -242,18 +243,11 @@ def test_lottery_plan_prints_the_table_with_its_methods(tmp_path):
 
 # --- the plan of a sequential study -----------------------------------------------------------------
 
-BASE = {
-    "data": {"name": "synthetic", "synthetic_samples": 200},
-    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-    "epochs": 2,
-    "device": "cpu",
-}
-
 
 def sequential_doc(**seeds) -> dict:
     return {
         "name": "seq",
-        "base": BASE,
+        "base": PLANNED_BASE,
         "seeds": {"start": 5, "max": 10, "batch": 4, "until": "failure_rate_ci_width <= 0.2"} | seeds,
         "schemes": [{"name": "baseline"}, {"name": "randomout"}],
         "pack_size": 2,

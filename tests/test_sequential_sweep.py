@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from barrier import Barrier, kill_driver, lingering_ray_pids
+from specfactory import BASE, spec_doc
 from test_sweep import child_runs, complete_runs, finished_keys
 
 from orchestrator.aggregate import aggregate, sequential_statement
@@ -30,23 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_study(tmp_path: Path) -> Path:
-    doc = {
-        "name": "study",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-            "optim": {"name": "adam", "lr": 0.002},
-            "epochs": 3,
-            "device": "cpu",
-        },
+    doc = spec_doc(
+        "study",
+        base=BASE | {"epochs": 3},
         # width 0.7 needs at least 4 seeds (2 give at best 0.86): the study looks at least twice
-        "seeds": {"start": 0, "max": 6, "batch": 2, "until": "failure_rate_ci_width <= 0.7"},
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "max_concurrent_trials": 1,
-        "max_failures": 1,
-        "storage_path": str(tmp_path / "runs"),
-    }
+        seeds={"start": 0, "max": 6, "batch": 2, "until": "failure_rate_ci_width <= 0.7"},
+        pack_size=1,
+        max_concurrent_trials=1,
+        max_failures=1,
+        storage_path=str(tmp_path / "runs"),
+    )
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from specfactory import PLANNED_BASE
 from trialfactory import store_finished, stored_result
 from typer.testing import CliRunner
 
@@ -15,18 +16,11 @@ from orchestrator.errors import UserError
 from orchestrator.run.sweep import record_plan
 from orchestrator.spec import SweepSpec, expand, load_plan
 
-BASE = {
-    "data": {"name": "synthetic", "synthetic_samples": 200},
-    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-    "epochs": 2,
-    "device": "cpu",
-}
-
 
 def spec_doc(**changes) -> dict:
     doc = {
         "name": "unit",
-        "base": BASE,
+        "base": PLANNED_BASE,
         "seeds": [3, 1, 2],
         "schemes": [
             {"name": "baseline"},
@@ -129,10 +123,10 @@ BAD_SPECS = {
         "schemes[1].grid.tau: Input should be greater than or equal to 0",
     ),
     "bad base field": (
-        spec_doc(base=BASE | {"model": {"name": "resnet"}}),
+        spec_doc(base=PLANNED_BASE | {"model": {"name": "resnet"}}),
         "base.model.name: Input should be",
     ),
-    "seed in base": (spec_doc(base=BASE | {"seed": 1}), "base: seed does not belong in base"),
+    "seed in base": (spec_doc(base=PLANNED_BASE | {"seed": 1}), "base: seed does not belong in base"),
     "bad name": (spec_doc(name="../escape"), "name: a sweep name is at most 64 characters"),
     "bad yaml": ("name: [unclosed\n", "YAML: malformed document at line"),
 }
@@ -240,7 +234,9 @@ def test_auto_pack_size_follows_the_measured_rule_and_changes_the_fingerprint():
     narrow = expand(SweepSpec.model_validate(spec_doc(seeds={"start": 0, "count": 40})))
     assert max(len(u) for u in narrow.units) == 32  # 2 filters per conv: pack 32
     wide = expand(
-        SweepSpec.model_validate(spec_doc(base=BASE | {"model": {"name": "crater_cnn", "filters": 20}}))
+        SweepSpec.model_validate(
+            spec_doc(base=PLANNED_BASE | {"model": {"name": "crater_cnn", "filters": 20}})
+        )
     )
     assert all(len(u) == 1 for u in wide.units)
     alone = expand(SweepSpec.model_validate(spec_doc(seeds={"start": 0, "count": 40}, pack_size=1)))
@@ -253,7 +249,8 @@ def test_auto_packs_follow_the_step_size_on_a_cpu_and_keep_the_batch_32_rule_on_
 
     def largest_pack(device: str = "cpu", filters: int = 2, hidden: int = 16, **base) -> int:
         model = {"name": "crater_cnn", "filters": filters, "hidden_fc": hidden}
-        doc = spec_doc(seeds={"start": 0, "count": 40}, base=BASE | {"model": model, "device": device} | base)
+        base = PLANNED_BASE | {"model": model, "device": device} | base
+        doc = spec_doc(seeds={"start": 0, "count": 40}, base=base)
         return max(len(u) for u in expand(SweepSpec.model_validate(doc)).units)
 
     assert largest_pack(batch_size=256) == 32  # 2 filters: 2^2 x 256 = 1024, the most that packs

@@ -14,10 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-import yaml
+import specfactory
 from barrier import Barrier, kill_driver, lingering_ray_pids
 from fixtures_s3 import BUCKET
-from test_sweep import BASE, child_runs, complete_runs
+from specfactory import BASE, TWO_ARMS
+from test_sweep import child_runs, complete_runs
 
 from orchestrator import layout
 from orchestrator.errors import UserError
@@ -189,17 +190,9 @@ def test_a_sweep_into_a_missing_bucket_exits_2_before_starting(s3_store, tmp_pat
 
 
 def write_spec(tmp_path: Path, name: str, storage: str, **changes) -> Path:
-    doc = {
-        "name": name,
-        "base": BASE,
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}, {"name": "randomout", "params": {"tau": 1e-6}}],
-        "storage_path": storage,
-        "max_failures": 1,
-    } | changes
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """Both arms, stored under `storage`, a trial retried once."""
+    fields = {"schemes": TWO_ARMS, "storage_path": storage, "max_failures": 1} | changes
+    return specfactory.write_spec(tmp_path, name, **fields)
 
 
 def s3_mtimes(sweep: StorePath, keys: list[str]) -> dict[str, int]:

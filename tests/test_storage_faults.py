@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from raynodes import kill_pids, processes_with
+from specfactory import BASE, write_spec
 from typer.testing import CliRunner
 
 from orchestrator import layout
@@ -63,25 +63,16 @@ def ray_tmpdir() -> Iterator[str]:
 
 
 def spec_file(tmp_path: Path, storage: Path, name: str, hidden_fc: int = 16, epochs: int = 2) -> Path:
-    doc = {
-        "name": name,
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": hidden_fc},
-            "optim": {"name": "adam", "lr": 0.002},
-            "epochs": epochs,
-            "device": "cpu",
-        },
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}],
-        "pack_size": 1,
-        "storage_path": str(storage),
+    model = BASE["model"] | {"hidden_fc": hidden_fc}
+    return write_spec(
+        tmp_path,
+        name,
+        base=BASE | {"model": model, "epochs": epochs},
+        pack_size=1,
+        storage_path=str(storage),
         # The tracking store beside the test, so the parent run can still be closed when the disk is full.
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
 
 
 # --- the file layer -----------------------------------------------------------------------------

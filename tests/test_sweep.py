@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+import specfactory
 from barrier import Barrier, kill_driver, lingering_ray_pids
 from mlflow.tracking import MlflowClient
 from rich.console import Console
+from specfactory import BASE, TWO_ARMS
 
 from orchestrator.aggregate import aggregate
 from orchestrator.run.sweep import ray_session, run_sweep
@@ -34,13 +35,6 @@ from orchestrator.tracking.sweep import SweepRecord
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {
-    "data": {"name": "digits"},
-    "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-    "optim": {"name": "adam", "lr": 0.002},
-    "epochs": 3,
-    "device": "cpu",
-}
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +46,9 @@ def local_ray() -> Iterator[None]:
 
 
 def write_spec(tmp_path: Path, name: str, **changes) -> Path:
-    doc = {
-        "name": name,
-        "base": BASE,
-        "seeds": [0, 1],
-        "schemes": [{"name": "baseline"}, {"name": "randomout", "params": {"tau": 1e-6}}],
-        "storage_path": str(tmp_path / "runs"),
-        "max_failures": 1,
-    } | changes
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """Both arms, stored under `tmp_path/runs`, a trial retried once."""
+    fields = {"schemes": TWO_ARMS, "storage_path": str(tmp_path / "runs"), "max_failures": 1} | changes
+    return specfactory.write_spec(tmp_path, name, **fields)
 
 
 def child_runs(sweep_dir: Path) -> tuple[MlflowClient, object, list]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from specfactory import BASE, spec_doc
 
 from orchestrator import layout
 from orchestrator.provenance import report_provenance
@@ -39,19 +40,7 @@ from orchestrator.tracking.sync import sync_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_FILES = layout.SQLITE_SIDE_FILES
 NAME = "faults"
-SPEC = {
-    "name": NAME,
-    "base": {
-        "data": {"name": "digits"},
-        "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 16},
-        "optim": {"name": "adam", "lr": 0.002},
-        "epochs": 1,
-        "device": "cpu",
-    },
-    "seeds": [0, 1],
-    "schemes": [{"name": "baseline"}],
-    "pack_size": 1,
-}
+SPEC = spec_doc(NAME, base=BASE | {"epochs": 1}, pack_size=1)
 
 # Runs in a subprocess: pause at the chosen point (print "paused", then wait to be killed).
 OPEN_SWEEP = textwrap.dedent(

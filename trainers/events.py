@@ -117,6 +117,9 @@ def _goes(*roles: str, metric: str | None = None) -> dict[str, Any]:
     return dict.fromkeys(roles, True) | ({METRIC: metric} if metric else {})
 
 
+RESULT_FORMAT = 1  # result.json's on-disk version: a field added or changed is a new version and upgrade step
+
+
 @dataclass(frozen=True)
 class TrialResult:
     seed: int
@@ -152,7 +155,9 @@ class TrialResult:
     parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields of result.json, stamped with its on-disk format (older files are brought up to it
+        on read: orchestrator/formats.py, whose upgrade steps a test holds this number to)."""
+        return asdict(self) | {"format": RESULT_FORMAT}
 
 
 def result_fields(role: str) -> tuple[str, ...]:

@@ -25,10 +25,10 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
-from trainers.funcpack import FuncPack, generic_pack_problem
-from trainers.models import build_model, derive_seeds
+from trainers.funcpack import generic_pack_problem
+from trainers.models import derive_seeds
 from trainers.optim import RowAdam
-from trainers.pack import PACKABLE, PackedNet
+from trainers.pack import build_pack, can_pack
 from trainers.ranking import ortho_scores, pack_logits, pack_loss
 from trainers.schemes import Scheme, TrainContext, build_scheme
 
@@ -41,12 +41,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def can_pack(config: TrialConfig) -> bool:
-    """Grouped-conv packs need a conv/linear stack without BatchNorm (BN statistics would need per-seed
-    handling). Any other net may still pack generically (`generic_pack_problem` says whether)."""
-    return config.model.name in PACKABLE and not config.uses_batchnorm
 
 
 def pack_problem(config: TrialConfig, data: LoadedData) -> str | None:
@@ -189,29 +183,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
         correct = hits if correct is None else correct + hits
     model.train(was_training)
     return loss, correct
-
-
-def build_pack(
-    config: TrialConfig, seeds: list[int], data: LoadedData, generic: bool | None = None
-) -> torch.nn.Module:
-    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1:
-    grouped convs for the built-in feed-forward nets, a torch.func pack for any other (or `generic`)."""
-    models = [
-        build_model(
-            config.model,
-            in_channels=data.in_channels,
-            image_size=data.image_size,
-            num_classes=data.num_classes,
-            batchnorm=config.uses_batchnorm,
-            generator=torch.Generator().manual_seed(derive_seeds(seed)[0]),
-        )
-        for seed in seeds
-    ]
-    if len(models) == 1:
-        return models[0]
-    if generic is None:
-        generic = not can_pack(config)
-    return FuncPack(models) if generic else PackedNet(models)
 
 
 def train_pack(

@@ -16,12 +16,18 @@ per-call overhead is what a tiny CNN's step time is made of.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models import ConvUnit, FilterNet
+from trainers.funcpack import FuncPack
+from trainers.models import ConvUnit, FilterNet, build_model, derive_seeds
+
+if TYPE_CHECKING:
+    from trainers.config import TrialConfig
+    from trainers.data import LoadedData
 
 PACKABLE = ("crater_cnn", "vanilla_cnn")
 # The measured rule behind `pack_size: auto` (bench/pack.py, CraterCNN on craters, 2-core CPU; numbers in
@@ -105,6 +111,36 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
+
+
+def can_pack(config: TrialConfig) -> bool:
+    """Grouped-conv packs need a conv/linear stack without BatchNorm (BN statistics would need per-seed
+    handling). Any other net may still pack generically (`generic_pack_problem` says whether)."""
+    return config.model.name in PACKABLE and not config.uses_batchnorm
+
+
+def build_pack(
+    config: TrialConfig, seeds: list[int], data: LoadedData, generic: bool | None = None
+) -> nn.Module:
+    """Each seed's model from its own generator (bit-identical to the seed alone), packed if K > 1:
+    grouped convs for the built-in feed-forward nets, a torch.func pack for any other (or `generic`).
+    IMP's control arm builds its fresh initialisations here too, from seeds shifted by its offset."""
+    models = [
+        build_model(
+            config.model,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            num_classes=data.num_classes,
+            batchnorm=config.uses_batchnorm,
+            generator=torch.Generator().manual_seed(derive_seeds(seed)[0]),
+        )
+        for seed in seeds
+    ]
+    if len(models) == 1:
+        return models[0]
+    if generic is None:
+        generic = not can_pack(config)
+    return FuncPack(models) if generic else PackedNet(models)
 
 
 class PackedNet(nn.Sequential):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestrator import layout
 from orchestrator.errors import UserError
+from orchestrator.formats import FORMAT, RECORD_FORMAT, upgrade_record
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class SweepRecord:
     """sweep.json: where this sweep's runs live, and the directory it was written for.
 
     The tracking URI is absolute, so a copied (or moved) sweep directory would log into the
-    original's store; `sweep_dir` tells a copy apart (records written before it existed have None).
+    original's store; `sweep_dir` tells a copy apart (None when not recorded: see orchestrator/formats.py).
     """
 
     name: str
@@ -30,12 +31,15 @@ class SweepRecord:
     sweep_dir: str | None = None
 
     def save(self, sweep_dir: Path) -> None:
-        layout.atomic_write_json(layout.record_file(sweep_dir), asdict(self))
+        layout.atomic_write_json(layout.record_file(sweep_dir), asdict(self) | {FORMAT: RECORD_FORMAT})
 
     @classmethod
     def load(cls, sweep_dir: Path) -> SweepRecord | None:
         path = layout.record_file(sweep_dir)
-        return cls(**layout.read_json(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        doc = upgrade_record(layout.read_json(path))
+        return cls(**{k: v for k, v in doc.items() if k != FORMAT})
 
     def written_elsewhere(self, sweep_dir: Path) -> str | None:
         """The directory this record was written for, when `sweep_dir` is another one (a copy)."""

@@ -175,12 +175,13 @@ def _flag(value: object) -> bool:
 def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]:
     """(start, end) in ms of the trial itself, not of its logging.
 
-    A result: it ended when result.json was written (`ended_at`, else the file's mtime) and
-    started its wall time before. An error: from the first attempt's start to the error.
+    A result: it ended when result.json was written (`result_end_ms`) and started its wall time
+    before. An error: from the first attempt's start to the error.
     """
     if result is not None:
-        end = float(result.get("ended_at") or (trial_dir / layout.RESULT).stat().st_mtime)
-        return int(1000 * (end - float(result.get("wall_s") or 0.0))), result_end_ms(trial_dir, result)
+        return int(1000 * (_ended_at(trial_dir, result) - float(result["wall_s"]))), result_end_ms(
+            trial_dir, result
+        )
     end = (trial_dir / layout.ERROR).stat().st_mtime
     attempts = trial_dir / layout.ATTEMPTS
     lines = attempts.read_text().splitlines() if attempts.exists() else []
@@ -191,15 +192,19 @@ def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]
 def result_end_ms(trial_dir: Path, result: dict[str, Any]) -> int:
     """When the result was written, in ms: the end time of its run, so a FINISHED run whose end differs
     was logged from an earlier result of the same trial (one trained again after damage)."""
-    return int(1000 * float(result.get("ended_at") or (trial_dir / layout.RESULT).stat().st_mtime))
+    return int(1000 * _ended_at(trial_dir, result))
+
+
+def _ended_at(trial_dir: Path, result: dict[str, Any]) -> float:
+    """`ended_at`, or the file's modification time where it was not recorded (orchestrator/formats.py)."""
+    ended_at = result["ended_at"]
+    return float(ended_at if ended_at is not None else (trial_dir / layout.RESULT).stat().st_mtime)
 
 
 def failure_note(result: dict[str, Any]) -> str:
     """The run description of a lottery-failed trial: what failed and by which rule."""
     reason = (
-        "the loss diverged"
-        if result.get("diverged")
-        else f"final test accuracy {result['final_test_acc']:.4f}"
+        "the loss diverged" if result["diverged"] else f"final test accuracy {result['final_test_acc']:.4f}"
     )
     return f"**Lottery failure**: {reason}. Rule: {result['failure_rule']}."
 
@@ -274,7 +279,7 @@ def log_trial(
     if result is not None:
         run_tags |= {"failed": str(result["failed"]).lower(), "diverged": str(result["diverged"]).lower()}
         run_tags["failure_rule"] = result["failure_rule"]
-        # Outside the trial key but changes its exact numbers (older results lack them).
+        # Outside the trial key but changes its exact numbers (None, "" or no device where not recorded).
         for name in PROVENANCE:
             if result.get(name) not in (None, ""):
                 run_tags[name] = str(result[name])
@@ -288,9 +293,10 @@ def log_trial(
     params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
     metrics = _epoch_metrics(trial_dir, start_ms)
     if result is not None:
-        # results written before a field was recorded (sparsity) lack it
-        metrics += [
-            Metric(name, float(result[k]), end_ms, 0) for k, name in RESULT_METRICS.items() if k in result
+        metrics += [  # a field not recorded (None) has no metric
+            Metric(name, float(result[k]), end_ms, 0)
+            for k, name in RESULT_METRICS.items()
+            if result[k] is not None
         ]
     for name in (layout.CONFIG, layout.METRICS, layout.LAYERS, layout.TRACE, layout.RESULT, layout.ERROR):
         if (trial_dir / name).exists():

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from trainers.config import ImpScheme
+from trainers.funcpack import FuncPack
 from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
-from trainers.models import build_model, derive_seeds
+from trainers.pack import build_pack
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -62,19 +63,9 @@ class Imp(Scheme):
         """The initial weights a trial of seed + reinit_offset starts from (packed like this one)."""
         data, config = ctx.data, ctx.config
         assert data is not None
-        models = [
-            build_model(
-                config.model,
-                in_channels=data.in_channels,
-                image_size=data.image_size,
-                num_classes=data.num_classes,
-                batchnorm=config.uses_batchnorm,
-                generator=torch.Generator().manual_seed(derive_seeds(seed + self.cfg.reinit_offset)[0]),
-            )
-            for seed in ctx.seeds
-        ]
         # Packed as the trial's own model is (grouped or generic), so the layouts match.
-        model = models[0] if len(models) == 1 else type(ctx.model)(models)
+        seeds = [seed + self.cfg.reinit_offset for seed in ctx.seeds]
+        model = build_pack(config, seeds, data, generic=isinstance(ctx.model, FuncPack))
         device = self.weights[0].weight.device
         return {k: v.to(device) for k, v in model.state_dict().items()}
 
