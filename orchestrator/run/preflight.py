@@ -107,7 +107,7 @@ def check_stored_data(
     line, or (retrain_changed) returned, to be set aside and trained again. Never reported as theirs."""
     if not fingerprints or not layout.trials_root(sweep_dir).exists():
         return []
-    from orchestrator.run.trial import changed_data_message, stored_on_other_data
+    from orchestrator.run.policy import before_training
 
     changed: list[tuple[Path, str]] = []
     by_data: dict[str, list[Path]] = {}
@@ -118,10 +118,13 @@ def check_stored_data(
     for key, directories in by_data.items():
         if key not in fingerprints:
             continue
-        found = stored_on_other_data(directories, fingerprints[key])
-        if found and not retrain_changed:
-            raise UserError(changed_data_message(found, fingerprints[key], "base.data"))
-        changed += found
+        changed += before_training(
+            directories,
+            fingerprints[key],
+            retrain_changed=retrain_changed,
+            where="base.data",
+            set_aside=False,
+        ).changed
     return changed
 
 
