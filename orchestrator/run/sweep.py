@@ -28,7 +28,7 @@ and marks the parent run KILLED.
 
 Its parts, one concern each: run/preflight.py (every check before anything starts), run/dry_run.py
 (`--dry-run`'s plan table), run/ray_session.py (the Ray session, its environment, SIGTERM),
-run/tuner.py (the Tune experiment), run/policy.py (stored trials set aside before training). This
+run/tuner.py (the Tune experiment), run/policy.py (the pre-training policy). This
 module is the driver that runs them in order, and hooks up tracking.
 """
 
