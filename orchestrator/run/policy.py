@@ -59,20 +59,20 @@ def before_training(
     if statuses is None:
         statuses = [layout.trial_status(d) for d in trial_dirs]
     pairs = list(zip(trial_dirs, statuses, strict=True))
-    changed = [
-        (d, _stored_fingerprint(s))
-        for d, s in pairs
+    on_other_data = [
+        i
+        for i, (_, s) in enumerate(pairs)
         if fingerprint is not None and s.finished and _stored_fingerprint(s) != fingerprint
     ]
+    changed = [(pairs[i][0], _stored_fingerprint(pairs[i][1])) for i in on_other_data]
     if changed and not retrain_changed:
         raise error(changed_data_message(changed, fingerprint or "", where))
     before = Before(list(statuses), changed)
     if not set_aside:
         return before
-    moved = {d for d, _ in changed}
     before.changed_aside = set_aside_changed(changed)
     for i, (directory, status) in enumerate(pairs):
-        if directory in moved:
+        if i in on_other_data:
             before.statuses[i] = layout.TrialStatus("unfinished")
         elif status.damaged and damaged_to is not None:
             aside = layout.damaged_aside(damaged_to, directory.name)
