@@ -15,7 +15,7 @@ pack, the one process training all 16 seeds) gets SIGKILL. Measured per run:
   total : the whole `lottery sweep` command.
 With `reuse_actors=True` Tune keeps finished trials' actors for the next trial; after a worker
 death it has been seen to start and kill several cached actors in a row before the retry
-(ray-project/ray#42951). The side that ships is `orchestrator.run.sweep.REUSE_ACTORS`.
+(ray-project/ray#42951). The side that ships is `orchestrator.run.tuner.REUSE_ACTORS`.
 
     .venv/bin/python bench/retry_delay.py [--repeat 2] [--scenario alone pack] [--side reuse fresh]
         [--epochs 20]
@@ -46,7 +46,7 @@ from orchestrator import layout  # noqa: E402
 from orchestrator.spec import load_plan  # noqa: E402
 
 DRIVER = (
-    "import sys; import orchestrator.run.sweep as s; s.REUSE_ACTORS = sys.argv[1] == 'reuse'; "
+    "import sys; import orchestrator.run.tuner as s; s.REUSE_ACTORS = sys.argv[1] == 'reuse'; "
     "from orchestrator.cli import app; app(sys.argv[2:])"
 )
 

@@ -1,4 +1,9 @@
-"""`lottery`: the command line. Each command validates everything before any work starts."""
+"""`lottery`: the command line. Each command validates everything before any work starts.
+
+Longer than the ~450 lines a module usually gets, on purpose: one function per command, each a thin
+layer (its flags, their help, its exit codes) over the run/ or tracking/ module that does the work;
+the help text, which `lottery --help` and docs/commands.md show, is most of it.
+"""
 
 from __future__ import annotations
 
@@ -187,7 +192,7 @@ def sweep(
     the sweep directory became full or read-only (free space or remount it, then run it again to
     resume).
     """
-    from orchestrator.run.sweep import dry_run as show_plan
+    from orchestrator.run.dry_run import dry_run as show_plan
     from orchestrator.run.sweep import run_sweep
     from orchestrator.spec import load_plan
 

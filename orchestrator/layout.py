@@ -1,6 +1,9 @@
 """The sweep directory: every file and folder name in it, how files are written, and a trial's status.
 
-Everything below is named here and nowhere else; other modules ask for paths by function.
+Everything below is named here and nowhere else; other modules ask for paths by function. Longer than
+the ~450 lines a module usually gets, on purpose: it is the one owner of the sweep directory's contract
+(tests/test_architecture.py fails when a name is spelled elsewhere), and a trial's status is read from
+those same names; split, the contract would have two owners.
 
 Results root (`$LOTTERY_HOME` or `./runs`, or a spec's `storage_path`), then `<root>/<sweep>/`:
   spec.json     the spec with explicit seeds, plus the plan fingerprint (ordered trial keys)

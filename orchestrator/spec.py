@@ -19,6 +19,10 @@ A sequential study (`seeds: {start: 0, max: 400, batch: 20, until: RULE}`) plans
 Its trials are ordered batch first (batch x scheme entry x grid x seeds of the batch), so the
 trials of the first k batches are a prefix of the plan and its fingerprint does not move as
 batches are added.
+
+Longer than the ~450 lines a module usually gets, on purpose: the spec's models, their expansion and
+the messages that name a spec field are one contract (a message's field path follows the models'
+shape and the expansion's origins), which one file keeps in step.
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def test_a_changed_pack_size_is_refused_unless_allow_mixed(tmp_path, monkeypatch
 
 def test_resuming_on_another_device_is_refused_unless_allow_mixed(tmp_path, monkeypatch):
     from orchestrator import layout
-    from orchestrator.run.sweep import check_device_provenance
+    from orchestrator.run.preflight import check_device_provenance
 
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
     sweep_dir = tmp_path / "home" / "unit"
@@ -311,7 +311,7 @@ def test_resuming_over_results_of_an_earlier_trainer_is_refused_unless_allow_mix
     """Results without provenance fields were trained before the majority-class rule and per-filter
     Adam steps: under the same keys their numbers mean something else."""
     from orchestrator import layout
-    from orchestrator.run.sweep import check_device_provenance
+    from orchestrator.run.preflight import check_device_provenance
 
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path / "home"))
     sweep_dir = tmp_path / "home" / "unit"

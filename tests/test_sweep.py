@@ -27,7 +27,8 @@ from rich.console import Console
 from specfactory import BASE, TWO_ARMS
 
 from orchestrator.aggregate import aggregate
-from orchestrator.run.sweep import ray_session, run_sweep
+from orchestrator.run.ray_session import ray_session
+from orchestrator.run.sweep import run_sweep
 from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord

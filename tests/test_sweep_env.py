@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.run.sweep import TUNE_LOGGERS_ENV, env_default, loopback_only, no_tune_loggers
+from orchestrator.run.ray_session import TUNE_LOGGERS_ENV, env_default, loopback_only, no_tune_loggers
 
 
 def test_a_default_applies_for_the_duration_only_and_a_callers_value_wins(monkeypatch):

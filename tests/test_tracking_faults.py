@@ -404,7 +404,7 @@ def test_the_run_of_a_trial_trained_again_is_superseded_by_the_new_one(sweep: Pa
     with the run that replaces it; sync used to find it 'already present' and keep it."""
     from rich.console import Console
 
-    from orchestrator.run.sweep import set_aside_damaged
+    from orchestrator.run.policy import set_aside_damaged
 
     sync_sweep(sweep)
     record = SweepRecord.load(sweep)

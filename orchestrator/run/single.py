@@ -76,13 +76,8 @@ def run_single(
     result is on disk, and running the same command again logs it without training)."""
     import torch
 
-    from orchestrator.run.trial import (
-        changed_data_message,
-        data_fingerprint,
-        run_trial,
-        set_aside_changed,
-        stored_on_other_data,
-    )
+    from orchestrator.run.policy import before_training, set_aside_changed
+    from orchestrator.run.trial import data_fingerprint, run_trial
     from trainers.data import check_batch_size, load_data
     from trainers.loop import pick_device
 
@@ -92,10 +87,15 @@ def run_single(
     if problem := model_problem(config, DataShape.of(data)):  # before a trial directory exists
         raise UserError(problem)
     trial_dir = layout.trial_dir(layout.train_dir(root), config.trial_key())
-    if changed := stored_on_other_data([trial_dir], data_fingerprint(data)):
-        if not retrain_changed:
-            raise UserError(changed_data_message(changed, data_fingerprint(data), "data"))
-        console.print(f"set aside the result trained on other data: {set_aside_changed(changed)[0]}")
+    # The one pre-training policy (orchestrator/run/policy.py), as a sweep applies it.
+    before = before_training(
+        [trial_dir],
+        data_fingerprint(data),
+        retrain_changed=retrain_changed,
+        damaged_to=layout.train_dir(root),
+    )
+    if before.changed_aside:
+        console.print(f"set aside the result trained on other data: {before.changed_aside[0]}")
     from orchestrator.run.preflight_custom import check_custom_trials
 
     if changed := check_custom_trials(
@@ -104,12 +104,9 @@ def run_single(
         console.print(f"set aside the result trained by other code: {set_aside_changed(changed)[0]}")
     console.print(f"[bold]trial[/] {config.trial_key()}  {config.scheme.name} seed={config.seed} on {device}")
     console.print(f"data: {data.variant}")
-    stored = layout.trial_status(trial_dir)
-    if stored.damaged:
-        aside = layout.damaged_aside(layout.train_dir(root), config.trial_key())
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        trial_dir.rename(aside)
-        console.print(f"[yellow]stored trial damaged ({stored.problem}); moved to {aside}, training again[/]")
+    for _, problem, aside in before.damaged:
+        console.print(f"[yellow]stored trial damaged ({problem}); moved to {aside}, training again[/]")
+    stored = before.statuses[0]
     if stored.finished:
         result = stored.result
         console.print(
@@ -130,7 +127,9 @@ def run_single(
                     description=f"epoch {record.epoch + 1}: test acc {record.test_acc:.3f}",
                 )
 
-            result = run_trial(config, trial_dir, sweep=layout.TRAIN, data=data, on_epoch=on_epoch)
+            result = run_trial(
+                config, trial_dir, sweep=layout.TRAIN, data=data, on_epoch=on_epoch, status=stored
+            )
     verdict = "FAILED (lottery loss)" if result["failed"] else "ok"
     console.print(
         f"final test acc {result['final_test_acc']:.4f} ({verdict}; {result['failure_rule']}), "

@@ -164,7 +164,7 @@ def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
     sweep_dir = layout.location(context.sweep_dir)  # a local path, or a URI this worker writes to itself
     trial_dirs = [layout.trial_dir(sweep_dir, t.trial_key()) for t in members]
     unit_dir = trial_dirs[0] if len(members) == 1 else layout.pack_dir(sweep_dir, pack_key(members))
-    done = [layout.trial_status(d) for d in trial_dirs]
+    done = [layout.trial_status(d) for d in trial_dirs]  # the only reading: passed on below
     if all(s.finished for s in done):  # finished in an earlier attempt or driver: report, never retrain
         tune.report(_result_metrics([s.result for s in done]))
         return
@@ -201,7 +201,7 @@ def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
             _inject_fault_once(unit_dir, epoch)
 
     try:
-        data = _load_data_or_record(members, trial_dirs, context.sweep)
+        data = _load_data_or_record(members, trial_dirs, context.sweep, done)
         results = run_trials(
             members,
             trial_dirs,
@@ -212,6 +212,7 @@ def _run_unit(config: dict[str, Any], context: TrialContext) -> None:
             on_epoch=on_epoch,
             on_checkpoint=on_checkpoint,
             run_figures=context.run_figures,
+            statuses=done,
         )
     except Exception:
         if repeats.record_failure(unit_dir, previous_failure, traceback.format_exc(), reached[0]):
@@ -261,7 +262,10 @@ def read_attempts(trial_dir: layout.Location) -> list[dict[str, Any]]:
 
 
 def _load_data_or_record(
-    members: list[TrialConfig], trial_dirs: list[layout.Location], sweep: str
+    members: list[TrialConfig],
+    trial_dirs: list[layout.Location],
+    sweep: str,
+    statuses: list[layout.TrialStatus],
 ) -> LoadedData:
     """Data outside run_trials (to cache it), so a loading error is recorded here, as run_trials would."""
     trial = members[0]
@@ -269,8 +273,8 @@ def _load_data_or_record(
         device = _device_here(trial.device)
         return _cached_data(trial.data.model_dump_json(), trial.data_seed, str(device))
     except Exception:
-        for member, trial_dir in zip(members, trial_dirs, strict=True):
-            TrialDirSink(trial_dir, member, sweep).on_error(traceback.format_exc())
+        for member, trial_dir, status in zip(members, trial_dirs, statuses, strict=True):
+            TrialDirSink(trial_dir, member, sweep, status=status).on_error(traceback.format_exc())
         raise
 
 

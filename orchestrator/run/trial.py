@@ -23,7 +23,6 @@ import torch
 
 from orchestrator.layout import (
     CGN_FIGURE,
-    CHANGED_DATA,
     CHECKPOINT,
     CONFIG,
     ERROR,
@@ -33,17 +32,17 @@ from orchestrator.layout import (
     TRACE,
     TRACE_PARTS,
     Location,
+    TrialStatus,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
     read_checkpoint_bytes,
-    read_result,
     read_table,
-    set_aside,
     trace_part,
     trace_parts,
     trial_status,
 )
+from orchestrator.run.policy import before_training
 from orchestrator.storage_fault import StorageFault
 from orchestrator.tracking.names import run_name
 from trainers.config import TrialConfig
@@ -84,14 +83,22 @@ class TrialDirSink:
     PackSink, where a lone seed's pack directory is its trial directory)."""
 
     def __init__(
-        self, trial_dir: Location, config: TrialConfig, sweep: str, *, run_figure: bool = True
+        self,
+        trial_dir: Location,
+        config: TrialConfig,
+        sweep: str,
+        *,
+        run_figure: bool = True,
+        status: TrialStatus | None = None,
     ) -> None:
         self.dir = trial_dir
         self.config = config
         self.run_figure = run_figure
-        # Read once: only this sink writes the result, so it knows when that changes (on an object
-        # store every status check would be a request per seed per epoch).
-        self.finished = trial_status(self.dir).finished
+        # Read once (or given by the caller, who read it): only this sink writes the result, so it knows
+        # when that changes (on an object store every status check would be a request per seed per epoch).
+        status = status if status is not None else trial_status(self.dir)
+        self.finished = status.finished
+        self.result = status.result  # the stored result, or the one on_result writes
         if not self.finished:  # a finished trial's directory is never written again (a pack mate's)
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / TRACE_PARTS).mkdir(exist_ok=True)
@@ -127,6 +134,7 @@ class TrialDirSink:
             self._draw_cgn_figure(trace, doc)
         atomic_write_json(self.dir / RESULT, doc)
         self.finished = True
+        self.result = doc
         (self.dir / CHECKPOINT).unlink(missing_ok=True)
         (self.dir / ERROR).unlink(missing_ok=True)
 
@@ -232,37 +240,6 @@ def data_fingerprint(data: LoadedData) -> str:
     return data.fingerprint if data.files else ""
 
 
-def stored_on_other_data(trial_dirs: list[Location], fingerprint: str) -> list[tuple[Location, str]]:
-    """(trial dir, its stored fingerprint) of every finished trial whose data differs from `fingerprint`;
-    a result from before fingerprints were recorded ("") differs from any file-backed data."""
-    changed = []
-    for directory in trial_dirs:
-        result = read_result(directory)
-        if result is not None and result.get("data_fingerprint", "") != fingerprint:
-            changed.append((directory, result.get("data_fingerprint", "")))
-    return changed
-
-
-def changed_data_message(changed: list[tuple[Location, str]], fingerprint: str, where: str) -> str:
-    directory, old = changed[0]
-    others = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-    return (
-        f"{where}: the stored result of trial {directory.name}{others} was trained on other data "
-        f"(data fingerprint {old or 'not recorded'}, the data now loaded: {fingerprint or 'generated'}); "
-        "pass --retrain-changed to set those results aside and train again, or restore that data"
-    )
-
-
-def set_aside_changed(changed: list[tuple[Location, str]]) -> list[Location]:
-    """Move each changed trial directory aside (kept, never deleted), so its trial trains afresh."""
-    moved = []
-    for directory, _ in changed:
-        aside = set_aside(directory, CHANGED_DATA)
-        directory.rename(aside)
-        moved.append(aside)
-    return moved
-
-
 def run_trials(
     configs: list[TrialConfig],
     trial_dirs: list[Location],
@@ -274,22 +251,28 @@ def run_trials(
     on_epoch: EpochHook | None = None,
     on_checkpoint: CheckpointHook | None = None,
     run_figures: bool = True,
+    statuses: list[TrialStatus] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the seeds (one configuration) that have no result yet; returns every seed's result doc.
 
     `resume` (e.g. from a Ray Tune checkpoint) wins over the pack directory's own checkpoint.
     Without a checkpoint, only unfinished seeds are trained, together. `run_figures`: each seed
-    draws its MLflow run's CGN figure.
+    draws its MLflow run's CGN figure. `statuses`: each trial directory's status, read by the caller
+    (orchestrator/run/policy.py's rule applies to them here; a worker call reads each status once).
     """
     if len({c.config_hash() for c in configs}) != 1:
         raise ValueError("a pack holds seeds of one configuration")
-    if data is not None and (changed := stored_on_other_data(trial_dirs, data_fingerprint(data))):
+    if statuses is None:
+        statuses = [trial_status(d) for d in trial_dirs]
+    if data is not None:
         # Checked before any sink rewrites config.json: the stored trial stays as it was.
-        raise DataChanged(changed_data_message(changed, data_fingerprint(data), "data"))
+        before_training(
+            trial_dirs, data_fingerprint(data), statuses=statuses, error=DataChanged, set_aside=False
+        )
     pack_dir = pack_dir or trial_dirs[0]
     sinks = {
-        c.seed: TrialDirSink(d, c, sweep, run_figure=run_figures)
-        for c, d in zip(configs, trial_dirs, strict=True)
+        c.seed: TrialDirSink(d, c, sweep, run_figure=run_figures, status=s)
+        for c, d, s in zip(configs, trial_dirs, statuses, strict=True)
     }
     state = resume if resume is not None else load_checkpoint(pack_dir)
     if state is not None:
@@ -306,7 +289,7 @@ def run_trials(
             sink.on_error(traceback.format_exc())
             raise
         (pack_dir / CHECKPOINT).unlink(missing_ok=True)
-    return [read_result(d) or {} for d in trial_dirs]
+    return [sinks[c.seed].result or {} for c in configs]
 
 
 def run_trial(
@@ -318,6 +301,7 @@ def run_trial(
     resume: dict[str, Any] | None = None,
     on_epoch: EpochHook | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    status: TrialStatus | None = None,
 ) -> dict[str, Any]:
     """One seed alone: its trial directory holds its checkpoint."""
     return run_trials(
@@ -328,4 +312,5 @@ def run_trial(
         resume=resume,
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
+        statuses=None if status is None else [status],
     )[0]
