@@ -42,6 +42,7 @@ from s3server import S3Server
 from specfactory import BASE
 
 from orchestrator import layout
+from orchestrator.errors import ERRORED_EXIT
 from orchestrator.run.trainable import read_attempts
 from orchestrator.spec import load_plan
 from orchestrator.storage import StorePath, location
@@ -276,7 +277,10 @@ def test_a_cuda_trial_on_a_node_without_cuda_fails_with_one_line_naming_device_a
 
     node_id = worker.node_id()[:12]
     lines = [line for line in output.splitlines() if "has no CUDA device" in line]
-    assert returncode == 0 and "0/1 finished (0 failed), 1 errored" in output, output  # recorded, not lost
-    assert len(lines) == 1, output
-    assert f"device: 'cuda' requested but Ray node {worker.ip} (node id {node_id})" in lines[0]
+    # recorded, not lost; an errored trial makes the sweep exit 4 and its last line names the error
+    assert returncode == ERRORED_EXIT and "0/1 finished (0 failed), 1 errored" in output, output
+    assert len(lines) == 2 and lines[1] == output.strip().splitlines()[-1], output
+    assert lines[1].startswith("ended with 1 errored trial(s) (exit 4); first error: "), output
+    for line in lines:
+        assert f"device: 'cuda' requested but Ray node {worker.ip} (node id {node_id})" in line
     assert "Traceback" not in output, output
