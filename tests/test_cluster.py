@@ -123,6 +123,7 @@ def wait_until(condition: Any, timeout_s: float, process: subprocess.Popen[bytes
         time.sleep(0.1)
 
 
+@pytest.mark.kill
 def test_trials_land_on_both_workers_and_a_killed_worker_s_trials_finish_on_the_other(
     tmp_path: Path, s3_env: S3Server, mlflow_server: str
 ) -> None:

@@ -105,6 +105,7 @@ def start_sweep(spec: Path, tmp_path: Path, ray_root: str, barrier: Barrier) -> 
     )
 
 
+@pytest.mark.kill
 def test_a_killed_logging_process_is_restarted_and_logs_the_sweeps_runs_while_it_runs(
     tmp_path,
     ray_tmpdir,
@@ -135,6 +136,7 @@ def test_a_killed_logging_process_is_restarted_and_logs_the_sweeps_runs_while_it
     assert not lingering_ray_pids(ray_tmpdir)
 
 
+@pytest.mark.kill
 def test_a_logging_process_that_dies_twice_ends_the_sweep_with_exit_3_and_sync_completes_it(
     tmp_path,
     ray_tmpdir,

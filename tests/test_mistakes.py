@@ -334,6 +334,7 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.kill
 @pytest.mark.integration
 def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path: Path) -> None:
     from mlflow import MlflowClient

@@ -450,6 +450,7 @@ def epochs_written(trial_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.kill
 def test_sigkilled_trial_process_is_retried_from_its_last_epoch_checkpoint(tmp_path: Path) -> None:
     """The trial is held right after epoch 1's checkpoint (tests/barrier.py) and its process killed there."""
     epochs = 4

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.kill
 def test_a_killed_workers_trial_is_retried_before_a_waiting_trial_starts(tmp_path, ray_tmpdir):
     cpus = os.cpu_count() or 1
     spec = write_spec(

@@ -51,6 +51,7 @@ def opened(sweep_dir: Path) -> int:
     return json.loads(path.read_text())["opened"] if path.exists() else 0
 
 
+@pytest.mark.kill
 def test_a_sigkilled_sequential_study_resumes_mid_batch_and_stops_where_its_rule_says(tmp_path, ray_tmpdir):
     spec = write_study(tmp_path)
     plan = load_plan(spec)

@@ -205,6 +205,7 @@ def local_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
+@pytest.mark.kill
 @pytest.mark.integration
 def test_a_sweep_on_s3_survives_a_killed_driver_and_is_reported_from_the_bucket(
     s3_store, s3_env, tmp_path: Path, ray_tmpdir: str

@@ -206,6 +206,7 @@ def complete_runs(sweep_dir: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("pack_size", [1, 2], ids=["alone", "packs"])
 def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray_tmpdir, pack_size):
     # The first unit finishes and is logged; every other one holds after its first epoch, so the
@@ -255,6 +256,7 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
 # --- SIGTERM to the driver's whole process group, as `timeout` and schedulers send it ---------------
 
 
+@pytest.mark.kill
 def test_sigterm_to_the_process_group_stops_like_ctrl_c_and_resumes(tmp_path, ray_tmpdir):
     """Every process in the group gets the signal: Ray's own must not, or the driver loses its cluster
     while it saves Tune's state (it hung for a minute and left the parent RUNNING, trials unlogged)."""
