@@ -92,14 +92,23 @@ def _context(done: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return ctx, text
 
 
+def _context_title(trial: pd.Series) -> str:
+    """Model, data and width; a custom net's width is its builder's kwargs (e.g. `model.width=4`)."""
+    parts = [str(trial["model"]), str(trial["dataset"])]
+    if not pd.isna(trial["filters"]):
+        parts.append(f"{trial['filters']} filters")
+    setting = trial.get("setting")
+    setting = json.loads(setting) if isinstance(setting, str) else {}
+    own = {k: v for k, v in setting.items() if k.startswith(("model.", "data."))}
+    return ", ".join(parts + [f"{k}={v}" for k, v in own.items()])
+
+
 def _contexts(done: pd.DataFrame) -> tuple[list[tuple[pd.DataFrame, str]], str]:
     """One (trials, title) per context, ordered by width; and a sentence for the caption."""
     groups = []
     for _, ctx in done.groupby("pair_key", sort=False):
         first = ctx.iloc[0]
-        groups.append(
-            (first["filters"], ctx, f"{first['model']}, {first['dataset']}, {first['filters']} filters")
-        )
+        groups.append((first["filters"], ctx, _context_title(first)))
     groups.sort(key=lambda g: (pd.isna(g[0]), g[0] if not pd.isna(g[0]) else 0))
     text = f"one panel per context ({len(groups)} in this sweep)"
     if len(groups) > MAX_PANELS:

@@ -71,6 +71,10 @@ def setting_of(trial: dict[str, Any]) -> dict[str, Any]:
         "augment": data.get("augment"),
         "tau": scheme.get("tau", trial.get("tau")),
     }
+    # A custom builder's or loader's kwargs are the user's own axes (a width, a depth): a grid over
+    # them must show in the table, or its rows read as copies of one another.
+    for part, chosen in (("model", model), ("data", data)):
+        values |= {f"{part}.{k}": v for k, v in sorted(chosen.get("kwargs", {}).items())}
     return {k: v for k, v in values.items() if v is not None}
 
 

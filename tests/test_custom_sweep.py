@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from raynodes import kill_pids, processes_with
 
 from orchestrator import layout
+from orchestrator.aggregate import load_trials
 from orchestrator.spec import load_plan
 from orchestrator.tracking.sweep import SweepRecord
 from trainers.custom import sha256_of
@@ -87,6 +88,12 @@ def test_the_example_runs_through_lottery_sweep_and_records_its_net(tmp_path: Pa
         assert run.data.tags["parameters"] == str(EXAMPLE_PARAMETERS)
         assert run.data.params["model.builder"] == "net.py:build"
         assert run.data.params["model.kwargs.width"] == "8"
+
+    # The builder's kwargs are the user's axes: they name the setting; model.filters means nothing here.
+    trials = load_trials(sweep_dir)
+    assert trials["filters"].isna().all()
+    assert {json.loads(s)["model.width"] for s in trials["setting"]} == {8}
+    assert {json.loads(s)["data.train"] for s in trials["setting"]} == {300}
 
     # The builder edited after the run: its stored results are other code's, refused in one line.
     net = study / "net.py"

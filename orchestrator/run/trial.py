@@ -72,7 +72,8 @@ def trial_meta(config: TrialConfig, sweep: str, *, run_figure: bool = True) -> d
         "data_seed": config.data_seed,
         "model": config.model.name,
         "dataset": config.data.name,
-        "filters": config.model.filters,
+        # A custom net's width is whatever its builder makes of its kwargs: model.filters means nothing there.
+        "filters": None if config.model.name == "custom" else config.model.filters,
         "epochs": config.epochs,
         "trial": config.model_dump(mode="json"),
     }
