@@ -26,9 +26,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The fast loop: lint and every test that starts no Ray, MLflow server, PostgreSQL or Chromium.
+# The fast loop: lint and the unit tests: every test that starts no Ray, MLflow server, PostgreSQL or
+# Chromium and is not marked slow (real training or a real store or process for seconds each).
 check: install lint
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 # Everything, as CI runs it (.ci/run).
 test: install chromium lint

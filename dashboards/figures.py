@@ -8,6 +8,11 @@ rule and the interval shown, or the reason the figure could not be drawn. Figure
 Seed pairing only makes sense within one context (model, dataset, width: a `pair_key`), so the
 per-seed and per-epoch figures draw one panel per context (grid point), up to MAX_PANELS, and
 say how many there are. Figures of a scheme the sweep does not have are left out altogether.
+
+Longer than the ~450 lines a module usually gets, on purpose: every figure states the same things in
+its caption (n, the failure rule, the interval) through the one set of panel and caption helpers here,
+and `all_figures` is the one list of what a report draws; split by figure, those rules would have
+several owners.
 """
 
 from __future__ import annotations

@@ -309,6 +309,7 @@ def test_a_generic_pack_gives_each_seed_its_own_logits():
         torch.testing.assert_close(packed[k], model(x), **FORWARD_TOL)
 
 
+@pytest.mark.slow
 def test_a_generic_pack_trains_each_seed_as_alone_with_randomout_resets_and_adam():
     """Per-seed resets (from each seed's own generator) and per-row Adam restarts, packed or not."""
     seeds = [1, 2, 3]
@@ -349,6 +350,7 @@ def digits():
     [("crater_cnn", {"name": "randomout", "tau": 30.0}), ("vanilla_cnn", {"name": "repr", "s1": 1, "s2": 1})],
     ids=["crater_cnn-randomout", "vanilla_cnn-repr"],
 )
+@pytest.mark.slow
 def test_generic_packs_of_built_in_nets_match_seeds_alone(digits, scheme, model):
     seeds = [5, 6]
     scheme = scheme | ({"n_iter": 1} if scheme["name"] == "repr" else {})
@@ -401,6 +403,7 @@ def test_nets_vmap_cannot_batch_are_named_in_one_line():
 
 
 @pytest.mark.parametrize("metric", ["taylor", "apoz", "oracle", "ortho"])
+@pytest.mark.slow
 def test_repr_ranks_each_seed_of_a_generic_pack_as_alone(metric):
     """Activation criteria hook the template's layers, one seed at a time, in the pack's [K, F] layout."""
     from types import SimpleNamespace

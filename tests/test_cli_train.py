@@ -23,6 +23,7 @@ def crater_dir() -> Path:
     return Path(os.environ.get("LOTTERY_SHARED_DATA", ROOT.parent / "shared" / "data")) / "craters"
 
 
+@pytest.mark.slow
 def test_train_on_craters_with_randomout_logs_a_run_that_reads_back(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [
@@ -74,6 +75,7 @@ def test_train_on_craters_with_randomout_logs_a_run_that_reads_back(tmp_path):
     assert (trial_dir / "result.json").exists() and not (trial_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_same_trial_twice_is_not_retrained_nor_logged_twice(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["train", "--epochs=1", f"--out={tmp_path}", f"--tracking-uri={uri}", "--set=model.filters=2"]
@@ -143,6 +145,7 @@ def test_trial_yaml_is_loaded_and_flags_override_it(tmp_path):
     assert (cfg.epochs, cfg.model.filters, cfg.scheme.tau, cfg.scheme.active_fraction) == (2, 3, 1e-6, 0.5)
 
 
+@pytest.mark.slow
 def test_train_uses_a_sweep_trials_thread_rule_and_its_numbers(tmp_path):
     """`lottery train` and a sweep trial at the default resources train with the same thread count,
     so a BatchNorm trial (whose sums depend on it) gives the same numbers both ways."""
@@ -191,6 +194,7 @@ def test_train_into_an_existing_out_says_it_reused_the_stored_result(tmp_path):
     assert "epoch 1" not in said  # no training progress: nothing was trained
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_uri_keeps_the_result_names_uri_and_cause_and_exits_3(tmp_path):
     """As `lottery sweep` does: the result stays on disk, one line says where MLflow was, why it failed and
     how to log the run later, and the exit code says tracking is incomplete (it was 0 and named only

@@ -11,6 +11,7 @@ import time
 from io import StringIO
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -48,6 +49,7 @@ def child_runs(client: MlflowClient, logger: TrialLogger) -> dict[str, str]:
     return {r.data.tags["trial_key"]: r.data.tags.get("logged", "") for r in runs}
 
 
+@pytest.mark.slow
 def test_every_submitted_trial_is_logged_once_by_the_time_close_returns(tmp_path: Path) -> None:
     logger, client, keys = finished_sweep(tmp_path, seeds=3)
     process = LogProcess(logger)
@@ -59,6 +61,7 @@ def test_every_submitted_trial_is_logged_once_by_the_time_close_returns(tmp_path
     assert child_runs(client, logger) == dict.fromkeys(keys, "complete")
 
 
+@pytest.mark.slow
 def test_the_driver_can_queue_tens_of_thousands_of_keys_without_waiting(tmp_path: Path) -> None:
     # Tune's event loop calls `submit`: a pipe that filled behind a slow store would stall it.
     logger, _, _ = finished_sweep(tmp_path, seeds=1)
@@ -78,6 +81,7 @@ def wait_for_deaths(process: LogProcess, deaths: int, timeout: float = 60) -> fl
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_killed_logging_process_is_noticed_at_once_and_restarted_with_what_it_had_not_logged(
     tmp_path: Path,
 ) -> None:
@@ -105,6 +109,7 @@ def test_a_killed_logging_process_is_noticed_at_once_and_restarted_with_what_it_
     assert noticed < 10, noticed  # an end of pipe, not a poll: milliseconds on an idle machine
 
 
+@pytest.mark.slow
 def test_a_second_death_is_not_restarted_and_leaves_the_runs_to_sync(tmp_path: Path) -> None:
     logger, client, keys = finished_sweep(tmp_path, seeds=2)
     said = StringIO()
@@ -124,6 +129,7 @@ def test_a_second_death_is_not_restarted_and_leaves_the_runs_to_sync(tmp_path: P
     assert lines[1].startswith("tracking: the MLflow logging process died again (signal SIGKILL); not rest")
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_terminal_reaches_the_driver_only(tmp_path: Path) -> None:
     # The terminal signals its foreground process group; the logger sits in a session of its own, so
     # the driver (which drains the queue before it stops) decides when logging ends.
@@ -138,6 +144,7 @@ def test_ctrl_c_at_the_terminal_reaches_the_driver_only(tmp_path: Path) -> None:
     assert child_runs(client, logger) == dict.fromkeys(keys, "complete")
 
 
+@pytest.mark.slow
 def test_the_logging_process_stops_when_the_driver_is_gone(tmp_path: Path) -> None:
     # A driver SIGKILLed: its logger must not outlive it (a new driver logs what is left).
     logger, _, _ = finished_sweep(tmp_path, seeds=1)
@@ -173,6 +180,7 @@ def test_the_logging_process_loads_no_ray(tmp_path: Path) -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
+@pytest.mark.slow
 def test_a_sweeps_logging_process_is_found_by_its_directory_until_it_is_drained(tmp_path: Path) -> None:
     logger, client, keys = finished_sweep(tmp_path, seeds=2)
     assert running(logger.sweep_dir) is None

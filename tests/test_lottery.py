@@ -177,6 +177,7 @@ def test_the_ticket_control_trains_the_rewound_masks_from_a_fresh_init(digits):
 
 
 @pytest.mark.parametrize("reinit", [False, True], ids=["rewound", "control"])
+@pytest.mark.slow
 def test_imp_resume_equals_uninterrupted(digits, reinit):
     cfg = config(scheme=imp(reinit=reinit), epochs=1, **TINY)
     full, _ = checkpoints(cfg, digits, seeds=(1, 2), pack_size=2)
@@ -246,6 +247,7 @@ SIGNED_ACC_ATOL = 0.05
     ],
     ids=["imp", "imp-control-global", "edgepopup-kaiming", "edgepopup-signed"],
 )
+@pytest.mark.slow
 def test_a_packed_seed_equals_the_seed_alone(digits, scheme, loss_rtol, acc_atol):
     cfg = config(scheme=scheme, epochs=1, model__filters=3, model__hidden_fc=16)
     seeds = [5, 6, 7]
@@ -267,6 +269,7 @@ def test_a_packed_seed_equals_the_seed_alone(digits, scheme, loss_rtol, acc_atol
 @pytest.mark.parametrize(
     "scheme", [imp(reinit=True), {"name": "edgepopup", "k": 0.4}], ids=["imp", "edgepopup"]
 )
+@pytest.mark.slow
 def test_a_seed_in_a_pack_is_bit_identical_whatever_its_pack_mates(digits, scheme):
     cfg = config(scheme=scheme, epochs=1, model__filters=3, model__hidden_fc=16)
     first, second = MemorySink(), MemorySink()

@@ -99,6 +99,7 @@ def test_dry_run_refuses_what_the_run_refuses(path: Path, tmp_path: Path) -> Non
     assert not home.exists()
 
 
+@pytest.mark.slow
 def test_a_real_terminal_sees_the_one_line(tmp_path: Path) -> None:
     """The data check runs after validation, so this mistake travels the longest path before exit 2."""
     path = next(p for p in CORPUS if p.stem == "craters_missing_data_dir")
@@ -182,6 +183,7 @@ documents = (
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payload=documents)
 def test_fuzzed_spec_validates_or_gives_one_error_line(payload: bytes) -> None:

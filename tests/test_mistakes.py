@@ -241,6 +241,7 @@ def altered_craters(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_stored_result_is_never_reported_for_other_data(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["train", "--dataset=craters", *TINY, f"--out={out}", "--no-mlflow"]
@@ -267,6 +268,7 @@ def test_a_stored_result_is_never_reported_for_other_data(tmp_path: Path) -> Non
     assert (aside / "result.json").read_bytes() == stored["result.json"]  # kept, not deleted
 
 
+@pytest.mark.slow
 def test_a_sweep_refuses_stored_results_of_other_data(tmp_path: Path) -> None:
     home = tmp_path / "home"
     spec = write_spec(tmp_path / "spec.yaml", seeds=[0])

@@ -57,6 +57,7 @@ def test_pack_forward_equals_each_seed_alone(digits):
     ["baseline", {"name": "randomout", "tau": 30.0}, {"name": "repr", "s1": 1, "s2": 1, "n_iter": 1}],
     ids=["baseline", "randomout", "repr"],
 )
+@pytest.mark.slow
 def test_a_packs_per_seed_results_match_single_seed_training(digits, scheme):
     cfg = config(scheme=scheme, model__filters=6, epochs=3)
     packed = MemorySink()

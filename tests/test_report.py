@@ -250,6 +250,7 @@ def test_a_runs_cgn_figure_keeps_its_axes_readable() -> None:
     assert len(wide.axes[0].get_lines()) == 64 + 1  # the filters shown, and the reset markers
 
 
+@pytest.mark.slow
 def test_a_kept_canvas_draws_exactly_what_a_new_figure_draws() -> None:
     """Trial workers draw every run's figure on one canvas per process; nothing of one trial's drawing
     (lines, scale, ticks, legend, colours) may reach the next."""

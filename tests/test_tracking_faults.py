@@ -37,6 +37,8 @@ from orchestrator.tracking.store import embedded_uri, head_revision, store_revis
 from orchestrator.tracking.sweep import SweepRecord, attach_to_parent
 from orchestrator.tracking.sync import sync_sweep
 
+pytestmark = pytest.mark.slow  # each fault is a store migrated, a process killed and a sync: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_FILES = layout.SQLITE_SIDE_FILES
 NAME = "faults"

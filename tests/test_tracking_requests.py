@@ -56,6 +56,7 @@ class CountingClient(MlflowClient):
         return super().set_terminated(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_trials_run_is_three_store_requests_with_everything_in_it(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     trial_dir = tmp_path / "trials" / "t"
@@ -79,6 +80,7 @@ def test_a_trials_run_is_three_store_requests_with_everything_in_it(tmp_path: Pa
     assert client.calls["create_run"] == 1
 
 
+@pytest.mark.slow
 def test_without_run_figures_neither_the_trial_nor_tracking_draws_one(tmp_path: Path) -> None:
     """`run_figures: false` saves the drawing on the worker; tracking must not make it up on the driver."""
     torch.set_num_threads(1)

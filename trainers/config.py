@@ -55,15 +55,10 @@ class DataConfig(Strict):
     # the code is, not what it is, so it is no part of the trial key (as data_dir is not).
     base_dir: Path | None = None
 
-    @field_validator("loader")
+    @field_validator("loader", "kwargs")
     @classmethod
-    def _custom_needs_loader(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _check_target("data", info.data.get("name"), "loader", value)
-
-    @field_validator("kwargs")
-    @classmethod
-    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _check_kwargs("data", info.data.get("name"), value)
+    def _custom_parts(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_custom("data", value, info)
 
 
 class ModelConfig(Strict):
@@ -80,15 +75,18 @@ class ModelConfig(Strict):
     kwargs: dict[str, Any] = {}  # passed to the builder; part of the trial key
     base_dir: Path | None = None  # where a relative `builder` file resolves (see DataConfig.base_dir)
 
-    @field_validator("builder")
+    @field_validator("builder", "kwargs")
     @classmethod
-    def _custom_needs_builder(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _check_target("model", info.data.get("name"), "builder", value)
+    def _custom_parts(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_custom("model", value, info)
 
-    @field_validator("kwargs")
-    @classmethod
-    def _kwargs_of_custom(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _check_kwargs("model", info.data.get("name"), value)
+
+def _check_custom(section: str, value: Any, info: ValidationInfo) -> Any:
+    """A data or model section's `builder`/`loader` and `kwargs`: both belong to `name: custom` only."""
+    name = info.data.get("name")
+    if info.field_name == "kwargs":
+        return _check_kwargs(section, name, value)
+    return _check_target(section, name, str(info.field_name), value)
 
 
 def _check_target(section: str, name: str | None, field: str, target: str | None) -> str | None:

@@ -3,6 +3,11 @@
 Every dataset here fits in memory, so indexing tensors replaces a DataLoader: no worker processes, no
 per-batch decoding, and the split is a pure function of `data_seed`. Random draws all come from one
 generator seeded by `data_seed`, consumed in a fixed order (generation, train/test split, val split).
+
+Longer than the ~450 lines a module usually gets, on purpose: that draw order spans the per-dataset
+loaders (generation) and the one pipeline after them (split, resize, normalise), and a dataset's identity
+(its files and fingerprint) is read where its files are; one file keeps the order, and so every
+trial's split, in one place.
 """
 
 from __future__ import annotations
