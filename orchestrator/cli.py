@@ -269,6 +269,7 @@ def aggregate(
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import (
         damaged_lines,
+        format_decision_table,
         format_looks_table,
         format_rounds_table,
         format_summary_table,
@@ -280,6 +281,7 @@ def aggregate(
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    table_console().print(format_decision_table(result.decision))
     if not result.rounds.empty:
         table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):
