@@ -266,6 +266,7 @@ def aggregate(
     sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
+    from dashboards.stats import never_acted
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import (
         damaged_lines,
@@ -281,6 +282,8 @@ def aggregate(
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    for line in never_acted(result.summary):
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     table_console().print(format_decision_table(result.decision))
     if not result.rounds.empty:
         table_console().print(format_rounds_table(result.rounds))
