@@ -87,9 +87,9 @@ def rate_martingale(k: float, n: float, p: float) -> float:
     return math.exp(_log_rate_martingale(k, n, p))
 
 
-def _sign_log_martingale(counts: np.ndarray, n: int) -> np.ndarray:
+def _sign_log_martingale(counts: np.ndarray, n: int | np.ndarray) -> np.ndarray:
     """log of 2^n * integral over q in [1/2, 1] of q^c (1-q)^(n-c) * 2 dq, for each count c."""
-    c = np.asarray(counts, dtype=float)
+    c, n = np.asarray(counts, dtype=float), np.asarray(n, dtype=float)
     return (
         (n + 1) * math.log(2)
         + scipy.special.betaln(c + 1, n - c + 1)
@@ -104,6 +104,21 @@ def sign_critical_count(n: int, confidence: float = 0.95) -> int | None:
     log_m = _sign_log_martingale(np.arange(n + 1), n)
     hits = np.nonzero(log_m >= math.log(2 / (1 - confidence)))[0]
     return int(hits[0]) if hits.size else None
+
+
+def sign_critical_counts(horizon: int, confidence: float = 0.95) -> np.ndarray:
+    """`sign_critical_count(n)` for n = 0..horizon (0 where none can yet), by one bisection over
+    every n at once: the mixture grows with the count (its integrand's ratio q / (1 - q) >= 1 on
+    [1/2, 1]), so the smallest count that reaches 2/alpha is where it first crosses."""
+    threshold = math.log(2 / (1 - confidence))
+    n = np.arange(1, horizon + 1)
+    reachable = _sign_log_martingale(n, n) >= threshold
+    low, high = np.zeros_like(n), n.copy()  # reaches(high) holds where reachable; reaches(low) never
+    while np.any(high - low > 1):
+        mid = (low + high) // 2
+        hit = _sign_log_martingale(mid, n) >= threshold
+        high, low = np.where(hit, mid, high), np.where(hit, low, mid)
+    return np.concatenate([[0], np.where(reachable, high, 0)]).astype(np.int64)
 
 
 def median_cs(gains: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from trainers.config import RESETTING_SCHEMES
+
 BASELINE = "baseline"
 EXACT_MAX_N = 50  # exact signed-rank distribution up to here (cost ~n^3 / 4 additions), normal above
 ZERO_METHOD = "wilcox"  # tied pairs dropped before ranking (Wilcoxon 1945); stated with every p
@@ -105,6 +107,8 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "wilcoxon_n": "int64",  # pairs the test used (n_better + n_worse)
     "wilcoxon_method": "string",  # "exact" or "normal approximation" ("" when not tested)
     "wilcoxon_p": "float64",  # two-sided signed-rank test of the paired gains
+    "resets_median": "float64",  # filter resets per finished trial
+    "n_reset": "int64",  # finished trials with at least one reset
 }
 
 GAIN_COLUMNS: dict[str, str] = {
@@ -349,9 +353,34 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
                 **_counts(group),
                 **_accuracy(group),
                 **_gain_stats(g),
+                **_resets(group),
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(SUMMARY_COLUMNS)
+
+
+def _resets(group: pd.DataFrame) -> dict[str, object]:
+    resets = group.loc[group["status"] == "finished", "total_resets"].dropna().astype(float)
+    return {
+        "resets_median": float(resets.median()) if len(resets) else np.nan,
+        "n_reset": int((resets > 0).sum()),
+    }
+
+
+def never_acted(summary: pd.DataFrame) -> list[str]:
+    """One line per arm of a resetting scheme whose finished trials made no reset at all: it trained
+    as its baseline did, so its gains are 0 by construction, not evidence that it does not help."""
+    lines: list[str] = []
+    if "n_reset" not in summary:  # a summary aggregated before resets were counted
+        return lines
+    for r in summary.itertuples(index=False):
+        if r.scheme in RESETTING_SCHEMES and r.n > 0 and r.n_reset == 0:
+            arm = f"{r.scheme} {'' if pd.isna(r.hparam_label) else r.hparam_label}".strip()
+            lines.append(
+                f"{arm} never reset a filter in {r.n} finished trial(s): its gains are 0 by construction "
+                "(no filter fell below tau; choose a setting where filters die, from a pilot)"
+            )
+    return lines
 
 
 # IMP rounds: one row per (configuration, round), from the epochs table's round_end rows.

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from rich.table import Table
 
+from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
@@ -45,6 +46,10 @@ class AggregateResult:
     rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
     # A sequential study's looks (dashboards.sequential.LOOK_COLUMNS); empty for a fixed design.
     looks: pd.DataFrame = field(default_factory=lambda: looks_frame([]))
+    # Decision-grade comparisons per configuration (dashboards.decision.DECISION_COLUMNS).
+    decision: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame({c: pd.Series(dtype=d) for c, d in DECISION_COLUMNS.items()})
+    )
 
 
 def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -193,6 +198,7 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
         summary=summarise(trials),
         rounds=round_summary(trials, epochs),
         looks=sequential_looks(sweep_dir, trials),
+        decision=decide(trials),
     )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
@@ -221,6 +227,10 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
         paths.pop("rounds")
     if not paths["looks"].exists():  # aggregated before sequential studies existed: a fixed design
         paths.pop("looks")
+    derived = {}
+    if not paths["decision"].exists():  # aggregated before decision tables: derived from the trials
+        paths.pop("decision")
+        derived["decision"] = decide
     missing = [path.name for path in paths.values() if not path.exists()]
     if missing:
         raise UserError(
@@ -228,6 +238,7 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
         )
     tables = {name: _read_frame(path) for name, path in paths.items()}
     tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
+    tables.update({name: derive(tables["trials"]) for name, derive in derived.items()})
     return AggregateResult(**tables)
 
 
@@ -321,6 +332,42 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             "baseline" if is_base else _pct(r.gain_median, 2),
             "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
             "-" if is_base else test,
+        )
+    return table
+
+
+def _interval(value: float, low: float, high: float, percent: bool) -> str:
+    if pd.isna(value):
+        return "-"
+    text = (lambda v: _pct(v, 1)) if percent else (lambda v: f"{v:.2f}")
+    return f"{text(value)} [{text(low)}, {text(high)}]" if pd.notna(low) else text(value)
+
+
+def format_decision_table(decision: pd.DataFrame) -> Table:
+    """IQM with its stratified bootstrap CI, P(improvement) with its CI, and best-of-N inflation."""
+    table = Table(
+        title="Decision-grade comparisons (interquartile mean and P(arm > reference), bootstrap 95% CI)",
+        caption=(
+            "P(improvement): share of seed pairs the arm wins (a tie counts 1/2), or P(X > Y) over all "
+            "couples when seeds do not pair. Best of N: expected best of N seeds minus the median, "
+            "in points (what reporting the best seed adds)."
+        ),
+        caption_justify="left",
+    )
+    best = [f"best of {n} +pts" for n in BEST_OF]
+    columns = ["scheme", "hparams", "n", "IQM % [95% CI]", "vs", "P(improvement) [95% CI]", "pairs", *best]
+    _add_columns(table, columns, text=("scheme", "hparams", "vs"))
+    for r in decision.itertuples(index=False):
+        paired = "-" if not r.improve_n else f"{r.improve_n} {'paired' if r.improve_paired else 'unpaired'}"
+        table.add_row(
+            str(r.scheme),
+            "" if pd.isna(r.hparam_label) else str(r.hparam_label),
+            str(r.n),
+            _interval(r.iqm, r.iqm_ci_low, r.iqm_ci_high, percent=True),
+            r.reference or "-",
+            _interval(r.p_improve, r.p_improve_ci_low, r.p_improve_ci_high, percent=False),
+            paired,
+            *("-" if pd.isna(v) else _pct(v, 2) for v in (getattr(r, f"best_of_{n}") for n in BEST_OF)),
         )
     return table
 

@@ -266,9 +266,11 @@ def aggregate(
     sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
+    from dashboards.stats import never_acted
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import (
         damaged_lines,
+        format_decision_table,
         format_looks_table,
         format_rounds_table,
         format_summary_table,
@@ -280,6 +282,9 @@ def aggregate(
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
     result = aggregate_sweep(sweep_dir)
     table_console().print(format_summary_table(result.summary))
+    for line in never_acted(result.summary):
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+    table_console().print(format_decision_table(result.decision))
     if not result.rounds.empty:
         table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):
@@ -308,6 +313,9 @@ def plan_seeds(
     power: Annotated[float, typer.Option(help="Power for the paired gain.")] = 0.8,
     rate: Annotated[list[float] | None, typer.Option(help="A failure rate to plan for (repeatable).")] = None,
     gain_sd: Annotated[float | None, typer.Option(help="Standard deviation of the paired gains.")] = None,
+    batch: Annotated[
+        int, typer.Option(help="Pairs added between two looks of a sequential study (its seeds.batch).")
+    ] = 20,
 ) -> None:
     """Seeds per arm to estimate a failure rate within +-W, or to detect a paired gain at a given power."""
     from rich.table import Table
@@ -316,6 +324,7 @@ def plan_seeds(
         METHOD_ANYTIME,
         METHOD_FIXED,
         METHOD_PAIRED,
+        METHOD_PAIRED_SEQUENTIAL,
         PLAN_COLUMNS,
         plan_from_pilot,
         plan_from_rates,
@@ -326,6 +335,7 @@ def plan_seeds(
         ("--power", power, 0.05 < power < 1, "a probability in (0.05, 1)"),
         ("--gain", gain, gain is None or 0 < gain < 1, "an accuracy fraction in (0, 1)"),
         ("--gain-sd", gain_sd, gain_sd is None or gain_sd > 0, "a positive number"),
+        ("--batch", batch, batch >= 1, "a whole number of pairs >= 1"),
         *[("--rate", r, 0 < r < 1, "a rate in (0, 1)") for r in rate or []],
     ]
     for flag, value, ok, wanted in checks:
@@ -339,14 +349,17 @@ def plan_seeds(
         from orchestrator.aggregate import load_trials
 
         rows = plan_from_pilot(
-            load_trials(layout.resolve_sweep_dir(sweep, layout.results_root())), within, gain, power
+            load_trials(layout.resolve_sweep_dir(sweep, layout.results_root())), within, gain, power, batch
         )
     else:
-        rows = plan_from_rates(rate or [], within, gain, gain_sd, power)
+        rows = plan_from_rates(rate or [], within, gain, gain_sd, power, batch)
     gain_text = f"gain {gain:g} at power {power:g}" if gain else "no --gain given"
     table = Table(
         title=f"Seeds per arm: failure rate within +-{within:g} (95%); paired {gain_text}",
-        caption=f"methods: {METHOD_FIXED}; {METHOD_ANYTIME}; {METHOD_PAIRED}",
+        caption=(
+            f"methods: {METHOD_FIXED}; {METHOD_ANYTIME}; {METHOD_PAIRED}; "
+            f"{METHOD_PAIRED_SEQUENTIAL}, a look every {batch} pairs"
+        ),
     )
     for column in PLAN_COLUMNS:
         table.add_column(column, justify="left" if column == "arm" else "right")
@@ -360,6 +373,10 @@ def _plan_cell(value: object) -> str:
         return value
     if value is None or value != value:  # NaN
         return "-"
+    if value == float("inf"):
+        from dashboards.planning import SEQUENTIAL_PAIRED_MAX
+
+        return f"> {SEQUENTIAL_PAIRED_MAX}"
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 

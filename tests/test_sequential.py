@@ -8,6 +8,7 @@ against textbook values.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -22,10 +23,17 @@ from specfactory import PLANNED_BASE
 from sweepfactory import lottery_trials, write_sweep
 from typer.testing import CliRunner
 
-from dashboards.planning import paired_sample_size, rate_sample_size, rate_sample_size_anytime
-from dashboards.sequential import median_cs, rate_cs, sign_critical_count
+from dashboards.planning import (
+    SEQUENTIAL_PAIRED_MAX,
+    paired_sample_size,
+    rate_sample_size,
+    rate_sample_size_anytime,
+    sequential_paired_power,
+    sequential_paired_sample_size,
+)
+from dashboards.sequential import median_cs, rate_cs, sign_critical_count, sign_critical_counts
 from dashboards.stats import TRIAL_COLUMNS
-from orchestrator.cli import app
+from orchestrator.cli import _plan_cell, app
 from orchestrator.errors import UserError
 from orchestrator.run.sweep import record_plan
 from orchestrator.sequential import StudyState, replay
@@ -215,6 +223,28 @@ def test_plan_sample_sizes_agree_with_hand_computed_ones():
     assert np.subtract(*rate_cs(0.2 * n, n)[::-1]) <= 0.1 < np.subtract(*rate_cs(0.2 * (n - 1), n - 1)[::-1])
 
 
+def test_the_sequential_paired_plan_is_exact_and_agrees_with_simulating_the_sequence():
+    # Looking after every pair, "better" is declared by 90 pairs (d = 0.5 sd) and 25 (d = sd) with
+    # power 0.8, where the fixed t-test needs 34 and 10; looking every 20 pairs, 100 and 40.
+    assert [sequential_paired_sample_size(d, 1.0) for d in (0.5, 1.0)] == [90, 25]
+    assert [sequential_paired_sample_size(d, 1.0, batch=20) for d in (0.5, 1.0)] == [100, 40]
+    assert sequential_paired_sample_size(0.01, 0.02, batch=20) == 100  # the same effect size in accuracy
+    # The exact forward pass against 20,000 simulated studies. The sequence's lower end is above 0
+    # exactly when the positive gains reach the critical count (checked on real paths below).
+    rng = np.random.default_rng(7)
+    gains = rng.normal(1.0, 1.0, size=(20000, 25))
+    positives = np.cumsum(gains > 0, axis=1)
+    critical = np.array([sign_critical_count(n) or n + 1 for n in range(1, 26)])
+    decided = (positives >= critical).any(axis=1)
+    assert decided.mean() == pytest.approx(sequential_paired_power(25, 1.0, 1.0), abs=0.015)
+    for path, n in itertools.product(gains[:40], (10, 18, 25)):
+        assert (median_cs(path[:n])[0] > 0) == ((path[:n] > 0).sum() >= critical[n - 1])
+    assert sequential_paired_power(24, 1.0, 1.0) < 0.8 <= sequential_paired_power(25, 1.0, 1.0)
+    # The planner's fast critical counts are the sequence's own, n by n.
+    assert sign_critical_counts(300).tolist() == [sign_critical_count(n) or 0 for n in range(301)]
+    assert _plan_cell(math.inf) == f"> {SEQUENTIAL_PAIRED_MAX}"  # beyond the exact pass's reach
+
+
 def test_lottery_plan_prints_the_table_with_its_methods(tmp_path):
     runner = CliRunner()
     given = runner.invoke(
@@ -223,6 +253,10 @@ def test_lottery_plan_prints_the_table_with_its_methods(tmp_path):
     assert given.exit_code == 0, given.output
     assert "246" in given.stdout and "34" in given.stdout
     assert "normal approximation" in given.stdout and "noncentral t" in given.stdout
+    gain_row = next(line for line in given.stdout.splitlines() if line.startswith("│ gain sd"))
+    assert gain_row.split("│")[-2].strip() == "100"  # the sequential paired column, a look every 20 pairs
+    caption = " ".join(given.stdout.split())
+    assert "sign-test confidence sequence" in caption and "a look every 20 pairs" in caption
 
     pilot = lottery_trials([("baseline", {}), ("randomout", {"tau": 1e-8})], range(40), fail_rate=0.25)
     sweep_dir = write_sweep(tmp_path, "pilot", pilot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -127,6 +127,7 @@ class BatchNormScheme(Strict):
 
 
 class RandomOutScheme(Strict):
+    resets_filters: ClassVar[bool] = True  # acts only by resets: 0 resets means it never acted
     name: Literal["randomout"] = "randomout"
     tau: float = Field(DEFAULT_TAU, ge=0.0)  # CGN threshold, in summed-loss units (see trainers/cgn.py)
     active_fraction: float = Field(1.0, ge=0.0, le=1.0)  # P: resets allowed while epoch < P * epochs
@@ -199,6 +200,12 @@ Scheme = Annotated[
 # implementation for each, and a test keeps them equal.
 SCHEME_MODELS: tuple[type[Strict], ...] = get_args(get_args(Scheme)[0])
 SCHEMES: tuple[str, ...] = tuple(c.model_fields["name"].default for c in SCHEME_MODELS)
+# Schemes that act on the net only by re-initialising filters: an arm of one that made no reset in any
+# trial trained exactly as its baseline, and its gains are 0 by construction (said with every summary).
+# Not RePr: it also acts by dropping filters, which its reset count does not see.
+RESETTING_SCHEMES: tuple[str, ...] = tuple(
+    c.model_fields["name"].default for c in SCHEME_MODELS if getattr(c, "resets_filters", False)
+)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # trainers.models.MODELS builds each; a test checks
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # trainers.data loads each; a test checks
 
