@@ -30,13 +30,26 @@ def _shown(artist: Text) -> bool:
     return axes is None or axes.get_visible()
 
 
+def _undrawn_tick_labels(fig: Figure) -> set[int]:
+    """Tick labels an axis holds but does not draw (ticks outside its view limits)."""
+    held, drawn = set(), set()
+    for ax in fig.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                held |= {id(tick.label1), id(tick.label2)}
+            for tick in axis._update_ticks():  # what Axis.draw draws
+                drawn |= {id(tick.label1), id(tick.label2)}
+    return held - drawn
+
+
 def drawn_texts(fig: Figure) -> list[DrawnText]:
     """Every text a saved copy of `fig` shows (titles, labels, ticks, legends, annotations)."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    undrawn = _undrawn_tick_labels(fig)
     found = []
     for artist in fig.findobj(Text):
-        if not isinstance(artist, Text) or not _shown(artist):
+        if not isinstance(artist, Text) or not _shown(artist) or id(artist) in undrawn:
             continue
         box = artist.get_window_extent(renderer)
         px = renderer.points_to_pixels(artist.get_fontsize())
