@@ -132,7 +132,7 @@ class TrialDirSink:
             "config_hash": self.config.config_hash(),
             "scheme": self.config.scheme.name,
             "pack_key": self.pack,
-            "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
+            "ended_at": time.time(),  # the MLflow run ends here (and starts seed_wall_s earlier)
         }
         if trace is not None and self.run_figure:
             self._draw_cgn_figure(trace, doc)
