@@ -249,4 +249,5 @@ def _clear(ax: Axes, bar: Axes) -> None:
     if ax.get_legend() is not None:
         ax.get_legend().remove()
     ax.set_prop_cycle(None)  # colours start again from the first, as on a new axes
-    bar.clear()  # a colour bar sets its axes' scale, ticks and label: cleared, as on a new axes
+    if bar.get_visible():  # a colour bar (or a new axes) sets its scale, ticks and label: cleared
+        bar.clear()
