@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.stats
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
@@ -122,45 +123,45 @@ def _contexts(done: pd.DataFrame) -> tuple[list[tuple[pd.DataFrame, str]], str]:
 
 
 def _panels(
-    title: str, subtitle: str, n: int, rows_per_panel: int = 1, panel_size: tuple[float, float] = (4.6, 3.2)
+    title: str, n: int, rows_per_panel: int = 1, panel_size: tuple[float, float] = (4.6, 3.2)
 ) -> tuple[Figure, list[list[Axes]]]:
-    """A figure of n panels (each `rows_per_panel` stacked axes sharing x), caption on top."""
+    """A figure of n panels (each `rows_per_panel` stacked axes sharing x), its title on top.
+
+    The caption is page text only (the report's figcaption), not drawn into the image as well: one
+    copy, which wraps with the page instead of being cut at the image's edge.
+    """
     cols = min(n, 3)
     grid_rows = -(-n // cols)
     width = max(9.0, panel_size[0] * cols)
-    lines = textwrap.wrap(subtitle, int(17 * width))
-    header_h = 0.45 + 0.13 * len(lines)
     body_h = panel_size[1] * grid_rows * (1 if rows_per_panel == 1 else 1.4)
-    fig = Figure(figsize=(width, header_h + body_h), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, body_h + 0.4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    header, body = fig.subfigures(2, 1, height_ratios=[header_h, body_h])
-    header.text(0.005, 0.97, title, fontsize=12, fontweight="bold", va="top")
-    header.text(0.005, 0.97 - 0.3 / header_h, "\n".join(lines), fontsize=7.5, va="top")
-    outer = body.add_gridspec(grid_rows, cols)
+    fig.suptitle(textwrap.fill(title, int(9 * width)), fontsize=12, fontweight="bold")
+    outer = fig.add_gridspec(grid_rows, cols)
     panels = []
     for i in range(n):
         inner = outer[i // cols, i % cols].subgridspec(rows_per_panel, 1, hspace=0.05)
         axes: list[Axes] = []
         for j in range(rows_per_panel):
-            ax = body.add_subplot(inner[j], sharex=axes[0] if axes else None)
+            ax = fig.add_subplot(inner[j], sharex=axes[0] if axes else None)
             ax.grid(alpha=0.3)
             axes.append(ax)
         panels.append(axes)
     return fig, panels
 
 
-def _new_figure(title: str, subtitle: str, size: tuple[float, float] = (9.0, 5.0)) -> tuple[Figure, Axes]:
+def _new_figure(title: str, size: tuple[float, float] = (9.0, 5.0)) -> tuple[Figure, Axes]:
+    """One axes under a title wrapped to the figure's width (the caption is page text: see `_panels`)."""
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg whatever the process-wide backend is
-    fig.suptitle(title, fontsize=12, fontweight="bold")
+    fig.suptitle(textwrap.fill(title, int(9 * size[0])), fontsize=12, fontweight="bold")
     ax = fig.add_subplot()
-    ax.set_title(textwrap.fill(subtitle, 120), fontsize=7.5, loc="left")
     ax.grid(alpha=0.3)
     return fig, ax
 
 
 def _legend(ax: Axes, n_entries: int) -> None:
-    ax.legend(fontsize=7, ncols=1 if n_entries <= 8 else 2, loc="best", framealpha=0.85)
+    ax.legend(fontsize=7.5, ncols=1 if n_entries <= 8 else 2, loc="best", framealpha=0.85)
 
 
 def _n_range(counts: pd.Series) -> str:
@@ -182,7 +183,7 @@ def seed_scatter(trials: pd.DataFrame, summary: pd.DataFrame) -> Rendered:
         "finished seeds per arm, failures k/n with the Wilson 95% CI. Dotted line = chance, dashed = "
         f"failure threshold. Failure rule: {failure_rule(trials)}."
     )
-    fig, panels = _panels(title, caption, len(contexts))
+    fig, panels = _panels(title, len(contexts))
     rows = summary.set_index("config_hash")
     markers = "os^Dv<>pPX*h"
     for (ctx, ctx_title), (ax,) in zip(contexts, panels, strict=True):
@@ -201,11 +202,11 @@ def seed_scatter(trials: pd.DataFrame, summary: pd.DataFrame) -> Rendered:
         chance = float(ctx["chance"].median())
         ax.axhline(100 * chance, color="grey", ls=":", lw=1)
         ax.axhline(100 * (chance + float(ctx["failure_margin"].median())), color="grey", ls="--", lw=1)
-        ax.set_xticks(x, [str(s) for s in wide.index] if len(x) <= 20 else [""] * len(x), fontsize=6)
+        ax.set_xticks(x, [str(s) for s in wide.index] if len(x) <= 20 else [""] * len(x), fontsize=7.5)
         ax.set_title(ctx_title, fontsize=8)
-        ax.set_xlabel("seed (sorted)", fontsize=7)
-        ax.set_ylabel("final test accuracy (%)", fontsize=7)
-        ax.legend(fontsize=6, loc="lower right", framealpha=0.85)
+        ax.set_xlabel("seed (sorted)", fontsize=7.5)
+        ax.set_ylabel("final test accuracy (%)", fontsize=7.5)
+        ax.legend(fontsize=7.5, loc="lower right", framealpha=0.85)
     return Rendered(name, title, caption, fig)
 
 
@@ -244,24 +245,31 @@ def tau_p_heatmap(trials: pd.DataFrame) -> Rendered:
     caption = (
         f"Cell = mean over seeds of (RandomOut - baseline) final test accuracy, same seed and context, in "
         f"points; n = {_n_range(stats['count'])} pairs per cell, pooled over {n_contexts} context(s); "
-        f"± = 95% t-interval half-width of the mean. Failed trials keep their accuracy. "
-        f"Failure rule: {failure_rule(trials)}."
+        f"± = 95% t-interval half-width of the mean. Only a cell whose interval excludes 0 is coloured "
+        f"(blue = gain, red = loss); a cell whose interval includes 0 (or has one pair) is grey and reads "
+        f"as no effect shown. Failed trials keep their accuracy. Failure rule: {failure_rule(trials)}."
     )
-    fig, ax = _new_figure(title, caption, size=(1.6 * len(ps) + 4.0, 0.9 * len(taus) + 2.5))
+    fig, ax = _new_figure(title, size=(1.6 * len(ps) + 4.5, 0.9 * len(taus) + 2.5))
+    half = stats["half"].unstack("P").reindex(index=taus, columns=ps) * 100
+    shown = mean.where(half.notna() & (mean.abs() > half))  # the interval excludes 0: an effect
     limit = float(np.nanmax(np.abs(mean.to_numpy()))) or 1.0
-    image = ax.imshow(mean.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    cmap = colormaps["RdBu"].with_extremes(bad="0.88")
+    image = ax.imshow(
+        np.ma.masked_invalid(shown.to_numpy()), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto"
+    )
     for (i, tau), (j, p) in itertools.product(enumerate(taus), enumerate(ps)):
         if (tau, p) in stats.index:
             s = stats.loc[(tau, p)]
             text = f"{100 * s['mean']:+.2f}\n±{100 * s['half']:.2f}\nn={int(s['count'])}"
-            dark = abs(100 * s["mean"]) > 0.6 * limit
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            value = shown.iloc[i, j]
+            dark = not pd.isna(value) and abs(value) > 0.6 * limit
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(ps)), [f"{p:g}" for p in ps])
     ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
     ax.set_xlabel("P (fraction of epochs with resets active)")
     ax.set_ylabel("tau (CGN threshold)")
     ax.grid(False)
-    fig.colorbar(image, ax=ax, label="mean gain (points)")
+    fig.colorbar(image, ax=ax, label="mean gain (points), where its 95% interval excludes 0")
     return Rendered(name, title, caption, fig)
 
 
@@ -293,12 +301,13 @@ def accuracy_vs_filters(trials: pd.DataFrame) -> Rendered:
     acc = done[np.isfinite(done["final_test_acc"])]
     n_acc = acc.groupby(["arm", "filters"])["final_test_acc"].count()
     caption = (
-        "Top: circle = mean final test accuracy of finished trials with its 95% t-interval (bars), "
+        "Top: circle = mean final test accuracy of finished trials with its 95% t-interval (bars, cut at "
+        "0 and 100 %), "
         "x = median, dots = every seed (failed ones included, jittered sideways); "
         f"n = {_n_range(n_acc)} seeds per point. Bottom: failure rate with the Wilson 95% interval, "
         f"n = finished trials per point. Failure rule: {failure_rule(trials)}."
     )
-    fig, [[top, bottom]] = _panels(title, caption, 1, rows_per_panel=2, panel_size=(9.0, 4.0))
+    fig, [[top, bottom]] = _panels(title, 1, rows_per_panel=2, panel_size=(9.0, 4.0))
     arms = list(dict.fromkeys(done["arm"]))
     widths = sorted(done["filters"].dropna().unique())
     step = min(np.diff(widths)) if len(widths) > 1 else 1.0
@@ -308,10 +317,13 @@ def accuracy_vs_filters(trials: pd.DataFrame) -> Rendered:
         g = acc[acc["arm"] == arm]
         stats = g.groupby("filters")["final_test_acc"].agg(["mean", "median", "count", _t_half_width])
         w = stats.index.to_numpy(dtype=float) + offset
+        centre, half = 100 * stats["mean"], 100 * stats["_t_half_width"].fillna(0)
+        # An accuracy lies in 0-100 %: the t-interval is cut there rather than drawn past the axis.
+        below, above = centre - (centre - half).clip(lower=0), (centre + half).clip(upper=100) - centre
         bars = top.errorbar(
             w,
-            100 * stats["mean"],
-            yerr=100 * stats["_t_half_width"].fillna(0),
+            centre,
+            yerr=[below.to_numpy(), above.to_numpy()],
             fmt="o-",
             ms=4,
             capsize=3,
@@ -336,7 +348,7 @@ def accuracy_vs_filters(trials: pd.DataFrame) -> Rendered:
         )
     top.set_ylim(0, 100)
     top.set_ylabel("final test accuracy (%)")
-    top.legend(fontsize=7, loc="lower right", framealpha=0.85)
+    top.legend(fontsize=7.5, loc="lower right", framealpha=0.85)
     top.tick_params(labelbottom=False)
     bottom.set_ylim(-2, 102)
     bottom.set_ylabel("failed (%)")
@@ -403,7 +415,7 @@ def _epoch_figure(
             f" {len(dead)} of {rows['trial_key'].nunique()} seeds reach a mean CGN of 0 (dead) in some epoch."
         )
     caption += f" Failure rule: {failure_rule(trials)}."
-    fig, panels = _panels(title, caption, len(keys), rows_per_panel=2 if kind == "below" else 1)
+    fig, panels = _panels(title, len(keys), rows_per_panel=2 if kind == "below" else 1)
     colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(rows["arm"]))}
     for key, (_, ctx_title), axes in zip(keys, contexts, panels, strict=True):
         ctx = rows[rows["pair_key"] == key]
@@ -435,15 +447,15 @@ def _epoch_figure(
         if kind == "below":
             ax.set_yscale("symlog", linthresh=1)
             axes[1].set_ylim(-5, 105)
-            axes[1].set_ylabel("seeds below tau (%)", fontsize=7)
-            axes[1].set_xlabel("epoch", fontsize=7)
+            axes[1].set_ylabel("seeds below tau (%)", fontsize=7.5)
+            axes[1].set_xlabel("epoch", fontsize=7.5)
             ax.tick_params(labelbottom=False)
         else:
-            ax.set_xlabel("epoch", fontsize=7)
+            ax.set_xlabel("epoch", fontsize=7.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(ctx_title, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=7)
-        ax.legend(fontsize=6, loc="best", framealpha=0.85)
+        ax.set_ylabel(ylabel, fontsize=7.5)
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
     return Rendered(name, title, caption, fig)
 
 

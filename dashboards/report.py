@@ -1,10 +1,13 @@
 """One self-contained HTML report of a sweep, built from its aggregated tables (trials, epochs, summary).
 
 Self-contained means one file to mail or archive: figures are embedded as base64 PNG data
-URIs, there is no external CSS or script. The page states n, the failure rule and every
-interval next to the numbers, and says in words what the seeds support, including "no
-significant effect". A small inline script records how many images decoded, so a headless
-browser test can check the page really renders.
+URIs, there is no external CSS or script. The page opens with the study's question (the spec's
+description), states n, the failure rule and every interval next to the numbers, says in words
+what the seeds support, including "no significant effect", and lists each failed seed beside the
+same seed under its paired arms. It reads at any width down to 800 px without scrolling sideways:
+images scale down, wide tables scroll inside their own box. Each caption is page text, once (not
+drawn into the image too). A small inline script records how many images decoded on a hidden
+element's data attributes, so a headless browser test can check the page really renders.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dashboards.failed_seeds import failed_seeds_html
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
@@ -26,12 +30,15 @@ from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO
 ALPHA = 0.05
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1200px; color: #222; }
+p, figcaption, li { overflow-wrap: anywhere; }
+.scroll { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.8em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
-th { background: #f2f2f2; } td.l, th.l { text-align: left; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+th { background: #f2f2f2; } td.l, th.l { text-align: left; } td.failed { background: #fde0dc; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #444; } .note { font-size: 0.85em; color: #555; }
+#question { font-size: 1.1em; } #summary td.l:last-child { min-width: 24em; }
 """
 
 _IMG_STATUS_SCRIPT = """
@@ -41,7 +48,6 @@ window.addEventListener("load", function () {
   var el = document.getElementById("img-status");
   el.setAttribute("data-loaded", String(ok));
   el.setAttribute("data-total", String(imgs.length));
-  el.textContent = ok + " of " + imgs.length + " figures rendered";
 });
 """
 
@@ -116,7 +122,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             f"<td{' class=l' if i in left else ''}>{html.escape(c)}</td>" for i, c in enumerate(cells)
         )
         body.append(f"<tr>{tds}</tr>")
-    return f"<table id=summary>{head}{''.join(body)}</table>"
+    return f"<div class=scroll><table id=summary>{head}{''.join(body)}</table></div>"
 
 
 def _provenance_html(provenance: dict[str, str] | None) -> str:
@@ -127,15 +133,22 @@ def _provenance_html(provenance: dict[str, str] | None) -> str:
         f"<tr><th class=l>{html.escape(k)}</th><td class=l>{html.escape(str(v))}</td></tr>"
         for k, v in provenance.items()
     )
-    return f"<h2>Provenance</h2><table id=provenance>{items}</table>"
+    return f"<h2>Provenance</h2><div class=scroll><table id=provenance>{items}</table></div>"
 
 
-def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str) -> str:
+def _question_html(question: str) -> str:
+    """The study's question, as the spec's `description` states it, first on the page."""
+    if not question.strip():
+        return "<p id=question class=note>The spec states no description (the study's question).</p>"
+    return f"<p id=question><b>Question:</b> {html.escape(question.strip())}</p>"
+
+
+def _header_html(trials: pd.DataFrame, summary: pd.DataFrame, sweep: str, question: str = "") -> str:
     counts = trials["status"].value_counts()
     n_tests = int(summary["wilcoxon_p"].notna().sum())
     status = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     return (
-        f"<h1>Filter lottery: {html.escape(sweep)}</h1>"
+        f"<h1>Filter lottery: {html.escape(sweep)}</h1>{_question_html(question)}"
         f"<p><b>Trials:</b> {len(trials)} planned: {status}. Only finished trials enter n, failure rates "
         "and accuracy statistics; a diverged trial is finished and failed.</p>"
         f"<p><b>Failure rule:</b> {html.escape(failure_rule(trials))}.</p>"
@@ -209,7 +222,7 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
         f"Intervals here are anytime-valid ({html.escape(method)}), valid at whichever look the study "
         "stopped; the Wilson intervals and Wilcoxon p above assume n was fixed in advance and do not "
         "account for the optional stopping.</p>"
-        f"<table id=looks>{head}{rows}</table>"
+        f"<div class=scroll><table id=looks>{head}{rows}</table></div>"
     )
 
 
@@ -222,12 +235,14 @@ def build_report(
     name: str,
     provenance: dict[str, str] | None = None,
     looks: pd.DataFrame | None = None,
+    question: str = "",
 ) -> Path:
     """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
 
     The tables are the aggregated ones (dashboards.stats: TRIAL_COLUMNS, SUMMARY_COLUMNS; the
     epochs table of orchestrator.aggregate). The page is titled by the trials' sweep, else `name`.
-    `provenance` (label -> value: date, git revision, versions, seeds, run id) is shown as given.
+    `provenance` (label -> value: date, git revision, versions, seeds, run id) is shown as given;
+    `question`, the spec's description, opens the page.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,13 +257,14 @@ def build_report(
     page = (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>Filter lottery report: {html.escape(sweep)}</title><style>{_STYLE}</style></head><body>"
-        f"{_header_html(trials, summary, sweep)}"
+        f"{_header_html(trials, summary, sweep, question)}"
         f"{_provenance_html(provenance)}"
         f"<h2>Summary per configuration</h2>{_summary_html(summary)}"
         f"{_sequential_html(looks)}"
+        f"<h2>Failed seeds beside their pairs</h2>{failed_seeds_html(trials)}"
         f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"
         f"<h2>Skipped figures</h2>{_skipped_html([r for r in rendered if r.figure is None])}"
-        f"<div id=img-status class=note data-loaded=0 data-total={len(figures)}></div>"
+        f"<div id=img-status hidden data-loaded=0 data-total={len(figures)}></div>"
         f"<script>{_IMG_STATUS_SCRIPT}</script></body></html>"
     )
     path = out_dir / "report.html"

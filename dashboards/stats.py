@@ -63,7 +63,9 @@ TRIAL_COLUMNS: dict[str, str] = {
     "chance": "float64",
     "failure_margin": "float64",
     "failure_rule": "string",
-    "wall_s": "float64",
+    "wall_s": "float64",  # of the whole pack the trial trained in
+    "pack_size": "Int64",  # seeds trained at once with it (1 = alone)
+    "seed_wall_s": "float64",  # wall_s / pack_size: its share of the pack's time, the one to compare
     "problem": "string",  # for a damaged trial: which file and what is wrong with it
 }
 

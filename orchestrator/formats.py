@@ -18,6 +18,12 @@ Version 1 (result.json):
 - Fields that every result has held since the failure rule (`chance`, `failure_margin`, `failure_rule`,
   ...) are not filled: a result without them is damaged (`layout.ResultSchema`).
 
+Version 2 (result.json):
+- `seed_wall_s` (the seed's share of its pack's time, `wall_s / pack_size`): computed from the two when
+  `pack_size` was recorded, else None (not recorded).
+- `pack_key` (the `packs/<pack_key>/` directory of the pack the seed trained in): None when it trained
+  alone or was not recorded.
+
 Version 1 (sweep.json): `sweep_dir` (the directory it was written for) None when not recorded, so a
 copied directory cannot be told apart and is logged as its own.
 
@@ -43,12 +49,18 @@ def _result_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
     return not_recorded | {"data_fingerprint": "", "data_files": {}} | doc
 
 
+def _result_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
+    wall, size = doc.get("wall_s"), doc.get("pack_size")
+    known = isinstance(wall, int | float) and isinstance(size, int) and size >= 1
+    return {"seed_wall_s": wall / size if known else None, "pack_key": None} | doc
+
+
 def _record_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
     return {"sweep_dir": None} | doc
 
 
 # One step per version, keyed by the version it upgrades from; the current version follows from them.
-RESULT_UPGRADES: dict[int, Upgrade] = {0: _result_0_to_1}
+RESULT_UPGRADES: dict[int, Upgrade] = {0: _result_0_to_1, 1: _result_1_to_2}
 RECORD_UPGRADES: dict[int, Upgrade] = {0: _record_0_to_1}
 RESULT_FORMAT = len(RESULT_UPGRADES)
 RECORD_FORMAT = len(RECORD_UPGRADES)

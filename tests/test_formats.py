@@ -31,22 +31,24 @@ def _trial_result() -> TrialResult:
 
 
 def test_a_new_result_states_the_version_the_reader_upgrades_to():
-    assert _trial_result().to_dict()["format"] == formats.RESULT_FORMAT == 1
+    assert _trial_result().to_dict()["format"] == formats.RESULT_FORMAT == 2
 
 
-def test_a_result_from_before_the_format_reads_as_version_1_with_what_it_lacks_not_recorded(tmp_path):
+def test_a_result_from_before_the_format_reads_as_current_with_what_it_lacks_not_recorded(tmp_path):
     old = stored_result()  # no format, no device, sparsity, ended_at, pack_size, threads, fingerprint
     store_finished(tmp_path / "t", old)
     status = layout.trial_status(tmp_path / "t")
     assert status.finished
     assert status.result == old | {
-        "format": 1,
+        "format": 2,
         "ended_at": None,
         "sparsity": None,
         "pack_size": None,
         "threads": None,
         "data_fingerprint": "",
         "data_files": {},
+        "seed_wall_s": None,  # its pack size was not recorded: its share of the pack's time is unknown
+        "pack_key": None,
     }
     assert "device" not in status.result  # the mark of an earlier trainer, refused on resume
     assert layout.read_json(tmp_path / "t" / layout.RESULT) == old  # reading never rewrites the file
@@ -58,7 +60,8 @@ def test_an_old_result_keeps_what_it_recorded_and_a_current_one_reads_unchanged(
     assert formats.upgrade_result(old)["threads"] == 2
     current = formats.upgrade_result(old)
     assert formats.upgrade_result(current) == current
-    newer = stored_result(format=2, added_later=True)  # from a newer filter-lottery: read as it is
+    # from a newer filter-lottery: read as it is
+    newer = stored_result(format=formats.RESULT_FORMAT + 1, added_later=True)
     assert formats.upgrade_result(newer) == newer
 
 
@@ -78,7 +81,8 @@ def test_an_old_result_aggregates_as_before(tmp_path):
     old, current = sorted((sweep / "trials").iterdir())
     assert "format" not in layout.read_json(old / layout.RESULT)
     doc = layout.read_json(current / layout.RESULT)
-    layout.atomic_write_json(current / layout.RESULT, doc | {"format": 1, "sparsity": 0.5})
+    # a version-1 file as the trainer wrote one: it has every field that version has (pack_size too)
+    layout.atomic_write_json(current / layout.RESULT, doc | {"format": 1, "sparsity": 0.5, "pack_size": 1})
     rows = load_trials(sweep).set_index("trial_key")
     assert list(rows["status"]) == ["finished", "finished"]
     assert math.isnan(rows.loc[old.name, "sparsity"]) and rows.loc[current.name, "sparsity"] == 0.5

@@ -59,6 +59,8 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "failure_margin": MARGIN,
         "failure_rule": RULE,
         "wall_s": 1.0,
+        "pack_size": 1,
+        "seed_wall_s": 1.0,
         "problem": f"trials/{config}-{seed}/result.json: empty" if status == "damaged" else pd.NA,
     }
     assert not kw, kw

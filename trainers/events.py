@@ -117,7 +117,7 @@ def _goes(*roles: str, metric: str | None = None) -> dict[str, Any]:
     return dict.fromkeys(roles, True) | ({METRIC: metric} if metric else {})
 
 
-RESULT_FORMAT = 1  # result.json's on-disk version: a field added or changed is a new version and upgrade step
+RESULT_FORMAT = 2  # result.json's on-disk version: a field added or changed is a new version and upgrade step
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,11 @@ class TrialResult:
     # RePr re-inits that fell back to the initializer (null space too small)
     reinit_fallbacks: int = field(metadata=_goes(metric="reinit_fallbacks"))
     wall_s: float = field(metadata=_goes(TABLE))  # wall time of the whole pack this seed trained in
-    pack_size: int = 1  # seeds trained at once with this one (1 = alone)
+    # seeds trained at once with this one (1 = alone)
+    pack_size: int = field(default=1, metadata=_goes(TABLE))
+    # This seed's share of its pack's time (wall_s / pack_size): the time that compares schemes, since a
+    # pack's wall time depends on how many seeds shared it. Computed from the two above when not given.
+    seed_wall_s: float | None = field(default=None, metadata=_goes(TABLE, metric="seed_wall_s"))
     # share of conv/linear weights held at zero at the end (IMP, edge-popup)
     sparsity: float = field(default=0.0, metadata=_goes(TABLE, metric="final_sparsity"))
     failure_rule: str = field(default="", metadata=_goes(TABLE))
@@ -153,6 +157,10 @@ class TrialResult:
     builder: str = ""
     builder_sha256: str = ""
     parameters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seed_wall_s is None:
+            object.__setattr__(self, "seed_wall_s", self.wall_s / max(1, self.pack_size))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields of result.json, stamped with its on-disk format (older files are brought up to it

@@ -91,10 +91,12 @@ class TrialDirSink:
         *,
         run_figure: bool = True,
         status: TrialStatus | None = None,
+        pack: str | None = None,
     ) -> None:
         self.dir = trial_dir
         self.config = config
         self.run_figure = run_figure
+        self.pack = pack  # the key of the pack it trains in (packs/<pack>/), None when alone
         # Read once (or given by the caller, who read it): only this sink writes the result, so it knows
         # when that changes (on an object store every status check would be a request per seed per epoch).
         status = status if status is not None else trial_status(self.dir)
@@ -129,7 +131,8 @@ class TrialDirSink:
             "trial_key": self.config.trial_key(),
             "config_hash": self.config.config_hash(),
             "scheme": self.config.scheme.name,
-            "ended_at": time.time(),  # the MLflow run ends here (and starts wall_s earlier)
+            "pack_key": self.pack,
+            "ended_at": time.time(),  # the MLflow run ends here (and starts seed_wall_s earlier)
         }
         if trace is not None and self.run_figure:
             self._draw_cgn_figure(trace, doc)
@@ -160,10 +163,11 @@ class TrialDirSink:
         cluster at a few trials a second and took CPU from the trials on a small machine. A drawing
         that fails costs the figure only: the driver draws it from the trace instead.
         """
-        from dashboards.cgn_figure import cgn_figure_png  # matplotlib once per worker process
+        from dashboards.cgn_figure import cgn_figure_png, scheme_tau  # matplotlib once per worker process
 
+        tau = scheme_tau(self.config.scheme_hparams())
         try:
-            png = cgn_figure_png(trace.to_pandas(), run_name(trial_meta(self.config, ""), result))
+            png = cgn_figure_png(trace.to_pandas(), run_name(trial_meta(self.config, ""), result), tau=tau)
         except Exception as exc:
             print(f"warning: {CGN_FIGURE} not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
@@ -271,8 +275,9 @@ def run_trials(
             trial_dirs, data_fingerprint(data), statuses=statuses, error=DataChanged, set_aside=False
         )
     pack_dir = pack_dir or trial_dirs[0]
+    pack = pack_key(configs) if len(configs) > 1 else None
     sinks = {
-        c.seed: TrialDirSink(d, c, sweep, run_figure=run_figures, status=s)
+        c.seed: TrialDirSink(d, c, sweep, run_figure=run_figures, status=s, pack=pack)
         for c, d, s in zip(configs, trial_dirs, statuses, strict=True)
     }
     state = resume if resume is not None else load_checkpoint(pack_dir)

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
+from orchestrator.tracking.cgn_metrics import cgn_metrics  # noqa: E402
 from orchestrator.tracking.names import run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
 from trainers.events import EPOCH_COLUMNS, RESULT_METRICS  # noqa: E402
@@ -90,7 +91,16 @@ def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
     return client.search_runs([experiment_id], filter_string=clause, max_results=1000)
 
 
-PROVENANCE = ("device", "pack_size", "threads", "data_fingerprint", "builder", "builder_sha256", "parameters")
+PROVENANCE = (
+    "device",
+    "pack_key",
+    "pack_size",
+    "threads",
+    "data_fingerprint",
+    "builder",
+    "builder_sha256",
+    "parameters",
+)
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -139,8 +149,9 @@ def _batches(
     return batches
 
 
-def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
-    """Per-epoch metrics stamped at each epoch's end (start + cumulative epoch wall time)."""
+def _epoch_metrics(trial_dir: Path, start_ms: int, share: float = 1.0) -> list[Metric]:
+    """Per-epoch metrics stamped at each epoch's end (start + cumulative epoch wall time, times `share`:
+    a packed seed's run lasts its share of the pack's time, so its epochs end within it)."""
     path = trial_dir / layout.METRICS
     if not path.exists():
         return []
@@ -148,7 +159,7 @@ def _epoch_metrics(trial_dir: Path, start_ms: int) -> list[Metric]:
     metrics, wall = [], 0.0
     for row in rows:
         wall += _number(row.get("wall_s"))
-        step, stamp = int(row["epoch"]), start_ms + int(1000 * wall)
+        step, stamp = int(row["epoch"]), start_ms + int(1000 * wall * share)
         for key in EPOCH_METRICS:
             if key in row:
                 metrics.append(Metric(key, _value(row[key]), stamp, step))
@@ -175,18 +186,25 @@ def _flag(value: object) -> bool:
 def run_times(trial_dir: Path, result: dict[str, Any] | None) -> tuple[int, int]:
     """(start, end) in ms of the trial itself, not of its logging.
 
-    A result: it ended when result.json was written (`result_end_ms`) and started its wall time
-    before. An error: from the first attempt's start to the error.
+    A result: it ended when result.json was written (`result_end_ms`) and started its own time
+    before: `seed_wall_s`, its share of its pack's time, so run durations compare schemes, not how
+    seeds were packed (the pack's own time is the run's `pack_wall_s` tag). An error: from the first
+    attempt's start to the error.
     """
     if result is not None:
-        return int(1000 * (_ended_at(trial_dir, result) - float(result["wall_s"]))), result_end_ms(
-            trial_dir, result
-        )
+        end = result_end_ms(trial_dir, result)
+        return end - int(1000 * seed_wall_s(result)), end
     end = (trial_dir / layout.ERROR).stat().st_mtime
     attempts = trial_dir / layout.ATTEMPTS
     lines = attempts.read_text().splitlines() if attempts.exists() else []
     start = float(json.loads(lines[0]).get("started", end)) if lines else end
     return int(1000 * start), int(1000 * end)
+
+
+def seed_wall_s(result: dict[str, Any]) -> float:
+    """The seed's own time; the pack's where the share was not recorded (orchestrator/formats.py)."""
+    own = result.get("seed_wall_s")
+    return float(result["wall_s"] if own is None else own)
 
 
 def result_end_ms(trial_dir: Path, result: dict[str, Any]) -> int:
@@ -209,7 +227,9 @@ def failure_note(result: dict[str, Any]) -> str:
     return f"**Lottery failure**: {reason}. Rule: {result['failure_rule']}."
 
 
-def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: str) -> None:
+def _log_cgn_figure(
+    client: MlflowClient, run_id: str, trial_dir: Path, title: str, hparams: dict[str, Any] | None
+) -> None:
     """The trial's own drawing if it made one (trials draw it: see orchestrator/run/trial.py), else
     drawn here from the trace (directories written before trials drew it, or whose drawing failed)."""
     if (trial_dir / layout.CGN_FIGURE).exists():
@@ -219,11 +239,25 @@ def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: s
     path = trial_dir / layout.TRACE
     if not path.exists():
         return
-    from dashboards.cgn_figure import filter_cgn_figure  # matplotlib only when there is a trace
+    from dashboards.cgn_figure import filter_cgn_figure, scheme_tau  # matplotlib only when there is a trace
 
     source, filesystem = layout.parquet_source(path)
     trace = pd.read_parquet(source, filesystem=filesystem)
-    client.log_figure(run_id, filter_cgn_figure(trace, title), layout.CGN_FIGURE)
+    figure = filter_cgn_figure(trace, title, tau=scheme_tau(hparams))
+    client.log_figure(run_id, figure, layout.CGN_FIGURE)
+
+
+def _cgn_curves(trial_dir: Path, epoch_metrics: list[Metric], start_ms: int) -> list[Metric]:
+    """Per-layer CGN median and min per epoch (orchestrator/tracking/cgn_metrics.py), stamped as the
+    epoch's other metrics; none without a trace."""
+    path = trial_dir / layout.TRACE
+    if not path.exists():
+        return []
+    source, filesystem = layout.parquet_source(path)
+    columns = ["epoch", "step", "layer", "cgn"]
+    trace = pd.read_parquet(source, filesystem=filesystem, columns=columns, filters=[("step", "==", -1)])
+    stamps = {m.step: m.timestamp for m in epoch_metrics if m.key == "test_acc"}
+    return cgn_metrics(trace, stamps, start_ms)
 
 
 def log_trial(
@@ -283,6 +317,7 @@ def log_trial(
         for name in PROVENANCE:
             if result.get(name) not in (None, ""):
                 run_tags[name] = str(result[name])
+        run_tags["pack_wall_s"] = f"{float(result['wall_s']):.3f}"  # the time it shared with its pack
         if result["failed"]:
             run_tags["mlflow.note.content"] = failure_note(result)
     run_tags = source_tags() | run_tags
@@ -291,7 +326,9 @@ def log_trial(
     run = client.create_run(experiment_id, start_time=start_ms, run_name=title, tags=run_tags)
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(meta["trial"]).items()]
-    metrics = _epoch_metrics(trial_dir, start_ms)
+    share = seed_wall_s(result) / float(result["wall_s"]) if result and result["wall_s"] else 1.0
+    metrics = _epoch_metrics(trial_dir, start_ms, share)
+    metrics += _cgn_curves(trial_dir, metrics, start_ms)
     if result is not None:
         metrics += [  # a field not recorded (None) has no metric
             Metric(name, float(result[k]), end_ms, 0)
@@ -303,7 +340,7 @@ def log_trial(
             with layout.local_copy(trial_dir / name) as local:  # MLflow uploads from a local file
                 client.log_artifact(run_id, str(local))
     if meta.get("run_figure", True):
-        _log_cgn_figure(client, run_id, trial_dir, title)
+        _log_cgn_figure(client, run_id, trial_dir, title, meta.get("hparams"))
     # Last, with the values: a run without this tag is incomplete, and is deleted and logged again.
     log_batches(client, run_id, params, metrics, [RunTag("logged", "complete")])
     client.set_terminated(run_id, status, end_time=end_ms)
