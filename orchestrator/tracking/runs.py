@@ -11,6 +11,7 @@ never one call per value.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.tracking.names import run_name  # noqa: E402
+from orchestrator.tracking.names import arm, grid_axes, outcome, run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
 from trainers.events import EPOCH_COLUMNS, RESULT_METRICS  # noqa: E402
 
@@ -226,6 +227,16 @@ def _log_cgn_figure(client: MlflowClient, run_id: str, trial_dir: Path, title: s
     client.log_figure(run_id, filter_cgn_figure(trace, title), layout.CGN_FIGURE)
 
 
+@functools.lru_cache(maxsize=8)
+def _sweep_axes(sweep_dir: str) -> tuple[str, ...]:
+    """What the sweep's grid varies besides width and scheme hyperparameters (its spec.json, read once
+    per logging process); none for a trial outside a sweep (`lottery train`)."""
+    try:
+        return tuple(grid_axes(layout.read_spec(layout.location(sweep_dir))))
+    except (FileNotFoundError, ValueError):
+        return ()
+
+
 def log_trial(
     client: MlflowClient,
     experiment_id: str,
@@ -273,6 +284,8 @@ def log_trial(
         "model": meta["model"],
         "dataset": meta["dataset"],
         "hparams": meta["hparam_label"] or "default",
+        "arm": arm(meta, _sweep_axes(str(trial_dir.parent.parent))),  # what the runs table groups by
+        "outcome": outcome(result),
     } | (tags or {})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
