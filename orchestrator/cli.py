@@ -429,7 +429,11 @@ def ui(
         stale = stale_line(record, load_trials(sweep_dir), sweep_dir)
         if stale:
             console.print(f"[yellow]{stale}[/]", highlight=False, soft_wrap=True)
-        console.print(f"MLflow UI on {uri}: the runs grouped by arm, then the study (the parent run):")
+        console.print(
+            f"MLflow UI on {uri}: the runs grouped by arm, then the study (the parent run):",
+            highlight=False,
+            soft_wrap=True,
+        )
         print(base, flush=True)
         print(f"{base}?run={record.parent_run_id}", flush=True)
     else:

@@ -158,7 +158,7 @@ def test_ui_prints_the_runs_and_the_parent_run_and_stores_a_view_grouped_by_arm(
         tags = {t["key"]: t["value"] for t in json.loads(response.read())["experiment"]["tags"]}
     view = json.loads(tags[f"mlflow.sharedViewState.{found[2]}"])
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "arm"}]
-    assert view["columnWidths"] == {NAME_COLUMN: 380} and NAME_COLUMN in view["columnOrder"]
+    assert view["columnWidths"][NAME_COLUMN] == 380 and NAME_COLUMN in view["columnOrder"]
 
 
 def _open_runs(page: Browser, url: str) -> None:

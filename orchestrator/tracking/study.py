@@ -1,12 +1,17 @@
-"""MLflow as the study's view: the spec on the parent run, per-arm summaries, and a runs table
-that opens grouped by scheme.
+"""MLflow as the study's view: the runs table grouped by arm, and the study on the parent run.
 
-The parent run carries the spec's fields as params and, after `lottery aggregate`, each arm's
-failure rate with its Wilson bounds, median and IQR as metrics (`<arm>/<statistic>`). `lottery ui`
-opens the experiment in MLflow's classic (machine learning) view, through a shared view state: an
-experiment tag `mlflow.sharedViewState.<key>` holding the runs table's state (filter, columns,
-grouping) that MLflow's UI applies when the URL carries `viewStateShareKey=<key>` (MLflow 3.x;
-it is what the UI's own "Share" button writes).
+The runs table opens through a shared view state: an experiment tag `mlflow.sharedViewState.<key>`
+holding its state (filter, columns, their order and widths, grouping) that MLflow's UI applies when the
+URL carries `viewStateShareKey=<key>` (MLflow 3.x; what the UI's own "Share" button writes). It groups
+the child runs by their `arm` tag (scheme, width, every hyperparameter: a grid's arms are never
+pooled) and shows `outcome` first. `lottery ui` opens it through orchestrator/tracking/ui_server.py,
+which keeps MLflow in its training view and gives each arm its own colour.
+
+After `lottery aggregate`, the parent run carries the study: a description (the spec's question, the
+setting, the per-arm table, the report's link, the stamp), the table as `summary/arms.json`, a few
+`summary/<arm>/<statistic>` metrics, and tags `summary.fingerprint/trials/at` naming the trials the
+numbers came from, so `lottery ui` can say when the sweep has moved on. The numbers are the
+aggregate summary's (dashboards/stats.py), only formatted here.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ RUNS_VIEW: dict[str, Any] = {
     "selectedColumns": STUDY_COLUMNS,
     "columnOrder": [NAME_COLUMN, *STUDY_COLUMNS],  # MLflow applies a width only to a column listed here
     "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "arm"}]},
-    "columnWidths": {NAME_COLUMN: 380},  # run names are read whole, " [lottery-failed]" included
+    # Run names are read whole, " [lottery-failed]" included; an arm's label too.
+    "columnWidths": {NAME_COLUMN: 380, "tags.`arm`": 220},
     "runListHidden": False,
 }
 # Per arm on the parent run, as `summary/<arm>/<statistic>`: one chart section ("summary") after the
@@ -250,5 +256,7 @@ def summary_to_parent(record: Any, sweep_dir: Any, tables: Any, console: Any) ->
         return
     console.print(
         f"logged {n} per-arm summary metrics, {ARMS_TABLE} and the study description on run "
-        f"{record.parent_run_id}"
+        f"{record.parent_run_id}",
+        highlight=False,
+        soft_wrap=True,
     )

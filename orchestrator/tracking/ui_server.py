@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def serve(
 ) -> None:
     """MLflow's app with the open page on 127.0.0.1:port, until interrupted."""
     os.environ.update(mlflow_environment(tracking_uri, artifacts))
+    warnings.filterwarnings("ignore", module="mlflow.server.fastapi_app")  # MLflow's own WSGI deprecation
     import uvicorn
     from mlflow.server.fastapi_app import app as mlflow_app  # reads the environment above
 
