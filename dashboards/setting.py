@@ -37,6 +37,20 @@ def hparams_text(doc: object) -> str:
     return pairs_text(loads(doc)) or "none"
 
 
+def arm_text(scheme: str, filters: object, hparams: object, axes: dict[str, Any] | None = None) -> str:
+    """One arm of a study as text: 'randomout 8f P=1 tau=1e-08'.
+
+    Scheme, width and every scheme hyperparameter, defaults named (a default left out reads as
+    "none" and makes two arms of a grid look alike), plus `axes`: other values the sweep's grid
+    varies (lr=0.1). `hparams` is a dict or the tables' JSON; keys sorted, so the child runs'
+    arm tag and the parent's table name an arm the same way.
+    """
+    values = hparams if isinstance(hparams, dict) else loads(hparams)
+    width = "" if filters is None or pd.isna(filters) else f" {int(filters)}f"  # type: ignore[call-overload]
+    parts = (f"{scheme}{width}", pairs_text(dict(sorted(values.items()))), pairs_text(axes or {}))
+    return " ".join(part for part in parts if part)
+
+
 def split_setting(docs: Iterable[object]) -> tuple[dict[str, Any], list[str]]:
     """(values every row shares, keys whose value differs between rows), in the setting's key order."""
     settings = [loads(d) for d in docs]

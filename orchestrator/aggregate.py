@@ -11,6 +11,7 @@ are kept too. Reading is one pass of stdlib JSON into lists, one DataFrame at th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -240,6 +241,19 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
     tables.update({name: derive(tables["trials"]) for name, derive in derived.items()})
     return AggregateResult(**tables)
+
+
+def trials_fingerprint(trials: pd.DataFrame) -> str:
+    """What a summary was made from: each trial's key, status, failed flag and final accuracy, hashed.
+    The parent run keeps it (`summary.fingerprint`), so a summary the sweep has moved on from (more
+    trials finished, one trained again) is told apart from a current one."""
+    rows = sorted(
+        json.dumps([str(k), str(s), bool(f), None if pd.isna(a) else round(float(a), 6)])
+        for k, s, f, a in zip(
+            trials["trial_key"], trials["status"], trials["failed"], trials["final_test_acc"], strict=True
+        )
+    )
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def damaged_lines(trials: pd.DataFrame) -> list[str]:

@@ -297,7 +297,7 @@ def aggregate(
     record = parent_record(sweep_dir, console)  # None for a copy: never the original's parent run
     if record is not None:
         attach_files(record, tables, layout.AGGREGATE, console)
-        summary_to_parent(record, result.summary, console)
+        summary_to_parent(record, sweep_dir, result, console)
 
 
 @app.command("plan")
@@ -414,23 +414,50 @@ def ui(
     sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Open the MLflow UI on a sweep's tracking store, its runs grouped by scheme; prints the URL."""
-    from orchestrator.tracking.study import experiment_url, refuse_busy_port, save_runs_view
-    from orchestrator.tracking.sweep import SweepRecord, ui_argv
+    """Serve the MLflow UI on a sweep's store: prints the URL of its runs, grouped by arm (scheme, width
+    and hyperparameters), and of its parent run (the study: question, setting, per-arm table)."""
+    from orchestrator.tracking.study import (
+        arm_labels,
+        experiment_route,
+        refuse_busy_port,
+        run_route,
+        save_runs_view,
+        stale_line,
+    )
+    from orchestrator.tracking.sweep import SweepRecord, ui_tracking_uri
+    from orchestrator.tracking.ui_server import OPEN_PATH, arm_colors, serve
 
     sweep_dir = layout.resolve_sweep_dir(sweep, layout.results_root())
-    argv = ui_argv(sweep_dir, port)
+    uri = ui_tracking_uri(sweep_dir)
     refuse_busy_port(port)
     record = SweepRecord.load(sweep_dir)
-    view = None
+    base = f"http://127.0.0.1:{port}{OPEN_PATH}"
+    routes, colors = {"": "#/experiments"}, {}
     if record is not None:
+        from orchestrator.aggregate import load_trials
         from orchestrator.tracking.runs import client_for
 
-        view = save_runs_view(client_for(record.tracking_uri), record.experiment_id)
-    console.print(" ".join(argv), highlight=False, soft_wrap=True)
-    if record is not None:
-        print(experiment_url(f"http://127.0.0.1:{port}", record.experiment_id, view), flush=True)
-    os.execv(argv[0], argv)
+        client = client_for(record.tracking_uri)
+        view = save_runs_view(client, record.experiment_id)
+        routes = {
+            "": experiment_route(record.experiment_id, view),
+            record.parent_run_id: run_route(record.experiment_id, record.parent_run_id),
+        }
+        colors = arm_colors(sorted(set(arm_labels(client, record).values())))
+        stale = stale_line(record, load_trials(sweep_dir), sweep_dir)
+        if stale:
+            console.print(f"[yellow]{stale}[/]", highlight=False, soft_wrap=True)
+        console.print(
+            f"MLflow UI on {uri}: the runs grouped by arm, then the study (the parent run):",
+            highlight=False,
+            soft_wrap=True,
+        )
+        print(base, flush=True)
+        print(f"{base}?run={record.parent_run_id}", flush=True)
+    else:
+        console.print(f"MLflow UI on {uri}:", highlight=False, soft_wrap=True)
+        print(base, flush=True)
+    serve(uri, layout.artifacts_dir(sweep_dir), port, routes, colors)
 
 
 @app.command()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import Browser
 from server import stop_process_group
 from sweepfactory import lottery_trials, write_sweep
 
@@ -30,11 +31,14 @@ from orchestrator.aggregate import aggregate
 from orchestrator.spec import load_plan
 from orchestrator.tracking.names import FAILED_SUFFIX
 from orchestrator.tracking.runs import default_tracking_uri, seed_wall_s
-from orchestrator.tracking.study import summary_to_parent
+from orchestrator.tracking.study import NAME_COLUMN, summary_to_parent
 from orchestrator.tracking.sweep import SweepRecord, open_sweep, reconcile
+from orchestrator.tracking.ui_server import OPEN_PATH
 
 SPEC = Path(__file__).parent / "specs" / "cluster_smoke.yaml"
 ARMS = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
+# A width grid: four arms, each named by scheme, width and every hyperparameter (defaults too).
+ARM_GROUPS = ("baseline 2f", "baseline 8f", "randomout 2f P=1 tau=1e-08", "randomout 8f P=1 tau=1e-08")
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -50,7 +54,8 @@ UI_START_S = 300.0  # a cold `mlflow ui` takes 20-100 s on a loaded 2-core machi
 class ServedSweep:
     sweep_dir: Path
     record: SweepRecord
-    url: str  # the one line `lottery ui` printed
+    url: str  # the first line `lottery ui` printed: the runs
+    parent_url: str  # its second: the parent run (the study)
     base: str
 
 
@@ -95,7 +100,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSweep]:
     sweep_dir = write_sweep(tmp, "study", lottery_trials(ARMS, seeds=range(4), filters=(2, 8), fail_rate=0.5))
     record = open_sweep(load_plan(SPEC), sweep_dir, default_tracking_uri(sweep_dir))
     reconcile(record, sweep_dir, layout.planned_keys(sweep_dir), errored=True)
-    summary_to_parent(record, aggregate(sweep_dir).summary, console=_Quiet())
+    summary_to_parent(record, sweep_dir, aggregate(sweep_dir), console=_Quiet())
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "ui", str(sweep_dir), "--port", str(port)],
@@ -107,9 +112,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSweep]:
     try:
         assert process.stdout is not None
         url = process.stdout.readline().decode().rstrip("\n")
+        parent_url = process.stdout.readline().decode().rstrip("\n")
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(base, process)
-        yield ServedSweep(sweep_dir, record, url, base)
+        yield ServedSweep(sweep_dir, record, url, parent_url, base)
     finally:
         stop_process_group(process, grace_s=5.0)
 
@@ -137,34 +143,91 @@ def _chromium(args: list[str], profile: Path) -> str:
 
 
 @pytest.mark.integration  # MLflow UI server
-def test_ui_prints_the_experiment_url_in_the_machine_learning_view(served: ServedSweep) -> None:
-    pattern = (
-        rf"{re.escape(served.base)}/#/experiments/{served.record.experiment_id}/runs"
-        r"\?workflowType=machine_learning&viewStateShareKey=(\w+)"
+def test_ui_prints_the_runs_and_the_parent_run_and_stores_a_view_grouped_by_arm(served: ServedSweep) -> None:
+    assert served.url == f"{served.base}{OPEN_PATH}"
+    assert served.parent_url == f"{served.base}{OPEN_PATH}?run={served.record.parent_run_id}"
+    with urllib.request.urlopen(served.url, timeout=30) as response:
+        page = response.read().decode()
+    found = re.search(
+        r"#/experiments/(\w+)/runs\?workflowType=machine_learning&amp;viewStateShareKey=(\w+)", page
     )
-    found = re.fullmatch(pattern, served.url)
-    assert found, served.url
+    assert found and found[1] == served.record.experiment_id, page
     with urllib.request.urlopen(
         f"{served.base}/api/2.0/mlflow/experiments/get?experiment_id={served.record.experiment_id}"
     ) as response:
         tags = {t["key"]: t["value"] for t in json.loads(response.read())["experiment"]["tags"]}
-    view = json.loads(tags[f"mlflow.sharedViewState.{found[1]}"])
-    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "scheme"}]
+    view = json.loads(tags[f"mlflow.sharedViewState.{found[2]}"])
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "arm"}]
+    assert view["columnWidths"][NAME_COLUMN] == 380 and NAME_COLUMN in view["columnOrder"]
+
+
+def _open_runs(page: Browser, url: str) -> None:
+    page.open(url)
+    page.wait("document.querySelector('.ag-row a[href*=\"/runs/\"]')", timeout_s=120)
+    page.wait("document.body.innerText.includes('Group: ')")
 
 
 @pytest.mark.integration  # MLflow UI server, Chromium
-def test_runs_page_is_grouped_by_scheme_with_the_study_columns(served: ServedSweep, tmp_path: Path) -> None:
-    render = ["--virtual-time-budget=20000", "--window-size=1600,900"]
-    dom = _chromium([*render, "--dump-dom", served.url], tmp_path / "dom")
-    assert "Group by: scheme" in dom, dom[-3000:]
-    assert "Group: baseline" in dom and "Group: randomout" in dom
-    for column in ("scheme", "seed", "final_test_acc", "failed"):
-        assert re.search(rf">{column}<", dom), column
-    assert FAILED_SUFFIX.strip() in dom  # a lottery-failed child stands out without a filter
-    out = os.environ.get("LOTTERY_SHOTS")
-    if out:  # keep the page for a reader (not a test outcome)
-        shot = Path(out) / "mlflow_runs_grouped.png"
-        _chromium([*render, f"--screenshot={shot}", served.url], tmp_path / "shot")
+def test_runs_page_groups_by_arm_in_distinct_colours_with_outcome_first_and_whole_names(
+    served: ServedSweep, tmp_path: Path
+) -> None:
+    with Browser(tmp_path / "profile") as page:
+        _open_runs(page, served.url)
+        lines = page.text().splitlines()
+        groups = {
+            line.removeprefix("Group: "): lines[i - 1]
+            for i, line in enumerate(lines)
+            if line.startswith("Group: ")
+        }
+        assert set(groups) == set(ARM_GROUPS), groups  # a width grid is never pooled; defaults named
+        colours = list(groups.values())
+        assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in colours) and len(set(colours)) == len(colours)
+        headers = page.js(
+            "Array.from(document.querySelectorAll('.ag-header-cell[col-id]')).map(h => "
+            "[h.getAttribute('col-id'), h.getBoundingClientRect().x, h.getBoundingClientRect().width])"
+        )
+        cells = {col: (x, width) for col, x, width in headers}
+        assert cells[NAME_COLUMN][1] >= 370, cells  # the stored width applies to the run-name column
+        study = [c for c in cells if c.startswith(("tags.", "metrics."))]
+        assert min(study, key=lambda c: cells[c][0]) == "tags.`outcome`", cells
+        cut = page.js(
+            "Array.from(document.querySelectorAll('.ag-row a[href*=\"/runs/\"]'))"
+            ".filter(a => a.innerText.includes('lottery-failed'))"
+            ".map(a => [a.innerText, a.scrollWidth <= a.clientWidth + 1])"
+        )
+        assert cut and all(whole for _, whole in cut), cut  # ' [lottery-failed]' is read whole
+        outcome = page.js(
+            "Array.from(document.querySelectorAll('.ag-cell[col-id=\"tags.`outcome`\"]'))"
+            ".map(c => c.innerText)"
+        )
+        assert "lottery-failed" in outcome and "ok" in outcome, outcome
+        out = os.environ.get("LOTTERY_SHOTS")
+        if out:  # keep the page for a reader (not a test outcome)
+            page.screenshot(Path(out) / "mlflow_runs_grouped.png")
+
+
+@pytest.mark.integration  # MLflow UI server, Chromium
+def test_a_run_clicked_in_the_table_stays_in_model_training(served: ServedSweep, tmp_path: Path) -> None:
+    with Browser(tmp_path / "profile") as page:
+        _open_runs(page, served.url)
+        href = page.js(
+            "(() => { const a = Array.from(document.querySelectorAll('.ag-row a[href*=\"/runs/\"]'))"
+            ".find(a => a.innerText.includes('lottery-failed'));"
+            " a.click(); return a.getAttribute('href'); })()"
+        )
+        page.wait(f"location.hash.startsWith({json.dumps(href)})")
+        page.wait("document.body.innerText.includes('Lottery failure')")  # the run page, with its note
+        links = dict(
+            page.js(
+                "Array.from(document.querySelectorAll('a')).map(a => [a.getAttribute('href'), a.innerText])"
+            )
+        )
+        experiment = f"#/experiments/{served.record.experiment_id}"
+        assert not [h for h in links if h and "evaluation-runs" in h], links  # no GenAI breadcrumb or sidebar
+        assert f"{experiment}/runs" in links and "Runs" in links.values(), links
+        assert f"{experiment}/chat-sessions" not in links, links
+        page.call("Runtime.evaluate", expression=f"location.hash = {json.dumps(experiment + '/runs')}")
+        page.wait("document.querySelector('.ag-row a[href*=\"/runs/\"]')")  # the breadcrumb's page: the runs
 
 
 @pytest.mark.integration  # MLflow UI server
@@ -211,12 +274,12 @@ def test_parent_run_carries_the_spec_and_per_arm_summaries(served: ServedSweep) 
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     summary = aggregate(served.sweep_dir).summary.set_index(["scheme", "filters"])
     base2 = summary.loc[("baseline", 2)]
-    assert metrics["baseline_f2/failure_rate"] == pytest.approx(base2.failure_rate)
-    assert metrics["baseline_f2/failure_ci_high"] == pytest.approx(base2.failure_ci_high)
-    assert metrics["randomout_tau1e-08_P1_f8/acc_median"] == pytest.approx(
+    assert metrics["summary/baseline_2f/failure_rate"] == pytest.approx(base2.failure_rate)
+    assert metrics["summary/baseline_2f/failure_ci_high"] == pytest.approx(base2.failure_ci_high)
+    assert metrics["summary/randomout_8f_P1_tau1e-08/acc_median"] == pytest.approx(
         summary.loc[("randomout", 8)].acc_median
     )
-    assert "baseline_f8/acc_iqr" in metrics
+    assert "summary/baseline_8f/acc_iqr" in metrics
     assert re.fullmatch(r"[0-9a-f]{40}", _tags(parent)["mlflow.source.git.commit"])
 
 

@@ -11,6 +11,7 @@ never one call per value.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from orchestrator import layout  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
 from orchestrator.tracking.cgn_metrics import cgn_metrics  # noqa: E402
-from orchestrator.tracking.names import run_name  # noqa: E402
+from orchestrator.tracking.names import arm, grid_axes, outcome, run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
 from trainers.events import EPOCH_COLUMNS, RESULT_METRICS  # noqa: E402
 
@@ -260,6 +261,16 @@ def _cgn_curves(trial_dir: Path, epoch_metrics: list[Metric], start_ms: int) -> 
     return cgn_metrics(trace, stamps, start_ms)
 
 
+@functools.lru_cache(maxsize=8)
+def _sweep_axes(sweep_dir: str) -> tuple[str, ...]:
+    """What the sweep's grid varies besides width and scheme hyperparameters (its spec.json, read once
+    per logging process); none for a trial outside a sweep (`lottery train`)."""
+    try:
+        return tuple(grid_axes(layout.read_spec(layout.location(sweep_dir))))
+    except (FileNotFoundError, ValueError):
+        return ()
+
+
 def log_trial(
     client: MlflowClient,
     experiment_id: str,
@@ -307,6 +318,8 @@ def log_trial(
         "model": meta["model"],
         "dataset": meta["dataset"],
         "hparams": meta["hparam_label"] or "default",
+        "arm": arm(meta, _sweep_axes(str(trial_dir.parent.parent))),  # what the runs table groups by
+        "outcome": outcome(result),
     } | (tags or {})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,28 +278,15 @@ def attach_files(record: SweepRecord, paths: list[Path], artifact_path: str, con
     console.print(f"attached {len(paths)} file(s) to run {record.parent_run_id} under '{artifact_path}/'")
 
 
-def ui_argv(sweep_dir: Path, port: int) -> list[str]:
-    """`mlflow ui` on the sweep's own store (a tracking server has its own UI already)."""
+def ui_tracking_uri(sweep_dir: Path) -> str:
+    """The store `lottery ui` serves: the sweep's own (a tracking server has its own UI already)."""
     record = SweepRecord.load(sweep_dir)
     if record is not None:
         check_own_record(record, sweep_dir)
     uri = record.tracking_uri if record else default_tracking_uri(sweep_dir)
     if uri.startswith(("http://", "https://")):
         raise UserError(f"sweep '{sweep_dir.name}' is tracked on a server: open {uri}")
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",  # one process: a local store needs no more, and each worker holds its own memory
-    ]
+    return uri
 
 
 class TrackingCallback(Callback):

@@ -89,13 +89,13 @@ def summary_to_new_parent(record: SweepRecord, sweep_dir: Path, console: Console
 
     if layout.aggregate_dir(sweep_dir).exists():
         try:
-            summary = read_aggregate(sweep_dir).summary
+            aggregated = read_aggregate(sweep_dir)
         except UserError as exc:  # an aggregate cut short: its message says to run it again
             console.print(f"[yellow]tracking: {exc}[/]", highlight=False, soft_wrap=True)
         else:
             tables = sorted(layout.aggregate_dir(sweep_dir).glob("*.parquet"))
             attach_files(record, tables, layout.AGGREGATE, console)
-            summary_to_parent(record, summary, console)
+            summary_to_parent(record, sweep_dir, aggregated, console)
     report = layout.report_dir(sweep_dir)
     if report.exists() and any(report.iterdir()):
         console.print(
