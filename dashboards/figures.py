@@ -32,6 +32,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from dashboards.decision import failure_profile
 from dashboards.stats import BASELINE, paired_gains, wilson_interval
 
 IQR_BAND = "line = median over seeds, band = interquartile range (25th-75th percentile)"
@@ -207,6 +208,54 @@ def seed_scatter(trials: pd.DataFrame, summary: pd.DataFrame) -> Rendered:
         ax.set_xlabel("seed (sorted)", fontsize=7.5)
         ax.set_ylabel("final test accuracy (%)", fontsize=7.5)
         ax.legend(fontsize=7.5, loc="lower right", framealpha=0.85)
+    return Rendered(name, title, caption, fig)
+
+
+def failure_profiles(trials: pd.DataFrame) -> Rendered:
+    """Share of seeds above each accuracy, per arm and context, with pointwise Wilson bands: the whole
+    seed distribution at once (rliable's performance profile), where the failure rate is one point."""
+    name, title = "failure_profile", "Share of seeds above each final accuracy (failure profile)"
+    done = _finished(trials)
+    done = done[np.isfinite(done["final_test_acc"])]
+    if done.empty:
+        return Rendered(name, title, skipped="no finished trial has a final test accuracy")
+    contexts, ctx_text = _contexts(done)
+    caption = (
+        f"{ctx_text}. A line per arm: the share of its finished seeds whose final test accuracy is above "
+        "x (n per arm in the legend); band = pointwise Wilson 95% CI of that share. Dashed line = "
+        "failure threshold: where a line meets it is 1 - the failure rate. "
+        f"Failure rule: {failure_rule(trials)}."
+    )
+    fig, panels = _panels(title, len(contexts))
+    grid = np.linspace(0.0, 1.0, 201)
+    for (ctx, ctx_title), (ax,) in zip(contexts, panels, strict=True):
+        for _, arm in ctx.groupby("config_hash", sort=False):
+            acc = arm["final_test_acc"].to_numpy(float)
+            profile = failure_profile(acc, grid)
+            first = arm.iloc[0]
+            line = ax.step(
+                100 * grid,
+                100 * profile["share_above"],
+                where="post",
+                lw=1.5,
+                label=f"{arm_label(first['scheme'], first['hparam_label'])} (n={acc.size})",
+            )[0]
+            ax.fill_between(
+                100 * grid,
+                100 * profile["ci_low"],
+                100 * profile["ci_high"],
+                step="post",
+                color=line.get_color(),
+                alpha=0.15,
+                lw=0,
+            )
+        threshold = float(ctx["chance"].median()) + float(ctx["failure_margin"].median())
+        ax.axvline(100 * threshold, color="grey", ls="--", lw=1)
+        ax.set_ylim(0, 100)
+        ax.set_title(ctx_title, fontsize=8)
+        ax.set_xlabel("final test accuracy x (%)", fontsize=7.5)
+        ax.set_ylabel("seeds above x (%)", fontsize=7.5)
+        _legend(ax, ctx["config_hash"].nunique())
     return Rendered(name, title, caption, fig)
 
 
@@ -500,7 +549,7 @@ def all_figures(trials: pd.DataFrame, epochs: pd.DataFrame, summary: pd.DataFram
     skipped, when the sweep has no trial of that scheme: it has nothing to say there.
     """
     schemes = set(trials["scheme"].dropna())
-    figures = [seed_scatter(trials, summary)]
+    figures = [seed_scatter(trials, summary), failure_profiles(trials)]
     if "randomout" in schemes:
         figures.append(tau_p_heatmap(trials))
     figures += [

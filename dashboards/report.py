@@ -21,11 +21,12 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dashboards.decision import BEST_OF
 from dashboards.failed_seeds import failed_seeds_html
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
-from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD
+from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD, never_acted
 
 ALPHA = 0.05
 
@@ -226,6 +227,55 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
     )
 
 
+def _decision_html(decision: pd.DataFrame | None) -> str:
+    """The decision-grade table (dashboards/decision.py), as `lottery aggregate` prints it."""
+    if decision is None or decision.empty:
+        return ""
+    best = "".join(f"<th>best of {n} +pts</th>" for n in BEST_OF)
+    head = (
+        "<tr><th class=l>scheme</th><th class=l>hyperparameters</th><th>n</th><th>IQM % [95% CI]</th>"
+        f"<th class=l>vs</th><th>P(improvement) [95% CI]</th><th>pairs</th>{best}</tr>"
+    )
+    body = []
+    for r in decision.itertuples(index=False):
+        iqm = f"{_pct(r.iqm)} [{_pct(r.iqm_ci_low)}, {_pct(r.iqm_ci_high)}]" if not pd.isna(r.iqm) else "–"
+        improve = (
+            f"{r.p_improve:.2f} [{r.p_improve_ci_low:.2f}, {r.p_improve_ci_high:.2f}]"
+            if not pd.isna(r.p_improve_ci_low)
+            else ("–" if pd.isna(r.p_improve) else f"{r.p_improve:.2f}")
+        )
+        pairs = f"{r.improve_n} {'paired' if r.improve_paired else 'unpaired'}" if r.improve_n else "–"
+        cells = [
+            str(r.scheme),
+            "" if pd.isna(r.hparam_label) else str(r.hparam_label),
+            str(r.n),
+            iqm,
+            r.reference or "–",
+            improve,
+            pairs,
+            *(_pts(getattr(r, f"best_of_{n}")) for n in BEST_OF),
+        ]
+        left = {0, 1, 4}
+        body.append(
+            "<tr>"
+            + "".join(
+                f"<td{' class=l' if i in left else ''}>{html.escape(c)}</td>" for i, c in enumerate(cells)
+            )
+            + "</tr>"
+        )
+    return (
+        "<h2>Decision-grade comparisons</h2><p>Interquartile mean of final test accuracy with a stratified "
+        "bootstrap 95% CI; P(improvement): the share of seed pairs the arm wins against its reference (a "
+        "tie counts 1/2; P(X &gt; Y) over all couples where seeds do not pair), bootstrap 95% CI; best of "
+        "N: the expected best of N seeds minus the median, what reporting the best seed adds.</p>"
+        f"<div class=scroll><table id=decision>{head}{''.join(body)}</table></div>"
+    )
+
+
+def _never_acted_html(summary: pd.DataFrame) -> str:
+    return "".join(f"<p class=note>{html.escape(line)}</p>" for line in never_acted(summary))
+
+
 def build_report(
     trials: pd.DataFrame,
     epochs: pd.DataFrame,
@@ -236,6 +286,7 @@ def build_report(
     provenance: dict[str, str] | None = None,
     looks: pd.DataFrame | None = None,
     question: str = "",
+    decision: pd.DataFrame | None = None,
 ) -> Path:
     """Write the figures as PNGs and one self-contained `report.html` into out_dir; return its path.
 
@@ -259,7 +310,8 @@ def build_report(
         f"<title>Filter lottery report: {html.escape(sweep)}</title><style>{_STYLE}</style></head><body>"
         f"{_header_html(trials, summary, sweep, question)}"
         f"{_provenance_html(provenance)}"
-        f"<h2>Summary per configuration</h2>{_summary_html(summary)}"
+        f"<h2>Summary per configuration</h2>{_summary_html(summary)}{_never_acted_html(summary)}"
+        f"{_decision_html(decision)}"
         f"{_sequential_html(looks)}"
         f"<h2>Failed seeds beside their pairs</h2>{failed_seeds_html(trials)}"
         f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"

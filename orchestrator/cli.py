@@ -402,6 +402,7 @@ def report(
         provenance=report_provenance(sweep_dir),
         looks=tables.looks,
         question=str(layout.read_spec(sweep_dir).get("description") or ""),
+        decision=tables.decision,
     )
     layout.publish(html.parent, layout.report_dir(sweep_dir))  # a URI sweep's copy on its store
     attach_to_parent(sweep_dir, [html, *sorted(html.parent.glob("*.png"))], layout.REPORT, console)

@@ -28,9 +28,11 @@ from dashboards.decision import (
     profiles,
     stratified_bootstrap_iqm,
 )
+from dashboards.figures import all_figures
+from dashboards.report import build_report
 from dashboards.stats import TRIAL_COLUMNS, wilson_interval
 from orchestrator import layout
-from orchestrator.aggregate import read_aggregate
+from orchestrator.aggregate import aggregate, read_aggregate
 from orchestrator.cli import app
 
 
@@ -176,3 +178,43 @@ def test_lottery_aggregate_prints_and_stores_the_decision_table(
     # A sweep aggregated before the decision table existed: read back, the table is derived.
     layout.aggregate_table(sweep, "decision").unlink()
     pd.testing.assert_frame_equal(read_aggregate(sweep).decision, stored)
+
+
+def test_the_report_shows_the_decision_table_and_the_failure_profile(tmp_path: Path) -> None:
+    arms = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
+    sweep = write_sweep(tmp_path, "decide", lottery_trials(arms, seeds=range(12), fail_rate=0.3))
+    tables = aggregate(sweep)
+    page = build_report(
+        tables.trials,
+        tables.epochs,
+        tables.summary,
+        tmp_path / "report",
+        name="decide",
+        decision=tables.decision,
+    ).read_text()
+    table = page[
+        page.index("<table id=decision>") : page.index("</table>", page.index("<table id=decision>"))
+    ]
+    for r in tables.decision.itertuples(index=False):
+        assert f"{100 * r.iqm:.1f} [{100 * r.iqm_ci_low:.1f}, {100 * r.iqm_ci_high:.1f}]" in table
+    randomout = tables.decision.set_index("scheme").loc["randomout"]
+    assert (
+        f"{randomout['p_improve']:.2f} [{randomout['p_improve_ci_low']:.2f}, " in table
+        and "12 paired" in table
+    )
+    # The failure profile: one line per arm with its n, a Wilson band, the threshold stated.
+    profile = next(
+        r for r in all_figures(tables.trials, tables.epochs, tables.summary) if r.name == "failure_profile"
+    )
+    assert profile.figure is not None and "pointwise Wilson 95% CI" in profile.caption
+    [ax] = profile.figure.get_axes()
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
+        "baseline (n=12)",
+        "randomout tau=1e-08 P=1 (n=12)",
+    ]
+    assert len(ax.collections) == 2  # a band per arm
+    base = tables.trials.query("scheme == 'baseline'")["final_test_acc"].to_numpy()
+    threshold = 0.1 + 0.05  # the factory's chance and margin
+    x, y = ax.get_lines()[0].get_data()
+    at = np.searchsorted(x, 100 * threshold, side="right") - 1
+    assert y[at] == pytest.approx(100 * (base > x[at] / 100).mean())

@@ -11,9 +11,11 @@ from sweepfactory import lottery_trials, write_sweep
 from test_stats import _trial
 from typer.testing import CliRunner
 
+from dashboards.report import _never_acted_html
 from dashboards.stats import TRIAL_COLUMNS, never_acted, summarise
 from orchestrator import layout
 from orchestrator.cli import app
+from orchestrator.tracking.study import study_note
 from trainers.config import RESETTING_SCHEMES
 
 
@@ -54,3 +56,12 @@ def test_lottery_aggregate_says_when_randomout_never_reset(
         "randomout tau=1e-12 P=1 never reset a filter in 4 finished trial(s): its gains are 0 by construction"
         in text
     )
+
+
+def test_the_report_and_the_parent_note_say_it_too(tmp_path: Path) -> None:
+    summary = _summary({"base": [0, 0, 0], "quiet": [0, 0, 0]}).reset_index()
+    [line] = never_acted(summary)
+    assert f"<p class=note>{line}</p>" in _never_acted_html(summary)
+    table = pd.DataFrame({"arm": ["baseline", "randomout"]})
+    stamp = {"summary.trials": "6", "summary.at": "now", "summary.fingerprint": "f"}
+    assert f"**Note**: {line}" in study_note("q", summary, table, stamp, "link")

@@ -43,6 +43,7 @@ class Summarised:
     record: SweepRecord
     client: MlflowClient
     summary: pd.DataFrame
+    decision: pd.DataFrame
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def summarised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Summarised]
     reconcile(record, sweep_dir, layout.planned_keys(sweep_dir), errored=True)
     tables = aggregate(sweep_dir)
     summary_to_parent(record, sweep_dir, tables, console=_Quiet())
-    yield Summarised(sweep_dir, record, MlflowClient(tracking_uri=record.tracking_uri), tables.summary)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    yield Summarised(sweep_dir, record, client, tables.summary, tables.decision)
 
 
 def _parent(s: Summarised):
@@ -88,6 +90,15 @@ def test_the_description_states_the_question_the_setting_each_arm_and_the_report
                 f"{100 * r.gain_median:.2f} | {r.n_better}/{r.n_tied}/{r.n_worse} | {r.wilcoxon_p:.3g}" in row
             )
     assert "Wilcoxon p" in rows["arm"] and "better/tied/worse" in rows["arm"]
+    # The decision-grade columns: the IQM with its CI for every arm, P(better) for each compared arm.
+    for d in summarised.decision.itertuples(index=False):
+        row = rows[arms[d.config_hash]]
+        assert f"| {100 * d.iqm:.1f} [{100 * d.iqm_ci_low:.1f}, {100 * d.iqm_ci_high:.1f}] |" in row, row
+        if d.scheme == "randomout":
+            assert row.rstrip(" |").endswith(
+                f"{d.p_improve:.2f} [{d.p_improve_ci_low:.2f}, {d.p_improve_ci_high:.2f}]"
+            )
+    assert "IQM % [95% CI]" in rows["arm"] and "P(better) [95% CI]" in rows["arm"]
     assert f"/runs/{summarised.record.parent_run_id}/artifacts/report/report.html)" in note
     tags = _parent(summarised).data.tags
     assert f"Summary of {tags['summary.trials']} trials at {tags['summary.at']}" in note

@@ -21,6 +21,7 @@ ARMS = [("baseline", {}), ("batchnorm", {}), ("repr", {})] + [
 ]
 FIGURES = [
     "fig4_seed_scatter",
+    "failure_profile",
     "fig5_tau_p_heatmap",
     "fig6_accuracy_vs_filters",
     "accuracy_epochs",
@@ -51,7 +52,9 @@ def _with_unfinished(trials: list[FakeTrial]) -> list[FakeTrial]:
 def report_of(sweep_dir: Path, out_dir: Path) -> Path:
     """As `lottery report` builds it: from the aggregated tables read back from disk."""
     tables = read_aggregate(sweep_dir)
-    return build_report(tables.trials, tables.epochs, tables.summary, out_dir, name=sweep_dir.name)
+    return build_report(
+        tables.trials, tables.epochs, tables.summary, out_dir, name=sweep_dir.name, decision=tables.decision
+    )
 
 
 @pytest.fixture(scope="module")

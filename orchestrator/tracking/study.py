@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dashboards.setting import arm_text, setting_line
-from dashboards.stats import BASELINE
+from dashboards.stats import BASELINE, never_acted
 from orchestrator import layout
 from orchestrator.aggregate import trials_fingerprint
 from orchestrator.errors import UserError, one_line
@@ -132,11 +132,23 @@ def _pct(value: object, digits: int = 1) -> str:
     return "-" if pd.isna(value) else f"{100 * float(value):.{digits}f}"  # type: ignore[arg-type]
 
 
-def arms_table(summary: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+def _interval(value: object, low: object, high: object, percent: bool) -> str:
+    if pd.isna(value):
+        return "-"
+    text = _pct if percent else (lambda v: f"{float(v):.2f}")
+    return f"{text(value)} [{text(low)}, {text(high)}]" if not pd.isna(low) else text(value)
+
+
+def arms_table(
+    summary: pd.DataFrame, labels: list[str], decision: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """The per-arm table of the parent run (its description and `summary/arms.json`): the summary's own
-    numbers (dashboards/stats.py), in percent and points, one row per arm."""
+    numbers (dashboards/stats.py) and the decision-grade ones (dashboards/decision.py), in percent and
+    points, one row per arm."""
+    decided = {} if decision is None else {str(d.config_hash): d for d in decision.itertuples(index=False)}
     rows = []
     for r, label in zip(summary.itertuples(index=False), labels, strict=True):
+        d = decided.get(str(r.config_hash))
         base = r.scheme == BASELINE
         ci = f"{_pct(r.failure_rate)} [{_pct(r.failure_ci_low)}, {_pct(r.failure_ci_high)}]"
         test = "-" if base or pd.isna(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g} (n={r.wilcoxon_n})"
@@ -151,6 +163,10 @@ def arms_table(summary: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
                 "gain pts (median)": "baseline" if base else _pct(r.gain_median, 2),
                 "better/tied/worse": "-" if base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
                 "Wilcoxon p": test,
+                "IQM % [95% CI]": "-" if d is None else _interval(d.iqm, d.iqm_ci_low, d.iqm_ci_high, True),
+                "P(better) [95% CI]": "-"
+                if d is None or base
+                else _interval(d.p_improve, d.p_improve_ci_low, d.p_improve_ci_high, False),
             }
         )
     return pd.DataFrame(rows)
@@ -163,12 +179,15 @@ def study_note(
     report, and when and from which trials the numbers were made."""
     head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns)
     body = "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False))
+    notes = "".join(f"**Note**: {line}\n\n" for line in never_acted(summary))
     return (
         f"**Question**: {question or 'not stated in the spec (add a description)'}\n\n"
         f"**Setting**: {setting_line(summary)}\n\n"
         "**Per arm** (failure rate with Wilson 95% CI; accuracies in %, gains in points, paired by seed "
-        "against the reference arm; Wilcoxon signed-rank, two-sided):\n\n"
+        "against the reference arm; Wilcoxon signed-rank, two-sided; interquartile mean with a "
+        "bootstrap CI; P(better): share of seed pairs the arm wins, ties counting 1/2):\n\n"
         f"{head}\n{body}\n\n"
+        f"{notes}"
         f"**Report**: [{REPORT_FILE}]({report_link}) (after `lottery report`)\n\n"
         f"Summary of {stamp['summary.trials']} trials at {stamp['summary.at']} "
         f"(fingerprint `{stamp['summary.fingerprint']}`); `lottery aggregate` refreshes it, and `lottery ui` "
@@ -176,13 +195,19 @@ def study_note(
     )
 
 
-def log_summary(record: Any, sweep_dir: Any, summary: pd.DataFrame, trials: pd.DataFrame) -> int:
+def log_summary(
+    record: Any,
+    sweep_dir: Any,
+    summary: pd.DataFrame,
+    trials: pd.DataFrame,
+    decision: pd.DataFrame | None = None,
+) -> int:
     """The study on the parent run: summary metrics, the per-arm table (artifact and description) and
     the stamp of the trials it summarises; returns how many metrics were logged."""
     client = MlflowClient(tracking_uri=record.tracking_uri)
     labels = _labels(summary, arm_labels(client, record))
     metrics = summary_metrics(summary, labels)
-    table = arms_table(summary, labels)
+    table = arms_table(summary, labels, decision)
     stamp = {
         "summary.fingerprint": trials_fingerprint(trials),
         "summary.trials": str(len(trials)),
@@ -246,7 +271,7 @@ def summary_to_parent(record: Any, sweep_dir: Any, tables: Any, console: Any) ->
     tracking.sweep.parent_record has checked is the sweep's own), from aggregate's `tables`
     (summary and trials); a warning if that fails, saying the parent's numbers are now stale."""
     try:
-        n = log_summary(record, sweep_dir, tables.summary, tables.trials)
+        n = log_summary(record, sweep_dir, tables.summary, tables.trials, getattr(tables, "decision", None))
     except Exception as exc:  # the tables are on disk; a later `lottery aggregate` logs them again
         console.print(
             f"[yellow]tracking: summary not logged ({one_line(exc)}); the parent run's summary, if any, is "
