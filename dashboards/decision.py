@@ -16,7 +16,12 @@ Per arm, over its finished trials' final test accuracy:
   every N-subset of the observed seeds (unbiased for N draws from the seed distribution), so it
   is only defined for N <= n;
 - the failure profile: the share of seeds above each accuracy, with pointwise Wilson bands (what
-  the report draws).
+  the report draws);
+- the test-set floor beside the observed spread: the accuracy SD that the finite test set alone would
+  give, sqrt(sum_i p_i (1 - p_i)) / n with p_i the share of the arm's seeds that get test example i
+  right (Jordan 2024; trainers/correctness.py), computed from the trials' per-example correctness,
+  not assumed binomial. An observed SD near the floor says the seeds differ about as much as
+  re-drawing the test set would make them.
 
 Pure functions over the trials table, deterministic for a given bootstrap seed.
 """
@@ -30,6 +35,7 @@ import pandas as pd
 import scipy.stats
 
 from dashboards.stats import BASELINE, TIE_TOLERANCE, paired_gains, wilson_interval
+from trainers.correctness import decode, finite_test_set_sd
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -53,6 +59,9 @@ DECISION_COLUMNS: dict[str, str] = {
     "p_improve_ci_low": "float64",
     "p_improve_ci_high": "float64",
     **{f"best_of_{n}": "float64" for n in BEST_OF},  # expected best of N minus the median
+    "acc_sd": "float64",  # observed SD of final test accuracy over the arm's seeds (ddof 1)
+    "test_floor_sd": "float64",  # the SD the test set alone would give (NaN: correctness not recorded)
+    "test_floor_n": "int64",  # seeds whose per-example correctness it is computed from
 }
 
 PROFILE_COLUMNS: dict[str, str] = {
@@ -198,6 +207,16 @@ def _reference_accuracy(trials: pd.DataFrame, group: pd.DataFrame) -> tuple[str,
     return label.strip(), _finished_accuracy(reference)["final_test_acc"].to_numpy(float)
 
 
+def _floor(done: pd.DataFrame, acc: np.ndarray) -> dict[str, object]:
+    bits = [] if "test_correct" not in done else [decode(t) for t in done["test_correct"].fillna("")]
+    rows = [b for b in bits if b is not None]
+    return {
+        "acc_sd": float(np.std(acc, ddof=1)) if acc.size > 1 else np.nan,
+        "test_floor_sd": finite_test_set_sd(rows),
+        "test_floor_n": len(rows),
+    }
+
+
 def decide(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per config_hash (DECISION_COLUMNS), in order of first appearance in `trials`."""
     gains = paired_gains(trials)
@@ -235,6 +254,7 @@ def decide(trials: pd.DataFrame) -> pd.DataFrame:
                 "p_improve_ci_low": improve[1],
                 "p_improve_ci_high": improve[2],
                 **{f"best_of_{n}": best_of_inflation(acc, n) for n in BEST_OF},
+                **_floor(done, acc),
             }
         )
     return pd.DataFrame(rows, columns=list(DECISION_COLUMNS)).astype(DECISION_COLUMNS)

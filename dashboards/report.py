@@ -234,7 +234,8 @@ def _decision_html(decision: pd.DataFrame | None) -> str:
     best = "".join(f"<th>best of {n} +pts</th>" for n in BEST_OF)
     head = (
         "<tr><th class=l>scheme</th><th class=l>hyperparameters</th><th>n</th><th>IQM % [95% CI]</th>"
-        f"<th class=l>vs</th><th>P(improvement) [95% CI]</th><th>pairs</th>{best}</tr>"
+        f"<th class=l>vs</th><th>P(improvement) [95% CI]</th><th>pairs</th>{best}"
+        "<th>SD % (test-set floor %)</th></tr>"
     )
     body = []
     for r in decision.itertuples(index=False):
@@ -254,6 +255,7 @@ def _decision_html(decision: pd.DataFrame | None) -> str:
             improve,
             pairs,
             *(_pts(getattr(r, f"best_of_{n}")) for n in BEST_OF),
+            f"{_pct(r.acc_sd, 2)} ({_pct(r.test_floor_sd, 2)})",
         ]
         left = {0, 1, 4}
         body.append(
@@ -267,7 +269,9 @@ def _decision_html(decision: pd.DataFrame | None) -> str:
         "<h2>Decision-grade comparisons</h2><p>Interquartile mean of final test accuracy with a stratified "
         "bootstrap 95% CI; P(improvement): the share of seed pairs the arm wins against its reference (a "
         "tie counts 1/2; P(X &gt; Y) over all couples where seeds do not pair), bootstrap 95% CI; best of "
-        "N: the expected best of N seeds minus the median, what reporting the best seed adds.</p>"
+        "N: the expected best of N seeds minus the median, what reporting the best seed adds; the test-set "
+        "floor: the accuracy SD the finite test set alone would give (sqrt(sum p_i(1-p_i)) / n over the "
+        "seeds' per-example correctness).</p>"
         f"<div class=scroll><table id=decision>{head}{''.join(body)}</table></div>"
     )
 

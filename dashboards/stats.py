@@ -67,6 +67,7 @@ TRIAL_COLUMNS: dict[str, str] = {
     "pack_size": "Int64",  # seeds trained at once with it (1 = alone)
     "seed_wall_s": "float64",  # wall_s / pack_size: its share of the pack's time, the one to compare
     "problem": "string",  # for a damaged trial: which file and what is wrong with it
+    "test_correct": "string",  # final per-example correctness (trainers/correctness.py); "" if none
 }
 
 # The summary table: one row per config_hash (= everything but the seed).

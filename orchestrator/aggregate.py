@@ -364,12 +364,14 @@ def format_decision_table(decision: pd.DataFrame) -> Table:
         caption=(
             "P(improvement): share of seed pairs the arm wins (a tie counts 1/2), or P(X > Y) over all "
             "couples when seeds do not pair. Best of N: expected best of N seeds minus the median, "
-            "in points (what reporting the best seed adds)."
+            "in points (what reporting the best seed adds). Test-set floor: the accuracy SD the finite test "
+            "set alone would give, from the seeds' per-example correctness (sqrt(sum p_i(1-p_i)) / n)."
         ),
         caption_justify="left",
     )
     best = [f"best of {n} +pts" for n in BEST_OF]
     columns = ["scheme", "hparams", "n", "IQM % [95% CI]", "vs", "P(improvement) [95% CI]", "pairs", *best]
+    columns += ["SD % (test-set floor)"]
     _add_columns(table, columns, text=("scheme", "hparams", "vs"))
     for r in decision.itertuples(index=False):
         paired = "-" if not r.improve_n else f"{r.improve_n} {'paired' if r.improve_paired else 'unpaired'}"
@@ -382,6 +384,7 @@ def format_decision_table(decision: pd.DataFrame) -> Table:
             _interval(r.p_improve, r.p_improve_ci_low, r.p_improve_ci_high, percent=False),
             paired,
             *("-" if pd.isna(v) else _pct(v, 2) for v in (getattr(r, f"best_of_{n}") for n in BEST_OF)),
+            f"{_pct(r.acc_sd, 2)} ({_pct(r.test_floor_sd, 2)})",
         )
     return table
 

@@ -24,6 +24,10 @@ Version 2 (result.json):
 - `pack_key` (the `packs/<pack_key>/` directory of the pack the seed trained in): None when it trained
   alone or was not recorded.
 
+Version 3 (result.json):
+- `test_correct` (the final model's per-example correctness on the test split, trainers/correctness.py):
+  "" (not recorded).
+
 Version 1 (sweep.json): `sweep_dir` (the directory it was written for) None when not recorded, so a
 copied directory cannot be told apart and is logged as its own.
 
@@ -55,12 +59,16 @@ def _result_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
     return {"seed_wall_s": wall / size if known else None, "pack_key": None} | doc
 
 
+def _result_2_to_3(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"test_correct": ""} | doc
+
+
 def _record_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
     return {"sweep_dir": None} | doc
 
 
 # One step per version, keyed by the version it upgrades from; the current version follows from them.
-RESULT_UPGRADES: dict[int, Upgrade] = {0: _result_0_to_1, 1: _result_1_to_2}
+RESULT_UPGRADES: dict[int, Upgrade] = {0: _result_0_to_1, 1: _result_1_to_2, 2: _result_2_to_3}
 RECORD_UPGRADES: dict[int, Upgrade] = {0: _record_0_to_1}
 RESULT_FORMAT = len(RESULT_UPGRADES)
 RECORD_FORMAT = len(RECORD_UPGRADES)

@@ -31,7 +31,7 @@ def _trial_result() -> TrialResult:
 
 
 def test_a_new_result_states_the_version_the_reader_upgrades_to():
-    assert _trial_result().to_dict()["format"] == formats.RESULT_FORMAT == 2
+    assert _trial_result().to_dict()["format"] == formats.RESULT_FORMAT == 3
 
 
 def test_a_result_from_before_the_format_reads_as_current_with_what_it_lacks_not_recorded(tmp_path):
@@ -40,7 +40,7 @@ def test_a_result_from_before_the_format_reads_as_current_with_what_it_lacks_not
     status = layout.trial_status(tmp_path / "t")
     assert status.finished
     assert status.result == old | {
-        "format": 2,
+        "format": 3,
         "ended_at": None,
         "sparsity": None,
         "pack_size": None,
@@ -49,6 +49,7 @@ def test_a_result_from_before_the_format_reads_as_current_with_what_it_lacks_not
         "data_files": {},
         "seed_wall_s": None,  # its pack size was not recorded: its share of the pack's time is unknown
         "pack_key": None,
+        "test_correct": "",  # which test examples it got right: not recorded
     }
     assert "device" not in status.result  # the mark of an earlier trainer, refused on resume
     assert layout.read_json(tmp_path / "t" / layout.RESULT) == old  # reading never rewrites the file

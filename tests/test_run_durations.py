@@ -40,7 +40,7 @@ def test_each_seed_of_a_pack_records_its_share_and_the_pack_it_shared(packed) ->
     wall = {r["wall_s"] for r in results}
     assert len(wall) == 1 and wall.pop() > 0  # the pack's time, the same for every seed
     for r in results:
-        assert r["format"] == formats.RESULT_FORMAT == 2
+        assert r["format"] == formats.RESULT_FORMAT
         assert r["pack_size"] == 3 and r["pack_key"] == pack_key(configs)
         assert r["seed_wall_s"] == pytest.approx(r["wall_s"] / 3)
 
@@ -85,6 +85,10 @@ def test_a_format_1_result_reads_with_its_seed_time_and_no_pack_key(tmp_path: Pa
     store_finished(tmp_path / "t", stored_result(format=1, wall_s=6.0, pack_size=4))
     result = layout.trial_status(tmp_path / "t").result
     assert result is not None
-    assert result["format"] == 2 and result["seed_wall_s"] == 1.5 and result["pack_key"] is None
+    assert (
+        result["format"] == formats.RESULT_FORMAT
+        and result["seed_wall_s"] == 1.5
+        and result["pack_key"] is None
+    )
     unknown = formats.upgrade_result(stored_result(format=1, pack_size=None))
     assert unknown["seed_wall_s"] is None  # not recorded: the run falls back to the pack's time

@@ -61,6 +61,7 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "wall_s": 1.0,
         "pack_size": 1,
         "seed_wall_s": 1.0,
+        "test_correct": "",
         "problem": f"trials/{config}-{seed}/result.json: empty" if status == "damaged" else pd.NA,
     }
     assert not kw, kw

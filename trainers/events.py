@@ -117,7 +117,7 @@ def _goes(*roles: str, metric: str | None = None) -> dict[str, Any]:
     return dict.fromkeys(roles, True) | ({METRIC: metric} if metric else {})
 
 
-RESULT_FORMAT = 2  # result.json's on-disk version: a field added or changed is a new version and upgrade step
+RESULT_FORMAT = 3  # result.json's on-disk version: a field added or changed is a new version and upgrade step
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,9 @@ class TrialResult:
     builder: str = ""
     builder_sha256: str = ""
     parameters: int = 0
+    # Which test examples the final model gets right, one bit each (trainers/correctness.py); "" when
+    # the seed diverged. The aggregation computes each arm's test-set floor from it.
+    test_correct: str = field(default="", metadata=_goes(TABLE))
 
     def __post_init__(self) -> None:
         if self.seed_wall_s is None:

@@ -21,6 +21,7 @@ import torch
 from trainers.augment import crop_flip, draw_epoch
 from trainers.cgn import CgnMonitor
 from trainers.config import TrialConfig
+from trainers.correctness import NOT_RECORDED, encode
 from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
@@ -169,8 +170,11 @@ def _make_optimizer(config: TrialConfig, params: list[torch.Tensor]) -> torch.op
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-seed summed loss and correct count as [K] device tensors (divided once on the host)."""
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, hits_out: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-seed summed loss and correct count as [K] device tensors (divided once on the host); with
+    `hits_out`, each batch's per-example hits [K, batch] are appended to it (left on the device)."""
     was_training = model.training
     model.eval()
     loss, correct = None, None
@@ -178,7 +182,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
         logits = pack_logits(model, x[i : i + EVAL_BATCH])
         target = y[i : i + EVAL_BATCH]
         _, per_seed = pack_loss(logits, target)
-        hits = (logits.argmax(-1) == target).sum(dim=1)
+        example_hits = logits.argmax(-1) == target
+        if hits_out is not None:
+            hits_out.append(example_hits)
+        hits = example_hits.sum(dim=1)
         loss = per_seed if loss is None else loss + per_seed
         correct = hits if correct is None else correct + hits
     model.train(was_training)
@@ -216,6 +223,7 @@ def train_pack(
     scheme.setup(ctx)
 
     results: dict[int, TrialResult] = {}
+    final_hits = None  # [K, n_test] bool after the last epoch (a diverged seed's row is not kept)
     n_train, n_test = len(data.x_train), len(data.x_test)
     check_batch_size(config.batch_size, config.full_batch, data)
     batch = n_train if config.full_batch else config.batch_size
@@ -225,7 +233,10 @@ def train_pack(
         started = time.perf_counter()
         ctx.epoch = epoch
         loss_sum, correct = _train_epoch(ctx, scheme, data, data_gen, batch, progress)
-        test_loss, test_correct = evaluate(model, data.x_test, data.y_test)
+        last_hits: list[torch.Tensor] | None = [] if epoch == config.total_epochs - 1 else None
+        test_loss, test_correct = evaluate(model, data.x_test, data.y_test, last_hits)
+        if last_hits is not None:  # the final model's per-example correctness, to the host once
+            final_hits = torch.cat(last_hits, dim=1).cpu().numpy()
         sums = _EpochSums.to_host(
             {
                 "train_loss": loss_sum,
@@ -281,7 +292,8 @@ def train_pack(
 
     for k in range(len(seeds)):
         if k not in results:
-            results[k] = _result(config, k, data, progress, scheme, device, built)
+            hits = encode(final_hits[k]) if final_hits is not None else NOT_RECORDED
+            results[k] = _result(config, k, data, progress, scheme, device, built, hits)
             sink.on_result(results[k])
     return [results[k] for k in range(len(seeds))]
 
@@ -345,6 +357,7 @@ def _result(
     scheme: Scheme,
     device: torch.device,
     built: dict[str, Any],
+    test_correct: str = NOT_RECORDED,
 ) -> TrialResult:
     seed = progress.seeds[k]
     chance = data.chance
@@ -369,6 +382,7 @@ def _result(
         threads=torch.get_num_threads(),
         data_fingerprint=data.fingerprint if data.files else "",
         data_files=data.files,
+        test_correct=test_correct,
         **built,
     )
 
