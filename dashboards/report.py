@@ -89,10 +89,11 @@ def _summary_html(summary: pd.DataFrame) -> str:
         "<tr><th class=l>scheme</th><th class=l>hyperparameters (all)</th>"
         + ("<th class=l>setting</th>" if varying else "")
         + f"<th>filters</th><th>n finished / planned</th><th>{' / '.join(NOT_FINISHED)}</th>"
-        "<th>failed</th><th>failure rate % [Wilson 95% CI]</th>"
+        "<th>failed</th><th>diverged / collapsed / low</th><th>failure rate % [Wilson 95% CI]</th>"
         "<th>median acc % (IQR width)</th>"
         "<th>mean acc %</th><th>min acc %</th><th>std % [bootstrap 95% CI]</th><th>paired seeds</th>"
-        "<th>better / tied / worse</th><th>median gain pts</th><th>Wilcoxon p (n used, method)</th>"
+        "<th>better / tied / worse</th><th>rescued / harmed</th><th>median gain pts</th>"
+        "<th>Wilcoxon p (n used, method)</th>"
         "<th class=l>what the seeds say</th></tr>"
     )
     body = []
@@ -107,6 +108,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             f"{r['n']} / {r['n_planned']}",
             " / ".join(str(r.get(f"n_{s}", 0)) for s in NOT_FINISHED),
             f"{r['n_failed']} / {r['n']}",
+            f"{r['n_diverged']} / {r['n_collapsed']} / {r['n_low']}",
             f"{_pct(r['failure_rate'])} [{_pct(r['failure_ci_low'])}, {_pct(r['failure_ci_high'])}]",
             f"{_pct(r['acc_median'], 2)} ({_pct(r['acc_iqr'], 2)})",
             _pct(r["acc_mean"], 2),
@@ -114,6 +116,7 @@ def _summary_html(summary: pd.DataFrame) -> str:
             f"{_pct(r['acc_std'], 2)} [{_pct(r['std_ci_low'], 2)}, {_pct(r['std_ci_high'], 2)}]",
             str(r["n_pairs"]),
             "–" if is_base or not r["n_pairs"] else f"{r['n_better']} / {r['n_tied']} / {r['n_worse']}",
+            "–" if is_base else f"{r['n_rescued']} / {r['n_harmed']}",
             _pts(r["gain_median"]),
             f"{r['wilcoxon_p']:.3g} (n={r['wilcoxon_n']}, {r['wilcoxon_method']})" if tested else "–",
             verdict(r),

@@ -110,6 +110,11 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "wilcoxon_n": "int64",  # pairs the test used (n_better + n_worse)
     "wilcoxon_method": "string",  # "exact" or "normal approximation" ("" when not tested)
     "wilcoxon_p": "float64",  # two-sided signed-rank test of the paired gains
+    "n_diverged": "int64",  # failed trials by kind (`failure_kind`): the loss was not finite
+    "n_collapsed": "int64",  # at or below the majority-class accuracy
+    "n_low": "int64",  # above it but within the failure margin
+    "n_rescued": "int64",  # seed pairs whose reference failed and this arm did not
+    "n_harmed": "int64",  # seed pairs where this arm failed and its reference did not
     "resets_median": "float64",  # filter resets per finished trial
     "n_reset": "int64",  # finished trials with at least one reset
 }
@@ -166,6 +171,32 @@ def bootstrap_std_ci(
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
+def _pair_with_reference(done: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Each trial of `done` that has a reference in `done`, with `value` and the same-seed reference's
+    `value` as `reference_<value>`: the trial of configuration `reference_hash` where one is named,
+    else the `baseline` trial of the same `pair_key`. Raises if a reference is ambiguous."""
+    reference = done["reference_hash"] if "reference_hash" in done else pd.Series(pd.NA, index=done.index)
+    named = reference.notna()
+    is_base = (done["scheme"] == BASELINE) & ~named
+    base = done.loc[is_base, ["pair_key", "seed", value]]
+    if base.duplicated(["pair_key", "seed"]).any():
+        raise ValueError("several baseline trials share a (pair_key, seed); cannot pair by seed")
+    base = base.rename(columns={value: f"reference_{value}"})
+    columns = ["trial_key", "config_hash", "pair_key", "seed", value]
+    by_baseline = done.loc[~is_base & ~named, columns].merge(base, on=["pair_key", "seed"], how="inner")
+    arms = done[["config_hash", "seed", value]].rename(
+        columns={"config_hash": "reference_hash", value: f"reference_{value}"}
+    )
+    if arms.duplicated(["reference_hash", "seed"]).any():
+        raise ValueError("several trials share a (config_hash, seed); cannot pair by seed")
+    by_name = (
+        done.loc[named, columns + ["reference_hash"]]
+        .merge(arms, on=["reference_hash", "seed"], how="inner")
+        .drop(columns="reference_hash")
+    )
+    return pd.concat([by_baseline, by_name], ignore_index=True)
+
+
 def paired_gains(trials: pd.DataFrame) -> pd.DataFrame:
     """Per finished trial that has a reference: its accuracy minus the same-seed reference's
     (GAIN_COLUMNS; the column `baseline_acc` holds the reference's accuracy).
@@ -175,28 +206,30 @@ def paired_gains(trials: pd.DataFrame) -> pd.DataFrame:
     finite final accuracy on both sides. Raises if a reference is ambiguous (several trials).
     """
     done = trials[(trials["status"] == "finished") & np.isfinite(trials["final_test_acc"].astype(float))]
-    reference = done["reference_hash"] if "reference_hash" in done else pd.Series(pd.NA, index=done.index)
-    named = reference.notna()
-    is_base = (done["scheme"] == BASELINE) & ~named
-    base = done.loc[is_base, ["pair_key", "seed", "final_test_acc"]]
-    if base.duplicated(["pair_key", "seed"]).any():
-        raise ValueError("several baseline trials share a (pair_key, seed); cannot pair by seed")
-    base = base.rename(columns={"final_test_acc": "baseline_acc"})
-    columns = ["trial_key", "config_hash", "pair_key", "seed", "final_test_acc"]
-    by_baseline = done.loc[~is_base & ~named, columns].merge(base, on=["pair_key", "seed"], how="inner")
-    arms = done[["config_hash", "seed", "final_test_acc"]].rename(
-        columns={"config_hash": "reference_hash", "final_test_acc": "baseline_acc"}
+    merged = _pair_with_reference(done, "final_test_acc").rename(
+        columns={"final_test_acc": "acc", "reference_final_test_acc": "baseline_acc"}
     )
-    if arms.duplicated(["reference_hash", "seed"]).any():
-        raise ValueError("several trials share a (config_hash, seed); cannot pair by seed")
-    by_name = (
-        done.loc[named, columns + ["reference_hash"]]
-        .merge(arms, on=["reference_hash", "seed"], how="inner")
-        .drop(columns="reference_hash")
-    )
-    merged = pd.concat([by_baseline, by_name], ignore_index=True).rename(columns={"final_test_acc": "acc"})
     merged["gain"] = merged["acc"] - merged["baseline_acc"]
     return merged[list(GAIN_COLUMNS)].astype(GAIN_COLUMNS).reset_index(drop=True)
+
+
+def failure_kind(failed: bool, diverged: bool, acc: float, chance: float) -> str:
+    """How a finished trial failed: "diverged" (its loss was not finite), "collapsed" (at or below the
+    majority-class accuracy: it predicts no better than one class), "low" (above that but within the
+    failure margin); "" when it did not fail."""
+    if not failed:
+        return ""
+    if diverged or not np.isfinite(acc):
+        return "diverged"
+    return "collapsed" if acc <= chance + TIE_TOLERANCE else "low"
+
+
+def paired_failures(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per finished trial with a same-seed reference (diverged ones included): whether it failed and
+    whether its reference did (`reference_failed`): a rescue is the reference failed and it did not,
+    a harm the reverse."""
+    done = trials[trials["status"] == "finished"]
+    return _pair_with_reference(done, "failed")
 
 
 def reference_label(trials: pd.DataFrame, group: pd.DataFrame) -> str:
@@ -343,6 +376,8 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"trials table lacks columns {sorted(missing)}")
     gains = paired_gains(trials)
     gains_by_config = {str(k): g["gain"].to_numpy(float) for k, g in gains.groupby("config_hash", sort=False)}
+    failures = paired_failures(trials)
+    failures_by_config = dict(iter(failures.groupby("config_hash", sort=False)))
     rows = []
     for config_hash, group in trials.groupby("config_hash", sort=False):
         g = gains_by_config.get(str(config_hash))
@@ -356,10 +391,28 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
                 **_counts(group),
                 **_accuracy(group),
                 **_gain_stats(g),
+                **_failure_kinds(group, failures_by_config.get(config_hash)),
                 **_resets(group),
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(SUMMARY_COLUMNS)
+
+
+def _failure_kinds(group: pd.DataFrame, pairs: pd.DataFrame | None) -> dict[str, object]:
+    done = group[group["status"] == "finished"]
+    kinds = [
+        failure_kind(bool(r.failed), bool(r.diverged), float(r.final_test_acc), float(r.chance))
+        for r in done.itertuples(index=False)
+    ]
+    failed = pairs["failed"].astype(bool) if pairs is not None else pd.Series([], dtype=bool)
+    reference = pairs["reference_failed"].astype(bool) if pairs is not None else pd.Series([], dtype=bool)
+    return {
+        "n_diverged": kinds.count("diverged"),
+        "n_collapsed": kinds.count("collapsed"),
+        "n_low": kinds.count("low"),
+        "n_rescued": int((reference & ~failed).sum()),
+        "n_harmed": int((failed & ~reference).sum()),
+    }
 
 
 def _resets(group: pd.DataFrame) -> dict[str, object]:
@@ -384,65 +437,3 @@ def never_acted(summary: pd.DataFrame) -> list[str]:
                 "(no filter fell below tau; choose a setting where filters die, from a pilot)"
             )
     return lines
-
-
-# IMP rounds: one row per (configuration, round), from the epochs table's round_end rows.
-ROUND_COLUMNS: dict[str, str] = {
-    "config_hash": "string",
-    "scheme": "string",
-    "hparam_label": "string",
-    "round": "int64",
-    "reference": "string",  # the arm its gains are against ("" when it names none)
-    "n": "int64",  # finished trials that reached the round
-    "sparsity": "float64",  # median
-    "acc_median": "float64",
-    "acc_iqr": "float64",
-    "n_pairs": "int64",
-    "gain_median": "float64",  # this arm minus the reference at the same round and seed
-    "share_improved": "float64",
-    "wilcoxon_p": "float64",
-}
-
-
-def round_summary(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """Per IMP configuration and round: sparsity and test accuracy over seeds, and the paired gain
-    over the arm it names as reference (the ticket control against the rewound IMP), seed by seed
-    at the same round. Only finished trials count, as in `summarise`."""
-    if "round_end" not in epochs or epochs.empty:
-        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()})
-    ends = epochs[(epochs["round_end"].fillna(False).astype(bool)) & (epochs["status"] == "finished")]
-    refs = trials.drop_duplicates("config_hash").set_index("config_hash")["reference_hash"]
-    by_arm = {key: g.set_index("seed")["test_acc"] for key, g in ends.groupby(["config_hash", "round"])}
-    rows = []
-    for (config_hash, round_), group in ends.groupby(["config_hash", "round"], sort=False):
-        values = group["test_acc"].to_numpy(float)
-        reference = refs.get(config_hash)
-        gains = np.array([])
-        label = ""
-        if isinstance(reference, str):
-            label = reference_label(trials, trials[trials["config_hash"] == config_hash])
-            theirs = by_arm.get((reference, round_))
-            if theirs is not None:
-                paired = pd.concat(
-                    [group.set_index("seed")["test_acc"], theirs], axis=1, join="inner"
-                ).dropna()
-                gains = (paired.iloc[:, 0] - paired.iloc[:, 1]).to_numpy(float)
-        q25, q75 = np.percentile(values, [25, 75])
-        rows.append(
-            {
-                "config_hash": config_hash,
-                "scheme": group["scheme"].iloc[0],
-                "hparam_label": group["hparam_label"].iloc[0],
-                "round": int(round_),
-                "reference": label,
-                "n": len(values),
-                "sparsity": float(group["sparsity"].median()),
-                "acc_median": float(np.median(values)),
-                "acc_iqr": float(q75 - q25),
-                "n_pairs": int(gains.size),
-                "gain_median": float(np.median(gains)) if gains.size else np.nan,
-                "share_improved": float((gains > 0).mean()) if gains.size else np.nan,
-                "wilcoxon_p": wilcoxon_p(gains),
-            }
-        )
-    return pd.DataFrame(rows, columns=list(ROUND_COLUMNS)).astype(ROUND_COLUMNS)

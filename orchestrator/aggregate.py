@@ -22,9 +22,10 @@ import pyarrow as pa
 from rich.table import Table
 
 from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
+from dashboards.rounds import ROUND_COLUMNS, round_summary
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
-from dashboards.stats import BASELINE, ROUND_COLUMNS, TRIAL_COLUMNS, round_summary, summarise
+from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
 from trainers.events import EPOCH_COLUMNS, TABLE, failure_rule_text, result_fields
@@ -44,7 +45,7 @@ class AggregateResult:
     trials: pd.DataFrame  # TRIAL_COLUMNS
     epochs: pd.DataFrame  # EPOCH_COLUMNS
     summary: pd.DataFrame  # dashboards.stats.SUMMARY_COLUMNS
-    rounds: pd.DataFrame  # dashboards.stats.ROUND_COLUMNS (IMP trials only; empty otherwise)
+    rounds: pd.DataFrame  # dashboards.rounds.ROUND_COLUMNS (IMP trials only; empty otherwise)
     # A sequential study's looks (dashboards.sequential.LOOK_COLUMNS); empty for a fixed design.
     looks: pd.DataFrame = field(default_factory=lambda: looks_frame([]))
     # Decision-grade comparisons per configuration (dashboards.decision.DECISION_COLUMNS).
@@ -316,12 +317,16 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
     _, varying = split_setting(summary["setting"])
     table = Table(
         title="Seeds per configuration (failure rate with Wilson 95% CI)",
-        caption=f"setting: {setting_line(summary)}",
+        caption=(
+            f"setting: {setting_line(summary)}. Failures by kind: diverged (loss not finite), collapsed (at "
+            "or below the majority-class accuracy), low (above it, within the margin); rescued/harmed: "
+            "seed pairs where only the reference failed / only this arm failed."
+        ),
         caption_justify="left",
     )
     columns = ["scheme", "hparams", *(["setting"] if varying else []), "filters", "n", "failed"]
-    columns += ["fail % [95% CI]", "mean %", "median %", "min %", "std %"]
-    columns += ["gain pts (median)", "better/tied/worse", "Wilcoxon p (n, method)"]
+    columns += ["diverged / collapsed / low", "fail % [95% CI]", "mean %", "median %", "min %", "std %"]
+    columns += ["gain pts (median)", "better/tied/worse", "rescued/harmed", "Wilcoxon p (n, method)"]
     _add_columns(table, columns, text=("scheme", "hparams", "setting"))
     for r in summary.itertuples(index=False):
         pending = r.n_planned - r.n
@@ -338,6 +343,7 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             + (f", {r.n_damaged} damaged" if pending and r.n_damaged else "")
             + (")" if pending else ""),
             f"{r.n_failed}",
+            f"{r.n_diverged}/{r.n_collapsed}/{r.n_low}",
             fail if r.n else "-",
             _pct(r.acc_mean, 2),
             _pct(r.acc_median, 2),
@@ -345,6 +351,7 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             _pct(r.acc_std, 2),
             "baseline" if is_base else _pct(r.gain_median, 2),
             "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
+            "-" if is_base else f"{r.n_rescued}/{r.n_harmed}",
             "-" if is_base else test,
         )
     return table

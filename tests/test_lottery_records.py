@@ -9,7 +9,7 @@ import pytest
 import torch
 from trialfactory import config
 
-from dashboards.stats import ROUND_COLUMNS, round_summary
+from dashboards.rounds import ROUND_COLUMNS, round_summary
 from orchestrator import layout
 from orchestrator.run.trial import run_trial
 from orchestrator.tracking.runs import _epoch_metrics
