@@ -154,7 +154,7 @@ def test_report_names_skipped_figures_and_null_results(tmp_path: Path) -> None:
     assert "the number of filters does not vary in this sweep" in skipped
     # no RandomOut and no RePr trial: their figures are left out, not listed as skipped
     assert "fig5_tau_p_heatmap" not in text and "repr_ortho" not in text and "Ortho" not in skipped
-    assert text.count("<figure ") == 4 and "data-total=4" in text
+    assert text.count("<figure ") == 5 and "data-total=5" in text  # and the failure profile
     assert "better / tied / worse" in text and "(n=8, exact)" in text
 
 
@@ -179,7 +179,7 @@ def test_width_sweep_report_shows_both_schemes_with_intervals_and_failure_rates(
     dom = _chromium(["--dump-dom"], page, tmp_path / "profile")
 
     status = re.search(r'id="img-status"[^>]*data-loaded="(\d+)" data-total="(\d+)"', dom)
-    assert status and status[1] == status[2] == "5", dom[-1500:]
+    assert status and status[1] == status[2] == "6", dom[-1500:]
     # figures of schemes this sweep lacks are absent, not drawn empty and not listed as skipped
     assert 'id="repr_ortho"' not in dom and "RePr" not in dom
     width = _figure_alt(dom, "fig6_accuracy_vs_filters")
@@ -194,7 +194,7 @@ def test_width_sweep_report_shows_both_schemes_with_intervals_and_failure_rates(
         ), width
     assert "95% t-interval" in dom and "Wilson 95% interval" in dom
     # per-seed, CGN and below-tau figures: one panel per width
-    for name in ("fig4_seed_scatter", "fig7_cgn", "fig8_below_tau", "accuracy_epochs"):
+    for name in ("fig4_seed_scatter", "failure_profile", "fig7_cgn", "fig8_below_tau", "accuracy_epochs"):
         alt = _figure_alt(dom, name)
         assert all(f"{w} filters]" in alt for w in (2, 4, 8)), (name, alt)
     below = _figure_alt(dom, "fig8_below_tau")
