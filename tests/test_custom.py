@@ -177,7 +177,7 @@ BAD_BUILDERS = {
 @pytest.mark.parametrize("case", list(BAD_BUILDERS))
 def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: str) -> None:
     source, start, detail = BAD_BUILDERS[case]
-    spec = example_copy(tmp_path / "study")
+    spec = example_copy(tmp_path / "study")  # baseline and randomout: a filter scheme
     (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
     line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
     assert line.startswith(start), line
@@ -185,12 +185,38 @@ def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: 
     assert not (tmp_path / "home").exists()  # nothing written
 
 
-def test_a_net_without_convs_is_refused_under_baseline_too(tmp_path: Path) -> None:
-    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
+def test_a_net_without_convs_trains_under_baseline_and_refuses_a_filter_scheme(tmp_path: Path) -> None:
+    """Baseline needs no filters: an MLP trains, with an empty per-layer record; a filter scheme on the
+    same net is one line naming the field before anything starts."""
     source = BAD_BUILDERS["no conv for a filter scheme"][0]
-    (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
-    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
-    assert line.startswith("base.model.builder: net.py:build has no nn.Conv2d, and the per-layer filter")
+    for schemes in ([{"name": "baseline"}], [{"name": "baseline"}, {"name": "randomout"}]):
+        spec = example_copy(tmp_path / "study", schemes=schemes)
+        (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
+        result = lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home")
+        if len(schemes) == 1:
+            assert result.exit_code == 0, result.output
+    line = one_error_line(result)
+    assert line == (
+        "base.model.builder: net.py:build has no nn.Conv2d, so scheme randomout has no filters to work on; "
+        "add a conv layer, or run only baseline"
+    )
+    (tmp_path / "mlp.py").write_text(NET_HEAD + source)
+    args = [
+        "train",
+        "--model=custom",
+        f"--set=model.builder={tmp_path / 'mlp.py'}:build",
+        "--dataset=custom",
+        f"--set=data.loader={EXAMPLE / 'data.py'}:load",
+        "--set=data.kwargs.train=300",
+        "--epochs=2",
+        f"--out={tmp_path / 'out'}",
+    ]
+    trained = lottery(args, tmp_path / "home")
+    assert trained.exit_code == 0, trained.output
+    (trial_dir,) = layout.trials_root(layout.train_dir(tmp_path / "out")).iterdir()
+    result = json.loads((trial_dir / "result.json").read_text())
+    assert result["epochs_done"] == 2 and result["final_test_acc"] > 0.3  # ten digits: chance is 0.1
+    assert result["parameters"] == 64 * 10 + 10 and result["total_resets"] == 0
 
 
 def test_the_batchnorm_scheme_puts_batchnorm_after_every_conv_of_a_custom_net(tmp_path: Path) -> None:
@@ -386,7 +412,8 @@ def test_submit_refuses_a_file_target_outside_the_uploaded_checkout(tmp_path: Pa
 
 def test_lottery_train_makes_the_same_checks(tmp_path: Path) -> None:
     (tmp_path / "lin.py").write_text(NET_HEAD + BAD_BUILDERS["no conv for a filter scheme"][0])
-    args = ["train", "--model=custom", f"--set=model.builder={tmp_path / 'lin.py'}:build", "--epochs=1"]
+    builder = f"--set=model.builder={tmp_path / 'lin.py'}:build"
+    args = ["train", "--model=custom", "--scheme=randomout", builder]
     line = one_error_line(lottery([*args, f"--out={tmp_path / 'out'}", "--no-mlflow"], tmp_path / "home"))
     assert line.startswith(f"base.model.builder: {tmp_path / 'lin.py'}:build has no nn.Conv2d")
     assert not (tmp_path / "out").exists()  # nothing written
