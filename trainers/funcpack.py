@@ -33,6 +33,8 @@ class FuncPack(nn.Module):
     def __init__(self, models: list[nn.Module]) -> None:
         super().__init__()
         self.seeds = len(models)
+        # A custom net's source hash (trainers/models.py) belongs in every packed seed's result too.
+        self.builder_sha256: str = getattr(models[0], "builder_sha256", "")
         params, buffers = stack_module_state(models)
         stack = copy.deepcopy(models[0])
         with torch.no_grad():
