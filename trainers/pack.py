@@ -50,10 +50,12 @@ LARGE_STEP_WORK = 1024  # filters^2 x images per step above which 2-4 filters tr
 ONE_FILTER_SMALL_STEP = 256  # images per step up to which one-filter nets pack as at batch 32
 ONE_FILTER_LARGE_PACK = 8  # seeds per pack of one-filter nets at larger steps
 # A custom net packs generically (trainers/funcpack.py) where vmap batches it (trainers/packcheck.py).
-# Measured (bench/generic_pack.py, 2-core CPU, one thread, medians of interleaved runs; bench/RESULTS.md):
-# the example net (examples/custom, width 8, ~900 parameters, Adam, batch 32) trains 3.7x one seed's
-# seed-steps/s in packs of 8 and 3.2x in packs of 32; so 8. What a user's net costs is unknown, so the
-# rule borrows the CraterCNN bounds above: packs paid at batch 32 up to 4 filters with the hidden FC
+# Measured (bench/generic_pack.py, 2-core CPU shared with other work, one thread, the ways taking turns
+# step by step, medians of 200 steps; bench/RESULTS.md): the example net (examples/custom, width 8,
+# 906 parameters, Adam, batch 32) trains 3.5x one seed's seed-steps/s in packs of 8 and 3.9x in packs
+# of 32 (whole-epoch turns, one run: 3.7x and 3.2x). 8 then: as fast within the noise, a quarter of the
+# memory, and a failed pack retries 8 seeds, not 32. What a user's net costs is unknown, so the rule
+# borrows the CraterCNN bounds above: packs paid at batch 32 up to 4 filters with the hidden FC
 # (338k parameters: 1.7-2.7x in packs of 8) and not at 20 filters (1.7M: 0.6-1.07x); larger steps
 # were not measured for custom nets, so on a CPU they train alone.
 AUTO_PACK_CUSTOM = 8
