@@ -14,9 +14,19 @@ import time
 
 from bench.common import OUT, ROOT, machine
 
-BENCHES = ("pack", "cgn_overhead", "aggregate", "sweep_overhead", "cli_startup", "cli_exit", "retry_delay")
+BENCHES = (
+    "pack",
+    "generic_pack",
+    "cgn_overhead",
+    "aggregate",
+    "sweep_overhead",
+    "cli_startup",
+    "cli_exit",
+    "retry_delay",
+)
 TARGETS = {
     "pack": ">= 6x per-seed throughput at <= 4 filters; auto never slower per seed; >= 40% of matmul peak",
+    "generic_pack": "generic packs >= 0.8x grouped packs per seed; >= 3x one seed at 1 filter, batch 32",
     "cgn_overhead": "RandomOut <= 3% per step; RePr <= 3% per epoch",
     "aggregate": "10,000 trial results aggregated in <= 10 s",
     "sweep_overhead": "Ray Tune + MLflow <= 10% over a plain loop on the demo sweep",
@@ -65,6 +75,37 @@ def pack_section(d: dict) -> list[str]:
                 f"{r['auto']} ({ratios[r['auto']]:.2f}x) |"
             )
     return lines
+
+
+def generic_pack_section(d: dict) -> list[str]:
+    lines = [
+        "| net | filters | pack | one seed | grouped | generic | generic/grouped | generic/one seed | "
+        "grouped/one seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in d["rows"]:
+        step = row["seed_steps_per_s"]["step"]
+        for k, pack in row["packs"].items():
+            grouped = step.get(f"grouped{k}")
+            cells = [
+                row["net"],
+                str(row.get("filters", "-")),
+                k,
+                f"{step['single']:.0f}",
+                f"{grouped:.0f}" if grouped else "-",
+                f"{step[f'generic{k}']:.0f}",
+                f"**{pack['generic_vs_grouped']['step']:.2f}x**" if grouped else "-",
+                f"**{pack['generic_vs_single']['step']:.2f}x**",
+                f"{pack['grouped_vs_single']['step']:.2f}x" if grouped else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return [
+        f"Seed-steps/s, batch 32, one thread; crater_cnn with the {d['rows'][0].get('hidden_fc', 500)}-wide "
+        "hidden FC; the ways take turns step by step and each way's median of "
+        f"{d['steps']} steps is compared (bench/generic_pack.py).",
+        "",
+        *lines,
+    ]
 
 
 def overhead_section(d: dict) -> list[str]:
@@ -139,6 +180,7 @@ def retry_section(d: dict) -> list[str]:
 
 SECTIONS = {
     "pack": pack_section,
+    "generic_pack": generic_pack_section,
     "cgn_overhead": overhead_section,
     "aggregate": aggregate_section,
     "sweep_overhead": sweep_section,

@@ -217,7 +217,8 @@ class SweepSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the resources allow
     max_failures: int = Field(2, ge=0)  # Tune retries per trial, each from its last checkpoint
     # Seeds of one configuration trained at once in one process (trainers/pack.py); "auto" packs
-    # narrow CraterCNN/vanilla nets by a measured rule, 1 trains every seed alone.
+    # narrow CraterCNN/vanilla nets, and small custom nets that vmap batches, by a measured rule; 1
+    # trains every seed alone. A custom net vmap cannot batch trains alone whatever this says.
     pack_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # None: $LOTTERY_HOME or ./runs (relative: to the working dir); or a URI, s3://bucket/prefix (layout.py)
     storage_path: str | None = None
@@ -570,7 +571,17 @@ def _pack_size(requested: int | str, config: TrialConfig) -> int:
     from trainers.loop import can_pack
     from trainers.pack import auto_pack_size
 
-    if not can_pack(config):
+    if requested == 1:
+        return 1
+    parameters = None
+    if config.model.name == "custom":  # a generic pack, where vmap batches the net (checked once per net)
+        from trainers.packcheck import custom_pack_check
+
+        check = custom_pack_check(config)
+        if check.problem is not None:
+            return 1
+        parameters = check.parameters
+    elif not can_pack(config):
         return 1
     if requested == "auto":
         return auto_pack_size(
@@ -580,6 +591,7 @@ def _pack_size(requested: int | str, config: TrialConfig) -> int:
             config.model.hidden_fc,
             images_per_step=None if config.full_batch else config.batch_size,
             device=config.device,
+            parameters=parameters,
         )
     return int(requested)
 

@@ -8,6 +8,7 @@ edit must land on exactly the filter it means.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,6 +367,45 @@ def test_generic_packs_of_built_in_nets_match_seeds_alone(digits, scheme, model)
         assert rp.flat()["dropped"] == ra.flat()["dropped"]
     assert [r.total_resets for r in packed.results] == [r.total_resets for r in alone.results]
     assert sum(r.total_resets for r in packed.results) > 0
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom"
+
+
+def test_the_example_net_packed_trains_each_seed_as_alone():
+    """examples/custom as its spec trains it (Adam, batch 32), RandomOut at a tau where filters reset:
+    a generic pack of two seeds ends each seed's weights where that seed alone ends them."""
+    doc = {
+        "model": {"name": "custom", "builder": "net.py:build", "kwargs": {"width": 8}, "init": "kaiming"},
+        "data": {"name": "custom", "loader": "data.py:load", "kwargs": {"train": 192}},
+        "scheme": {"name": "randomout", "tau": 0.5},
+        "optim": {"name": "adam", "lr": 0.01},
+        "epochs": 2,
+        "batch_size": 32,
+    }
+    for section in ("model", "data"):
+        doc[section]["base_dir"] = str(EXAMPLE)
+    cfg = TrialConfig.model_validate(doc)
+    data = load_data(cfg.data, cfg.data_seed, torch.device("cpu"))
+    seeds = [3, 4]
+    packed, alone = MemorySink(keep_checkpoints=True), MemorySink(keep_checkpoints=True)
+    train(cfg, packed, seeds=seeds, pack_size=2, data=data)  # a custom net: a generic pack
+    train(cfg, alone, seeds=seeds, pack_size=1, data=data)
+    assert [r.pack_size for r in packed.results] == [2, 2]
+    assert [r.total_resets for r in packed.results] == [r.total_resets for r in alone.results]
+    assert sum(r.total_resets for r in alone.results) > 0
+    (epoch, state), *_ = reversed(packed.checkpoints)  # the pack's weights after epoch 1 of 2
+    singles = [s for e, s in alone.checkpoints if e == epoch]
+    assert len(singles) == 2
+    worst = 0.0
+    for k, single in enumerate(singles):
+        for name, value in single["model"].items():
+            stacked = state["model"][f"stack.{name}"][k]
+            torch.testing.assert_close(stacked, value, **TRAIN_TOL)
+            worst = max(worst, float((stacked - value).abs().max()))
+    for rp, ra in zip(packed.epochs, sorted(alone.epochs, key=lambda r: (r.epoch, r.seed)), strict=True):
+        assert rp.train_loss == pytest.approx(ra.train_loss, rel=1e-4)
+    print(f"example net, packed vs alone after {epoch + 1} epochs: max |weight difference| {worst:.2e}")
 
 
 class Dropping(nn.Module):

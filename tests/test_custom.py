@@ -22,6 +22,7 @@ from trainers.custom import file_path, resolve
 from trainers.data import load_data
 from trainers.filters import conv_layers, filter_groups
 from trainers.models import build_model, derive_seeds
+from trainers.pack import auto_pack_size
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom"
@@ -177,7 +178,7 @@ BAD_BUILDERS = {
 @pytest.mark.parametrize("case", list(BAD_BUILDERS))
 def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: str) -> None:
     source, start, detail = BAD_BUILDERS[case]
-    spec = example_copy(tmp_path / "study")
+    spec = example_copy(tmp_path / "study")  # baseline and randomout: a filter scheme
     (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
     line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
     assert line.startswith(start), line
@@ -185,12 +186,96 @@ def test_a_bad_builder_is_one_line_before_anything_starts(tmp_path: Path, case: 
     assert not (tmp_path / "home").exists()  # nothing written
 
 
-def test_a_net_without_convs_is_refused_under_baseline_too(tmp_path: Path) -> None:
-    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}])
+def test_a_net_without_convs_trains_under_baseline_and_refuses_a_filter_scheme(tmp_path: Path) -> None:
+    """Baseline needs no filters: an MLP trains, with an empty per-layer record; a filter scheme on the
+    same net is one line naming the field before anything starts."""
     source = BAD_BUILDERS["no conv for a filter scheme"][0]
-    (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
-    line = one_error_line(lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home"))
-    assert line.startswith("base.model.builder: net.py:build has no nn.Conv2d, and the per-layer filter")
+    for schemes in ([{"name": "baseline"}], [{"name": "baseline"}, {"name": "randomout"}]):
+        spec = example_copy(tmp_path / "study", schemes=schemes)
+        (tmp_path / "study" / "net.py").write_text(NET_HEAD + source)
+        result = lottery(["sweep", "--dry-run", "--no-estimate", str(spec)], tmp_path / "home")
+        if len(schemes) == 1:
+            assert result.exit_code == 0, result.output
+    line = one_error_line(result)
+    assert line == (
+        "base.model.builder: net.py:build has no nn.Conv2d, so scheme randomout has no filters to work on; "
+        "add a conv layer, or run only baseline"
+    )
+    (tmp_path / "mlp.py").write_text(NET_HEAD + source)
+    args = [
+        "train",
+        "--model=custom",
+        f"--set=model.builder={tmp_path / 'mlp.py'}:build",
+        "--dataset=custom",
+        f"--set=data.loader={EXAMPLE / 'data.py'}:load",
+        "--set=data.kwargs.train=300",
+        "--epochs=2",
+        f"--out={tmp_path / 'out'}",
+    ]
+    trained = lottery(args, tmp_path / "home")
+    assert trained.exit_code == 0, trained.output
+    (trial_dir,) = layout.trials_root(layout.train_dir(tmp_path / "out")).iterdir()
+    result = json.loads((trial_dir / "result.json").read_text())
+    assert result["epochs_done"] == 2 and result["final_test_acc"] > 0.3  # ten digits: chance is 0.1
+    assert result["parameters"] == 64 * 10 + 10 and result["total_resets"] == 0
+
+
+# --- seed packs of a custom net -----------------------------------------------------------------------
+
+BRANCHING_NET = (
+    "class Net(nn.Module):\n"
+    "    def __init__(self, in_channels, num_classes):\n"
+    "        super().__init__()\n"
+    "        self.conv = nn.Conv2d(in_channels, 2, 3, padding=1)\n"
+    "        self.fc = nn.Linear(2 * 64, num_classes)\n"
+    "    def forward(self, x):\n"
+    "        out = self.conv(x).flatten(1)\n"
+    "        return self.fc(out if out.sum() > 0 else -out)  # data-dependent: vmap cannot batch it\n"
+    "def build(*, in_channels, num_classes, image_size, **kw):\n"
+    "    return Net(in_channels, num_classes)\n"
+)
+
+
+def test_auto_packs_a_custom_net_that_vmap_batches_by_the_measured_rule(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}, {"name": "batchnorm"}])
+    plan = load_plan(spec)  # 4 seeds a scheme, batch 32, on a CPU; ~900 parameters
+    assert [len(u) for u in plan.units] == [4, 1, 1, 1, 1]  # batchnorm: BN running statistics, alone
+    assert [len(u) for u in load_plan(spec, ["seeds.count=12"]).units][:2] == [8, 4]  # packs of 8
+    assert {len(u) for u in load_plan(spec, ["base.batch_size=64"]).units} == {1}  # larger steps: alone
+    assert [len(u) for u in load_plan(spec, ["pack_size=3"]).units][:3] == [3, 1, 1]  # explicit size
+    assert {len(u) for u in load_plan(spec, ["base.model.kwargs.width=300"]).units} == {1}  # 559k params
+
+
+def test_auto_pack_size_of_a_custom_net() -> None:
+    assert auto_pack_size("custom", 0, False, images_per_step=32, device="cpu", parameters=906) == 8
+    assert auto_pack_size("custom", 0, False, images_per_step=32, device="cpu", parameters=None) == 1
+    assert auto_pack_size("custom", 0, False, images_per_step=32, device="cpu", parameters=500_000) == 1
+    assert auto_pack_size("custom", 0, False, images_per_step=None, device="cpu", parameters=906) == 1
+    assert auto_pack_size("custom", 0, False, images_per_step=256, device="cuda", parameters=906) == 8
+    assert auto_pack_size("custom", 0, True, images_per_step=32, device="cuda", parameters=906) == 1
+
+
+def test_the_dry_run_says_in_one_line_which_custom_net_trains_one_seed_per_trial(tmp_path: Path) -> None:
+    spec = example_copy(tmp_path / "study", schemes=[{"name": "baseline"}, {"name": "batchnorm"}])
+    args = ["sweep", "--dry-run", "--no-estimate", "--set=pack_size=8", str(spec)]
+    result = lottery(args, tmp_path / "home")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == "5 Tune trials: seed packs of 1, 4 (pack_size 8; see trainers/pack.py)"
+    assert lines[2] == (
+        "pack_size 8: net.py:build under batchnorm: BatchNorm (stem.0.bn) updates running statistics in "
+        "train mode, which vmap cannot batch per seed; this net trains one seed per trial"
+    )
+
+    (tmp_path / "study" / "net.py").write_text(NET_HEAD + BRANCHING_NET)
+    assert {len(u) for u in load_plan(spec, ["pack_size=8"]).units} == {1}
+    result = lottery(args, tmp_path / "home")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == "8 Tune trials, one seed each (pack_size 8)"
+    assert lines[2].startswith("pack_size 8: net.py:build under baseline: vmap cannot batch this net (")
+    assert "data-dependent control flow" in lines[2] and lines[2].endswith("; it trains one seed per trial")
+    assert lines[3].startswith("pack_size 8: net.py:build under batchnorm: BatchNorm (conv.bn) updates")
 
 
 def test_the_batchnorm_scheme_puts_batchnorm_after_every_conv_of_a_custom_net(tmp_path: Path) -> None:
@@ -386,7 +471,8 @@ def test_submit_refuses_a_file_target_outside_the_uploaded_checkout(tmp_path: Pa
 
 def test_lottery_train_makes_the_same_checks(tmp_path: Path) -> None:
     (tmp_path / "lin.py").write_text(NET_HEAD + BAD_BUILDERS["no conv for a filter scheme"][0])
-    args = ["train", "--model=custom", f"--set=model.builder={tmp_path / 'lin.py'}:build", "--epochs=1"]
+    builder = f"--set=model.builder={tmp_path / 'lin.py'}:build"
+    args = ["train", "--model=custom", "--scheme=randomout", builder]
     line = one_error_line(lottery([*args, f"--out={tmp_path / 'out'}", "--no-mlflow"], tmp_path / "home"))
     assert line.startswith(f"base.model.builder: {tmp_path / 'lin.py'}:build has no nn.Conv2d")
     assert not (tmp_path / "out").exists()  # nothing written

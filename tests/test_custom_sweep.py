@@ -59,6 +59,7 @@ def test_the_example_runs_through_lottery_sweep_and_records_its_net(tmp_path: Pa
     (study / "spec.yaml").write_text(yaml.safe_dump(doc))
     plan = load_plan(study / "spec.yaml")
     assert len(plan.trials) == 4  # baseline and randomout, 2 seeds each
+    assert [len(unit) for unit in plan.units] == [2, 2]  # pack_size auto: a generic pack per scheme
 
     done = sweep(study / "spec.yaml", ray_tmpdir)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -71,6 +72,7 @@ def test_the_example_runs_through_lottery_sweep_and_records_its_net(tmp_path: Pa
         loader = result["data_files"]["loader"]
         assert (loader["target"], loader["source_sha256"]) == ("data.py:load", sha256_of(study / "data.py"))
         assert result["epochs_done"] == 1
+        assert result["pack_size"] == 2  # trained in a generic (torch.func) pack
     layers = layout.read_table(layout.trial_dir(sweep_dir, plan.trials[0].trial_key()) / layout.LAYERS)
     assert sorted(set(layers.column("layer").to_pylist())) == sorted(
         ["stem.0", "blocks.0.dw", "blocks.0.pw", "blocks.1.dw", "blocks.1.pw"]

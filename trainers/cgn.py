@@ -31,12 +31,16 @@ def filter_cgn(group: FilterGroup, batch_size: int) -> torch.Tensor:
 class CgnMonitor:
     """Accumulates CGN statistics over an epoch without leaving the device."""
 
-    def __init__(self, groups: list[FilterGroup], tau: float, trace_every: int) -> None:
+    def __init__(
+        self, groups: list[FilterGroup], tau: float, trace_every: int, *, seeds: int | None = None
+    ) -> None:
+        """`seeds` (the pack's) is needed only when there are no groups: a net without nn.Conv2d
+        (baseline only) has no filters, so its per-layer record and trace are empty."""
         self.groups = groups
         self.tau = tau
         self.trace_every = trace_every
-        self._device = groups[0].weight.device
-        self.seeds = groups[0].seeds
+        self._device = groups[0].weight.device if groups else torch.device("cpu")
+        self.seeds = groups[0].seeds if groups else (seeds or 1)
         self.active = [self._full(g, True) for g in groups]
         self._reset_accumulators()
 
@@ -130,5 +134,6 @@ class CgnMonitor:
             for i, cgn in enumerate(cgns):
                 reset = masks[i][k] if i < len(masks) else np.zeros(cgn.shape[1], dtype=np.int32)
                 add(step, i, cgn[k], reset)
-        columns = {c: np.concatenate(v) for c, v in parts.items()}
+        dtypes = {"step": np.int64, "layer": object, "filter": np.int32, "cgn": np.float32, "reset": np.int32}
+        columns = {c: np.concatenate(v) if v else np.zeros(0, dtype=dtypes[c]) for c, v in parts.items()}
         return CgnTrace(epoch=np.full(len(columns["cgn"]), epoch, dtype=np.int32), **columns)

@@ -33,6 +33,8 @@ class FuncPack(nn.Module):
     def __init__(self, models: list[nn.Module]) -> None:
         super().__init__()
         self.seeds = len(models)
+        # A custom net's source hash (trainers/models.py) belongs in every packed seed's result too.
+        self.builder_sha256: str = getattr(models[0], "builder_sha256", "")
         params, buffers = stack_module_state(models)
         stack = copy.deepcopy(models[0])
         with torch.no_grad():
@@ -47,22 +49,33 @@ class FuncPack(nn.Module):
         # The template only lends its code: every tensor it uses comes from `stack` at call time, so
         # it sits on the meta device and is kept out of the module tree (no state_dict entries, no .to).
         object.__setattr__(self, "template", copy.deepcopy(models[0]).to("meta"))
+        self._named: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def train(self, mode: bool = True) -> FuncPack:
         super().train(mode)
         self.template.train(mode)
         return self
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        self._named = None  # .to()/.cuda() may give the stack new tensors: look them up again
+        return super()._apply(fn, recurse)
+
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return dict(self.stack.named_parameters()), dict(self.stack.named_buffers())
+        """The stack's parameters and buffers by name, looked up once: walking the module tree every
+        step cost a tiny net's step several per cent. Every edit (optimizer, schemes, checkpoint loads)
+        is in place on these very tensors, so the lookup stays valid."""
+        named = getattr(self, "_named", None)
+        if named is None:
+            named = dict(self.stack.named_parameters()), dict(self.stack.named_buffers())
+            self._named = named
+        return named
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params, buffers = self._tensors()
+        return vmap(self._one_seed, in_dims=(0, 0, None))(params, buffers, x)
 
-        def one_seed(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], inputs: torch.Tensor):
-            return functional_call(self.template, (p, b), (inputs,))
-
-        return vmap(one_seed, in_dims=(0, 0, None))(params, buffers, x)
+    def _one_seed(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor):
+        return functional_call(self.template, (params, buffers), (x,))
 
     def seed_forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Seed `index` alone, without vmap, through the template: forward hooks on the template's

@@ -44,12 +44,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pack_problem(config: TrialConfig, data: LoadedData) -> str | None:
+def pack_problem(config: TrialConfig, data: LoadedData, model: torch.nn.Module | None = None) -> str | None:
     """Why seeds of this configuration cannot share a pack (one line), or None: grouped packs for the
-    built-in feed-forward nets, else a generic (torch.func) pack when the net batches under vmap."""
+    built-in feed-forward nets, else a generic (torch.func) pack when the net batches under vmap.
+    `model`: one seed's net of this configuration, if the caller has built it already."""
     if can_pack(config):
         return None
-    model = build_pack(config, [config.seed], data)
+    model = model if model is not None else build_pack(config, [config.seed], data)
     return generic_pack_problem(model, data.x_train[: min(8, len(data.x_train))].cpu())
 
 
@@ -210,7 +211,7 @@ def train_pack(
     scheme.prepare(model, scheme_gens)
     optimizer = _make_optimizer(config, scheme.parameters(model))
     groups = filter_groups(model)
-    monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every)
+    monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every, seeds=len(seeds))
     ctx = TrainContext(
         config, model, groups, optimizer, monitor, data, scheme_gens, seeds=list(seeds), data_gen=data_gen
     )

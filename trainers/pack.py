@@ -49,6 +49,18 @@ AUTO_PACK = ((2, 32), (4, 8))
 LARGE_STEP_WORK = 1024  # filters^2 x images per step above which 2-4 filters train alone on a CPU
 ONE_FILTER_SMALL_STEP = 256  # images per step up to which one-filter nets pack as at batch 32
 ONE_FILTER_LARGE_PACK = 8  # seeds per pack of one-filter nets at larger steps
+# A custom net packs generically (trainers/funcpack.py) where vmap batches it (trainers/packcheck.py).
+# Measured (bench/generic_pack.py, 2-core CPU shared with other work, one thread, the ways taking turns
+# step by step, medians of 200 steps; bench/RESULTS.md): the example net (examples/custom, width 8,
+# 906 parameters, Adam, batch 32) trains 3.5x one seed's seed-steps/s in packs of 8 and 3.9x in packs
+# of 32 (whole-epoch turns, one run: 3.7x and 3.2x). 8 then: as fast within the noise, a quarter of the
+# memory, and a failed pack retries 8 seeds, not 32. What a user's net costs is unknown, so the rule
+# borrows the CraterCNN bounds above: packs paid at batch 32 up to 4 filters with the hidden FC
+# (338k parameters: 1.7-2.7x in packs of 8) and not at 20 filters (1.7M: 0.6-1.07x); larger steps
+# were not measured for custom nets, so on a CPU they train alone.
+AUTO_PACK_CUSTOM = 8
+CUSTOM_MAX_PARAMETERS = 400_000  # per seed; above it a custom net trains one seed per trial
+CUSTOM_SMALL_STEP = 32  # images per step up to which a custom net packs on a CPU
 
 
 def auto_pack_size(
@@ -59,12 +71,19 @@ def auto_pack_size(
     *,
     images_per_step: int | None,
     device: str,
+    parameters: int | None = None,
 ) -> int:
     """Seeds per pack for `pack_size: auto`: 1 unless the model packs, is narrow and its step is small.
 
     `images_per_step` is the batch size, None for full batch (the whole training set, which
     planning does not load: counted as large). A `device: auto` trial is sized as on a CPU.
+    `parameters`: one seed's count, for a custom net that vmap batches (else None: it trains alone).
     """
+    if model_name == "custom":
+        if batchnorm or parameters is None or parameters > CUSTOM_MAX_PARAMETERS:
+            return 1
+        small = images_per_step is not None and images_per_step <= CUSTOM_SMALL_STEP
+        return AUTO_PACK_CUSTOM if device == "cuda" or small else 1
     if model_name not in PACKABLE or batchnorm:
         return 1
     rule = AUTO_PACK_NO_HIDDEN if model_name == "crater_cnn" and hidden_fc == 0 else AUTO_PACK

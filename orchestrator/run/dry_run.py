@@ -35,6 +35,8 @@ def dry_run(
             check_cluster_resources(plan, address)
     console.print(f"{len(plan.trials)} trials in sweep '{plan.spec.name}' (dry run: nothing started)")
     console.print(pack_text(plan))
+    for line in unpacked_nets(plan):
+        console.print(line, soft_wrap=True, highlight=False)
     if plan.spec.sequential:
         rule = plan.spec.sequential
         console.print(
@@ -67,6 +69,24 @@ def pack_text(plan: SweepPlan) -> str:
         f"{len(plan.units)} Tune trials: seed packs of {', '.join(map(str, sizes))} "
         f"(pack_size {plan.spec.pack_size}; see trainers/pack.py)"
     )
+
+
+def unpacked_nets(plan: SweepPlan) -> list[str]:
+    """One line per custom net that asked for packs but trains one seed per trial, and why (vmap
+    cannot batch it: trainers/packcheck.py, whose verdict the plan's packs already follow)."""
+    if plan.spec.pack_size == 1:
+        return []
+    from trainers.packcheck import custom_pack_check
+
+    schemes: dict[tuple[str, str], list[str]] = {}
+    for trial in plan.trials:
+        if trial.model.name == "custom" and (problem := custom_pack_check(trial).problem) is not None:
+            names = schemes.setdefault((trial.model.builder or "", problem), [])
+            names += [] if trial.scheme.name in names else [trial.scheme.name]
+    return [
+        f"pack_size {plan.spec.pack_size}: {builder} under {', '.join(names)}: {problem}"
+        for (builder, problem), names in schemes.items()
+    ]
 
 
 def plan_table(plan: SweepPlan, rows: int = PLAN_TABLE_ROWS) -> Table:
