@@ -88,6 +88,15 @@ def failure_rule(trials: pd.DataFrame) -> str:
     return "; ".join(sorted(map(str, rules))) or "failure rule not recorded"
 
 
+NO_ACCURACY = "no finished trial has a final test accuracy"
+
+
+def _with_accuracy(trials: pd.DataFrame) -> pd.DataFrame:
+    """The finished trials with a finite final accuracy (a diverged one has none)."""
+    done = _finished(trials)
+    return done[np.isfinite(done["final_test_acc"])]
+
+
 def _context(done: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The finished trials of the pair_key with the most finished trials, and a description."""
     counts = done["pair_key"].value_counts(sort=True)
@@ -173,10 +182,9 @@ def _n_range(counts: pd.Series) -> str:
 def seed_scatter(trials: pd.DataFrame, summary: pd.DataFrame) -> Rendered:
     """Fig. 4: final accuracy of every seed, seeds sorted by the baseline's accuracy, per context."""
     name, title = "fig4_seed_scatter", "Final test accuracy per seed (RandomOut Fig. 4)"
-    done = _finished(trials)
-    done = done[np.isfinite(done["final_test_acc"])]
+    done = _with_accuracy(trials)
     if done.empty:
-        return Rendered(name, title, skipped="no finished trial has a final test accuracy")
+        return Rendered(name, title, skipped=NO_ACCURACY)
     contexts, ctx_text = _contexts(done)
     caption = (
         f"{ctx_text}. Each marker is one finished seed (raw values, no interval); x = seeds sorted by "
@@ -215,10 +223,9 @@ def failure_profiles(trials: pd.DataFrame) -> Rendered:
     """Share of seeds above each accuracy, per arm and context, with pointwise Wilson bands: the whole
     seed distribution at once (rliable's performance profile), where the failure rate is one point."""
     name, title = "failure_profile", "Share of seeds above each final accuracy (failure profile)"
-    done = _finished(trials)
-    done = done[np.isfinite(done["final_test_acc"])]
+    done = _with_accuracy(trials)
     if done.empty:
-        return Rendered(name, title, skipped="no finished trial has a final test accuracy")
+        return Rendered(name, title, skipped=NO_ACCURACY)
     contexts, ctx_text = _contexts(done)
     caption = (
         f"{ctx_text}. A line per arm: the share of its finished seeds whose final test accuracy is above "

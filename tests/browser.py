@@ -20,15 +20,16 @@ from typing import Any
 
 from server import stop_process_group
 
-FLAGS = [
+# How every test starts Chromium (one list): headless, no sandbox (root), no network of its own.
+HEADLESS_FLAGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-background-networking",
     "--disable-component-update",
     "--no-first-run",
-    "--remote-debugging-pipe",
 ]
+FLAGS = [*HEADLESS_FLAGS, "--remote-debugging-pipe"]
 
 
 class Navigated(AssertionError):

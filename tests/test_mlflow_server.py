@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 import pytest
+from browser import HEADLESS_FLAGS
 from fixtures_mlflow import PostgresDatabase, compose_mlflow_server
 from mlflow.entities import Metric, Param
 from server import stop_process_group
@@ -25,14 +26,6 @@ from server import stop_process_group
 pytestmark = pytest.mark.integration
 
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 CHROMIUM_TIMEOUT_S = 60.0
 VAL_LOSS = [0.9, 0.7, 0.55, 0.5, 0.48]
 PARAMS = {"seed": "7", "scheme": "reinit", "lr": "0.01"}
@@ -128,7 +121,7 @@ def _chromium() -> str:
 
 def _run_chromium(args: list[str], profile_dir: Path) -> subprocess.CompletedProcess[bytes]:
     """Run headless Chromium in its own process group and kill whatever of it is left afterwards."""
-    command = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", *args]
+    command = [_chromium(), *HEADLESS_FLAGS, f"--user-data-dir={profile_dir}", *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 import specfactory
 from barrier import Barrier
+from browser import HEADLESS_FLAGS
 from fixtures_mlflow import compose_mlflow_server, free_port, fresh_database
 from fixtures_s3 import BUCKET
 from mlflow.tracking import MlflowClient
@@ -53,13 +54,6 @@ SMOKE_SPEC = "tests/specs/cluster_smoke.yaml"
 # The Ray token is a real one: the embedded sweeps and the submit test's head run with it.
 CANARIES = {"MLFLOW_TRACKING_PASSWORD": "sekrit-canary", "RAY_AUTH_TOKEN": "canary" + "0" * 58}
 CREDENTIALS = CANARIES | {"MLFLOW_TRACKING_USERNAME": "lottery-test"}
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-component-update",
-]
 
 
 # --- helpers: specs, processes, REST ---------------------------------------------------------------
@@ -255,7 +249,7 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[byte
     """Headless Chromium in its own process group; whatever of it outlives the page is stopped."""
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     assert binary, "Chromium is not installed: apt-get install -y chromium"
-    command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    command = [binary, *HEADLESS_FLAGS, f"--user-data-dir={profile}", *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import HEADLESS_FLAGS
 from sweepfactory import FakeTrial, lottery_trials, write_sweep
 
 from dashboards.report import build_report
@@ -94,12 +95,7 @@ def _chromium(args: list[str], page: Path, profile: Path) -> str:
         pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the Makefile does)")
     cmd = [
         str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
+        *HEADLESS_FLAGS,
         f"--user-data-dir={profile}",
         "--virtual-time-budget=5000",
         *args,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import Browser
+from browser import HEADLESS_FLAGS, Browser
 from server import stop_process_group
 from sweepfactory import lottery_trials, write_sweep
 
@@ -39,14 +39,6 @@ SPEC = Path(__file__).parent / "specs" / "cluster_smoke.yaml"
 ARMS = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
 # A width grid: four arms, each named by scheme, width and every hyperparameter (defaults too).
 ARM_GROUPS = ("baseline 2f", "baseline 8f", "randomout 2f P=1 tau=1e-08", "randomout 8f P=1 tau=1e-08")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 UI_START_S = 300.0  # a cold `mlflow ui` takes 20-100 s on a loaded 2-core machine
 
 
@@ -129,7 +121,7 @@ def _chromium(args: list[str], profile: Path) -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     assert binary, "Chromium is not installed: apt-get install -y chromium"
     process = subprocess.Popen(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        [binary, *HEADLESS_FLAGS, f"--user-data-dir={profile}", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
