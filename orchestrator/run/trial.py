@@ -134,7 +134,7 @@ class TrialDirSink:
             "pack_key": self.pack,
             "ended_at": time.time(),  # the MLflow run ends here (and starts seed_wall_s earlier)
         }
-        if trace is not None and self.run_figure:
+        if trace is not None and trace.num_rows and self.run_figure:  # a net without convs has no filters
             self._draw_cgn_figure(trace, doc)
         atomic_write_json(self.dir / RESULT, doc)
         self.finished = True

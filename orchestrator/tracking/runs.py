@@ -244,6 +244,8 @@ def _log_cgn_figure(
 
     source, filesystem = layout.parquet_source(path)
     trace = pd.read_parquet(source, filesystem=filesystem)
+    if trace.empty:  # a net without convs: no filter to draw
+        return
     figure = filter_cgn_figure(trace, title, tau=scheme_tau(hparams))
     client.log_figure(run_id, figure, layout.CGN_FIGURE)
 
