@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from trainers.config import RESETTING_SCHEMES
+from trainers.config import RESETTING_SCHEMES, SOURCE_SEEDS
 
 BASELINE = "baseline"
 EXACT_MAX_N = 50  # exact signed-rank distribution up to here (cost ~n^3 / 4 additions), normal above
@@ -50,7 +50,8 @@ TRIAL_COLUMNS: dict[str, str] = {
     "model": "string",
     "dataset": "string",
     "filters": "Int64",
-    "seed": "Int64",
+    "seed": "Int64",  # the init seed
+    **dict.fromkeys(SOURCE_SEEDS, "Int64"),  # <NA> order/augment seed: the trial did not split it off
     "status": "string",  # one of STATUSES
     "final_test_acc": "float64",
     "best_test_acc": "float64",

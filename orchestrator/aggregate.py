@@ -28,6 +28,7 @@ from dashboards.setting import hparams_text, row_setting_text, setting_line, spl
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
 from orchestrator import layout
 from orchestrator.errors import UserError
+from trainers.config import SOURCE_SEEDS
 from trainers.events import EPOCH_COLUMNS, TABLE, failure_rule_text, result_fields
 
 # metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
@@ -37,6 +38,8 @@ EPOCH_COLUMNS: dict[str, str] = {
     **{c: TRIAL_COLUMNS[c] for c in _EPOCH_IDENTITY},
     **METRIC_COLUMNS,
 }
+_CONFIG_FIELDS = ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", *SOURCE_SEEDS)
+_CONFIG_FIELDS += ("model", "dataset")  # config.json's fields that its trial's row takes as they are
 _RESULT_FIELDS = result_fields(TABLE)  # what a finished trial's result.json gives its row
 
 
@@ -103,7 +106,7 @@ def _trial_row(
         return row
     if (trial_dir / layout.CONFIG).exists():
         config = layout.read_json(trial_dir / layout.CONFIG)
-        for key in ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", "model", "dataset"):
+        for key in _CONFIG_FIELDS:
             row[key] = config.get(key, row.get(key))
         row["filters"] = config.get("filters")
         row["reference_hash"] = config.get("reference_hash")

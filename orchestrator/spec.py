@@ -203,6 +203,45 @@ class Sequential(_Strict):
         )
 
 
+class SeedFactorial(_Strict):
+    """`seeds: {init, order, augment, split, replicates}`: the seed split by source, crossed in full.
+
+    `init` (the trial's `seed`: weights and the scheme's draws) stays in `seeds`; each trial of it
+    runs once per cell of order x augment x split x replicate. A source left out is not split off:
+    order then comes from data_seed's stream, augmentation from the order stream, the split from
+    data_seed (base, 0 by default). `replicates: R` repeats each cell R times with identical seeds,
+    which measures nondeterminism (0 on CPU, where a repeat is bit-identical)."""
+
+    order: list[int] | None = None
+    augment: list[int] | None = None
+    split: list[int] | None = None
+    replicates: int = Field(1, ge=1, le=100)
+
+    @field_validator("order", "augment", "split", mode="before")
+    @classmethod
+    def _seed_lists(cls, value: Any) -> list[int] | None:
+        return None if value is None else _checked_seeds(value)
+
+    def cells(self) -> list[dict[str, int]]:
+        """The TrialConfig fields of every cell, the last source fastest; [{}] when nothing is split."""
+        axes = [
+            [{field: s} for s in seeds] if seeds else [{}]
+            for field, seeds in (("order_seed", self.order), ("augment_seed", self.augment))
+            + (("data_seed", self.split),)
+        ]
+        repeats = [{"replicate": r} if r else {} for r in range(self.replicates)]
+        return [o | a | s | r for o in axes[0] for a in axes[1] for s in axes[2] for r in repeats]
+
+    def describe(self) -> str:
+        """"10 order seeds x 2 replicates": what each init seed is crossed with."""
+        sources = (("order seeds", self.order), ("augment seeds", self.augment), ("splits", self.split))
+        parts = [f"{len(seeds)} {name}" for name, seeds in sources if seeds]
+        return " x ".join(parts + ([f"{self.replicates} replicates"] if self.replicates > 1 else []))
+
+
+# What `seeds: {...}` takes when it splits the seed by source: init, then SeedFactorial's fields.
+FACTORIAL_KEYS: tuple[str, ...] = ("init", *SeedFactorial.model_fields)
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)  # a directory and an MLflow experiment name
     description: str = ""
@@ -210,6 +249,9 @@ class SweepSpec(_Strict):
     seeds: list[int]  # accepts a list, {start, count} or {range: [a, b)} (Python range: b excluded)
     # Set from `seeds: {start, max, batch, until}`: the seeds above are then the most a study may use.
     sequential: Sequential | None = None
+    # Set from `seeds: {init, order, augment, split, replicates}` (SeedFactorial): the init seeds stay
+    # above, and every trial runs once per cell of the other sources.
+    factorial: SeedFactorial | None = None
     schemes: list[SchemeEntry] = Field(min_length=1)
     grid: Grid = {}  # TrialConfig paths crossed for every scheme
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
@@ -232,6 +274,27 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _split_factorial(cls, data: Any) -> Any:
+        """`seeds: {init, order, ...}`: the init seeds stay in seeds, the other sources go to factorial."""
+        seeds = data.get("seeds") if isinstance(data, dict) else None
+        if not (isinstance(seeds, dict) and set(seeds) & set(FACTORIAL_KEYS)):
+            return data
+        if "factorial" in data:
+            raise ValueError("give the seed sources in seeds only, not also in factorial")
+        unknown = sorted(set(seeds) - set(FACTORIAL_KEYS), key=str)
+        if unknown:
+            raise ValueError(
+                f"seeds.{unknown[0]}: not a seed source; seeds split by source take "
+                f"{', '.join(FACTORIAL_KEYS)} (a sequential study cannot split seeds yet)"
+            )
+        if "init" not in seeds:
+            raise ValueError(
+                "seeds.init: seeds split by source need init, the weights' seeds (e.g. init: [0, 1])"
+            )
+        return data | {"seeds": seeds["init"], "factorial": {k: v for k, v in seeds.items() if k != "init"}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _split_sequential(cls, data: Any) -> Any:
         """`seeds: {start, max, batch, until}`: the seed range stays in seeds, the rest goes to sequential."""
         seeds = data.get("seeds") if isinstance(data, dict) else None
@@ -247,18 +310,11 @@ class SweepSpec(_Strict):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_list(cls, value: Any) -> list[int]:
-        seeds = _explicit_seeds(value)
-        if not seeds:
-            raise ValueError("no seeds; give at least one")
-        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-            raise ValueError("seeds must be whole numbers >= 0")
-        too_big = next((s for s in seeds if s > MAX_SEED), None)
-        if too_big is not None:  # trainers.config.MAX_SEED says why
-            raise ValueError(f"seed {too_big} is above {MAX_SEED} (2**63 - 1), the largest a result holds")
-        duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
-        if duplicated:
-            raise ValueError(f"seed {duplicated[0]} is listed more than once")
-        return seeds
+        return _checked_seeds(value)
+
+    def seed_cells(self) -> list[dict[str, int]]:
+        """The other sources' cells each init seed runs in: [{}] for a plain seed list."""
+        return self.factorial.cells() if self.factorial is not None else [{}]
 
     @field_validator("base")
     @classmethod
@@ -267,6 +323,22 @@ class SweepSpec(_Strict):
             if key in base:
                 raise ValueError(f"{key} does not belong in base; {advice}")
         return base
+
+
+def _checked_seeds(value: Any) -> list[int]:
+    """A seed list in any of its spellings, checked: whole, distinct, within MAX_SEED."""
+    seeds = _explicit_seeds(value)
+    if not seeds:
+        raise ValueError("no seeds; give at least one")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ValueError("seeds must be whole numbers >= 0")
+    too_big = next((s for s in seeds if s > MAX_SEED), None)
+    if too_big is not None:  # trainers.config.MAX_SEED says why
+        raise ValueError(f"seed {too_big} is above {MAX_SEED} (2**63 - 1), the largest a result holds")
+    duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicated:
+        raise ValueError(f"seed {duplicated[0]} is listed more than once")
+    return seeds
 
 
 def _float(value: Any) -> float | None:
@@ -373,6 +445,7 @@ def plan_row(trial: TrialConfig) -> dict[str, Any]:
         "scheme": trial.scheme.name,
         "hparam_label": trial.hparam_label(),
         "seed": trial.seed,
+        **trial.source_seeds(),
     }
 
 
@@ -463,8 +536,8 @@ def load_spec(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepS
         return SweepSpec.model_validate(doc)
     except ValidationError as exc:
         error = exc.errors()[0]
-        if error["loc"][:1] == ("sequential",) and "sequential" not in doc:  # written inside seeds
-            error = error | {"loc": ("seeds", *error["loc"][1:])}
+        if error["loc"][:1] in (("sequential",), ("factorial",)) and error["loc"][0] not in doc:
+            error = error | {"loc": ("seeds", *error["loc"][1:])}  # written inside seeds
         raise UserError(_describe(error, len(exc.errors()), model=SweepSpec)) from None
 
 
@@ -491,6 +564,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
     """Every (scheme entry, grid combination) validated once, then crossed with the seeds."""
     _check_sequential(spec)
     configs: list[TrialConfig] = []
+    cells = spec.seed_cells()
     first_entry: dict[str, int] = {}
     for index, entry in enumerate(spec.schemes):
         for config in _entry_configs(spec, index, entry):
@@ -501,7 +575,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
                     f"({config.scheme.name} {config.hparam_label() or 'defaults'}); remove one"
                 )
             first_entry[key] = index
-            configs.append(config)
+            configs += [_in_cell(config, cell, index) for cell in cells]
     if spec.sequential is None:
         trials = [config.with_seed(seed) for config in configs for seed in spec.seeds]
         return SweepPlan(spec=spec, trials=tuple(trials), units=pack_units(spec, trials))
@@ -515,17 +589,31 @@ def expand(spec: SweepSpec) -> SweepPlan:
     return SweepPlan(spec=spec, trials=tuple(trials), units=tuple(units), batch_ends=tuple(ends))
 
 
+def _in_cell(config: TrialConfig, cell: dict[str, int], index: int) -> TrialConfig:
+    """The configuration in one cell of a seed factorial (validated: an augment seed needs augmentation)."""
+    if not cell:
+        return config
+    if "augment_seed" in cell and config.data.augment == "none":
+        raise UserError(
+            f"seeds.augment: schemes[{index}] trains with data.augment: none, so augment seeds change "
+            "nothing; set data.augment: crop_flip in base or leave augment out of seeds"
+        )
+    return config.model_copy(update=cell)
+
+
 def check_trial_count(spec: SweepSpec) -> None:
     """Refuse a plan of more than max_trials trials, counted from the grid sizes before any is built (a
     1,020,000-trial grid took minutes and gigabytes to expand and print before it could be refused)."""
     top = math.prod(len(values) for values in spec.grid.values())
     configs = sum(top * math.prod(len(values) for values in e.grid.values()) for e in spec.schemes)
-    trials = configs * len(spec.seeds)
+    cells = len(spec.seed_cells())
+    trials = configs * len(spec.seeds) * cells
     if trials > spec.max_trials:
+        crossed = f" x {cells:,} seed cells ({spec.factorial.describe()})" if spec.factorial else ""
         raise UserError(
             f"max_trials: this spec plans {trials:,} trials ({configs:,} configurations x "
-            f"{len(spec.seeds):,} seeds), more than max_trials {spec.max_trials:,}; shrink the grid or "
-            f"the seeds, or set max_trials: {trials} in the spec to run them all"
+            f"{len(spec.seeds):,} seeds{crossed}), more than max_trials {spec.max_trials:,}; shrink the "
+            f"grid or the seeds, or set max_trials: {trials} in the spec to run them all"
         )
 
 
@@ -533,6 +621,10 @@ def _check_sequential(spec: SweepSpec) -> None:
     """What a sequential study's fields mean together: a batch within max, a rule over named schemes."""
     if spec.sequential is None:
         return
+    if spec.factorial is not None:
+        raise UserError(
+            "seeds: a sequential study cannot split seeds by source yet; drop order, augment and split"
+        )
     if spec.sequential.batch > len(spec.seeds):
         raise UserError(
             f"seeds.batch: {spec.sequential.batch} seeds per batch but max is {len(spec.seeds)}; "
@@ -558,7 +650,7 @@ def pack_units(spec: SweepSpec, trials: list[TrialConfig]) -> tuple[tuple[int, .
     while start < len(trials):
         config = trials[start]
         end = start
-        while end < len(trials) and trials[end].config_hash() == config.config_hash():
+        while end < len(trials) and trials[end].pack_hash() == config.pack_hash():
             end += 1
         size = _pack_size(spec.pack_size, config)
         units += [tuple(range(i, min(i + size, end))) for i in range(start, end, size)]

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from orchestrator.spec import Resources, SchemeEntry, SweepSpec
+from orchestrator.spec import Resources, SchemeEntry, SeedFactorial, SweepSpec
 from trainers.config import SCHEME_MODELS, TrialConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"
@@ -146,7 +146,11 @@ def reference() -> str:
         " --set` every path as written here); `grid` crosses any of those paths; each `schemes[]`"
         " entry names a scheme and sets its `params` or crosses them in its own `grid`.",
         "#### The sweep",
-        _table(_rows(SweepSpec, "", frozenset({"resources", "schemes"})) + _rows(Resources, "resources.")),
+        _table(
+            _rows(SweepSpec, "", frozenset({"resources", "schemes", "factorial"}))
+            + _rows(SeedFactorial, "seeds.")
+            + _rows(Resources, "resources.")
+        ),
         "#### A scheme entry (`schemes[]`)",
         _table(_rows(SchemeEntry, "schemes[].")),
         "#### One trial (`base`)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import SeedFactorial, SweepSpec
 from orchestrator.spec_reference import TARGET, readme_section, reference
 from trainers.config import OptimConfig, RandomOutScheme, TrialConfig
 
@@ -24,8 +24,10 @@ def test_the_generator_writes_the_docs_reference_by_default() -> None:
 def test_every_field_is_listed_with_its_path_type_and_default() -> None:
     text = reference()
     for name in SweepSpec.model_fields:
-        if name not in ("resources", "schemes"):
+        if name not in ("resources", "schemes", "factorial"):
             assert f"| `{name}` |" in text, name
+    for name in SeedFactorial.model_fields:  # written inside seeds: seeds.order, ...
+        assert f"| `seeds.{name}` |" in text, name
     for name in set(TrialConfig.model_fields) - {
         "seed",
         "scheme",

@@ -206,6 +206,9 @@ SCHEMES: tuple[str, ...] = tuple(c.model_fields["name"].default for c in SCHEME_
 RESETTING_SCHEMES: tuple[str, ...] = tuple(
     c.model_fields["name"].default for c in SCHEME_MODELS if getattr(c, "resets_filters", False)
 )
+# The trial's seeds besides the init seed `seed` (docs/seeds.md): the one list that the plan's rows,
+# config.json, the trials table and the variance-by-source table take their columns from.
+SOURCE_SEEDS: tuple[str, ...] = ("order_seed", "augment_seed", "replicate")
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # trainers.models.MODELS builds each; a test checks
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # trainers.data loads each; a test checks
 
@@ -220,8 +223,15 @@ class TrialConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)  # 0 is not allowed; use full_batch for one step per epoch
     full_batch: bool = False  # RandomOut Fig. 6: one update per epoch
-    seed: int = Field(0, ge=0, le=MAX_SEED)  # initialization and the scheme's random draws
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # initialization and the scheme's random draws (the init seed)
     data_seed: int = Field(0, ge=0, le=MAX_SEED)  # split and batch order; kept apart from seed on purpose
+    # The seed split by source (docs/seeds.md). None: batch order comes from data_seed's stream, as
+    # before the split (so old trial keys hold). Set, data_seed is the split's seed alone.
+    order_seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # None: augmentation draws come from the batch-order stream (one stream, as before the split).
+    augment_seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # Repeats of identical seeds: changes no number, only the trial key, so nondeterminism shows.
+    replicate: int = Field(0, ge=0, le=10_000)
     # The CGN threshold of the "below tau" counts. A randomout trial has one threshold for its resets
     # and its counts, and it lives in scheme.tau: `_one_tau` routes a tau given in the other place.
     tau: float = Field(DEFAULT_TAU, ge=0.0)
@@ -259,6 +269,11 @@ class TrialConfig(Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrialConfig:
+        if self.augment_seed is not None and self.data.augment == "none":
+            raise ValueError(
+                "augment_seed: data.augment is none, so an augmentation seed changes nothing; "
+                "set data.augment: crop_flip or leave augment_seed out"
+            )
         scheme = self.scheme
         if isinstance(scheme, ReprScheme):
             cycle_end = scheme.n_iter * (scheme.s1 + scheme.s2)
@@ -314,6 +329,10 @@ class TrialConfig(Strict):
             doc["seed"] = self.seed  # always present: a default-valued seed must still name its trial
         return doc
 
+    def source_seeds(self) -> dict[str, int | None]:
+        """The seeds besides the init seed that a trial varies by source (SOURCE_SEEDS), as set."""
+        return {name: getattr(self, name) for name in SOURCE_SEEDS}
+
     def scheme_hparams(self) -> dict:
         return self.scheme.model_dump(mode="json", exclude={"name"})
 
@@ -325,7 +344,8 @@ class TrialConfig(Strict):
         )
 
     def pair_key(self) -> str:
-        """Identity minus seed and scheme: trials with equal pair_key and seed are paired across schemes."""
+        """Identity minus init seed and scheme: trials with equal pair_key and seed are paired across
+        schemes. It keeps the order/augment seeds and replicate: a pair shares every source but the scheme."""
         doc = self.identity(include_seed=False)
         doc.pop("scheme", None)
         return _short_hash(doc)
@@ -334,6 +354,16 @@ class TrialConfig(Strict):
         return _short_hash(self.identity(include_seed=True))
 
     def config_hash(self) -> str:
+        """The arm: identity minus every seed (init, order, augment) and replicate, so an arm pools the
+        trials of a seed factorial. Equal to pack_hash for a trial that splits no seed."""
+        doc = self.identity(include_seed=False)
+        for name in SOURCE_SEEDS:
+            doc.pop(name, None)
+        return _short_hash(doc)
+
+    def pack_hash(self) -> str:
+        """Identity minus the init seed: trials with equal pack_hash see the same batches and can
+        train in one pack (a pack shares one batch order and one augmentation stream)."""
         return _short_hash(self.identity(include_seed=False))
 
 

@@ -1,7 +1,7 @@
 """The one training loop every scheme shares, for one seed or a pack of seeds.
 
-Data sit on the device; each epoch draws one permutation from the data_seed
-generator and slices it, so batches cost no host work. Per-step loss,
+Data sit on the device; each epoch draws one permutation from the batch-order
+generator (order_seed, else data_seed) and slices it, so batches cost no host work. Per-step loss,
 accuracy and CGN accumulate in device tensors and reach the host once per
 epoch, when the sink gets one `EpochRecord` and `CgnTrace` per seed and a
 checkpoint. A pack (K > 1 seeds of one configuration) is the same loop over a
@@ -206,20 +206,29 @@ def train_pack(
     model = build_pack(config, seeds, data, generic).to(device)
     built = _built(config, model, len(seeds))
     scheme = build_scheme(config.scheme)
-    data_gen = torch.Generator().manual_seed(config.data_seed)
+    data_gen, augment_gen = source_generators(config)
     scheme_gens = [torch.Generator(device=device).manual_seed(derive_seeds(s)[1]) for s in seeds]
     scheme.prepare(model, scheme_gens)
     optimizer = _make_optimizer(config, scheme.parameters(model))
     groups = filter_groups(model)
     monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every, seeds=len(seeds))
     ctx = TrainContext(
-        config, model, groups, optimizer, monitor, data, scheme_gens, seeds=list(seeds), data_gen=data_gen
+        config,
+        model,
+        groups,
+        optimizer,
+        monitor,
+        data,
+        scheme_gens,
+        seeds=list(seeds),
+        data_gen=data_gen,
+        augment_gen=augment_gen,
     )
     progress = _Progress.start(seeds)
     if resume is not None:
         if resume["progress"]["seeds"] != seeds:
             raise ValueError(f"resume: checkpoint is for seeds {resume['progress']['seeds']}, not {seeds}")
-        progress = _restore(resume, model, optimizer, scheme, data_gen, scheme_gens)
+        progress = _restore(resume, model, optimizer, scheme, ctx.data_gens(), scheme_gens)
     ctx.alive = [not s.diverged for s in progress.seeds]
     scheme.setup(ctx)
 
@@ -233,7 +242,7 @@ def train_pack(
             break
         started = time.perf_counter()
         ctx.epoch = epoch
-        loss_sum, correct = _train_epoch(ctx, scheme, data, data_gen, batch, progress)
+        loss_sum, correct = _train_epoch(ctx, scheme, data, batch, progress)
         last_hits: list[torch.Tensor] | None = [] if epoch == config.total_epochs - 1 else None
         test_loss, test_correct = evaluate(model, data.x_test, data.y_test, last_hits)
         if last_hits is not None:  # the final model's per-example correctness, to the host once
@@ -289,7 +298,9 @@ def train_pack(
         if any(ctx.alive) and epoch < config.total_epochs - 1:
             # None after the last epoch: the results follow at once (a trial stopped in between trains
             # that epoch again from the one before, to the same numbers).
-            sink.on_checkpoint(epoch, _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress))
+            sink.on_checkpoint(
+                epoch, _snapshot(model, optimizer, scheme, ctx.data_gens(), scheme_gens, progress)
+            )
 
     for k in range(len(seeds)):
         if k not in results:
@@ -314,18 +325,15 @@ def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[f
 
 
 def _train_epoch(
-    ctx: TrainContext,
-    scheme: Scheme,
-    data: LoadedData,
-    data_gen: torch.Generator,
-    batch: int,
-    progress: _Progress,
+    ctx: TrainContext, scheme: Scheme, data: LoadedData, batch: int, progress: _Progress
 ) -> tuple[torch.Tensor, torch.Tensor]:
     model, optimizer, monitor = ctx.model, ctx.optimizer, ctx.monitor
     device = data.x_train.device
     n_train = len(data.x_train)
-    order = torch.randperm(n_train, generator=data_gen).to(device)
-    draws = draw_epoch(ctx.config.data.augment, n_train, data_gen, device)  # None (no draw) for "none"
+    assert ctx.data_gen is not None
+    order = torch.randperm(n_train, generator=ctx.data_gen).to(device)
+    # None (no draw) for "none"; from the order stream unless the trial has its own augment_seed.
+    draws = draw_epoch(ctx.config.data.augment, n_train, ctx.augment_gen or ctx.data_gen, device)
     loss_sum = torch.zeros(len(ctx.generators), device=device)
     correct = torch.zeros(len(ctx.generators), device=device, dtype=torch.long)
     model.train()
@@ -399,23 +407,38 @@ def _built(config: TrialConfig, model: torch.nn.Module, seeds: int) -> dict[str,
     }
 
 
-def _snapshot(model, optimizer, scheme, data_gen, scheme_gens, progress: _Progress) -> dict[str, Any]:
+def source_generators(config: TrialConfig) -> tuple[torch.Generator, torch.Generator | None]:
+    """The batch-order generator and, when the trial splits it off, the augmentation generator.
+
+    Unsplit (order_seed None), order comes from data_seed, and augmentation shares that stream: the
+    numbers of every trial from before the split. The init seed's generators are trainers.models'."""
+    order = config.data_seed if config.order_seed is None else config.order_seed
+    data_gen = torch.Generator().manual_seed(order)
+    if config.augment_seed is None:
+        return data_gen, None
+    return data_gen, torch.Generator().manual_seed(config.augment_seed)
+
+
+def _snapshot(model, optimizer, scheme, data_gens, scheme_gens, progress: _Progress) -> dict[str, Any]:
     """References to live state: a sink that keeps it must serialize or copy it at once."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheme": scheme.state_dict(),
-        "data_gen": data_gen.get_state(),
+        "data_gen": data_gens[0].get_state(),
+        **({"augment_gen": data_gens[1].get_state()} if len(data_gens) > 1 else {}),
         "scheme_gens": [g.get_state() for g in scheme_gens],
         "progress": progress.state(),
     }
 
 
-def _restore(state, model, optimizer, scheme, data_gen, scheme_gens) -> _Progress:
+def _restore(state, model, optimizer, scheme, data_gens, scheme_gens) -> _Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheme.load_state_dict(state["scheme"])
-    data_gen.set_state(state["data_gen"])
+    data_gens[0].set_state(state["data_gen"])
+    if len(data_gens) > 1:
+        data_gens[1].set_state(state["augment_gen"])
     for gen, saved in zip(scheme_gens, state["scheme_gens"], strict=True):
         gen.set_state(saved)
     return _Progress.from_state(state["progress"])

@@ -112,7 +112,7 @@ def plan_table(plan: SweepPlan, rows: int = PLAN_TABLE_ROWS) -> Table:
             first.scheme.name,
             label or "defaults",
             config_hash,
-            _seed_text(t.seed for t in trials),
+            _seed_text(dict.fromkeys(t.seed for t in trials)) + _cells_text(plan),
             str(len(trials)),
         )
     return table
@@ -128,6 +128,12 @@ def _axes_label(trial: dict[str, Any], plan: SweepPlan) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         parts.append(f"{key}={node}")
     return " ".join(parts)
+
+
+def _cells_text(plan: SweepPlan) -> str:
+    """" x 10 order seeds x 2 replicates" when the seeds are split by source, else ""."""
+    factorial = plan.spec.factorial
+    return f" x {factorial.describe()}" if factorial is not None and factorial.describe() else ""
 
 
 def _seed_text(seeds: Any) -> str:

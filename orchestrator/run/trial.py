@@ -70,6 +70,7 @@ def trial_meta(config: TrialConfig, sweep: str, *, run_figure: bool = True) -> d
         "hparam_label": config.hparam_label(),
         "seed": config.seed,
         "data_seed": config.data_seed,
+        **config.source_seeds(),
         "model": config.model.name,
         "dataset": config.data.name,
         # A custom net's width is whatever its builder makes of its kwargs: model.filters means nothing there.
@@ -265,7 +266,7 @@ def run_trials(
     draws its MLflow run's CGN figure. `statuses`: each trial directory's status, read by the caller
     (orchestrator/run/policy.py's rule applies to them here; a worker call reads each status once).
     """
-    if len({c.config_hash() for c in configs}) != 1:
+    if len({c.pack_hash() for c in configs}) != 1:
         raise ValueError("a pack holds seeds of one configuration")
     if statuses is None:
         statuses = [trial_status(d) for d in trial_dirs]

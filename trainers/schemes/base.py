@@ -36,7 +36,13 @@ class TrainContext:
     step: int = 0
     alive: list[bool] = field(default_factory=list)  # False once a seed's loss diverged
     seeds: list[int] = field(default_factory=list)  # the trial seeds, in pack order
-    data_gen: torch.Generator | None = None  # batch order and augmentation (IMP replays it per round)
+    data_gen: torch.Generator | None = None  # batch order, and augmentation unless split (IMP replays it)
+    augment_gen: torch.Generator | None = None  # augmentation draws, when the trial has an augment_seed
+
+    def data_gens(self) -> list[torch.Generator]:
+        """The data streams a checkpoint carries and IMP replays: order, then augmentation if its own."""
+        assert self.data_gen is not None
+        return [self.data_gen] + ([self.augment_gen] if self.augment_gen is not None else [])
 
     def __post_init__(self) -> None:
         if not self.alive:

@@ -41,7 +41,9 @@ class Imp(Scheme):
         self.previous: list[torch.Tensor] | None = None  # the masks of the round before
         self.rewind_state: dict[str, torch.Tensor] | None = None
         self.fresh_state: dict[str, torch.Tensor] | None = None  # the control's init (seed + offset)
-        self.stashed_data_gen: torch.Tensor | None = None  # batch order of the rewound path
+        # The rewound path's data streams (order, then augmentation if split); a lone tensor in
+        # checkpoints from before the split.
+        self.stashed_data_gen: list[torch.Tensor] | torch.Tensor | None = None
         self.weights: list[MaskedWeight] = []
         self._last: list[dict[str, float | int | bool]] = []
 
@@ -119,11 +121,13 @@ class Imp(Scheme):
     def _replay_batches(self, ctx: TrainContext, *, starting_fresh: bool) -> None:
         """A fresh-init round sees the batches of the rewound round with its mask; the rewound path
         then continues its own stream, as in the rewound trial."""
-        assert ctx.data_gen is not None
+        gens = ctx.data_gens()
         if starting_fresh:
-            self.stashed_data_gen = ctx.data_gen.get_state()
+            self.stashed_data_gen = [g.get_state() for g in gens]
         elif self.stashed_data_gen is not None:
-            ctx.data_gen.set_state(self.stashed_data_gen)
+            stashed = self.stashed_data_gen
+            for gen, saved in zip(gens, stashed if isinstance(stashed, list) else [stashed], strict=True):
+                gen.set_state(saved)
             self.stashed_data_gen = None
 
     @torch.no_grad()
