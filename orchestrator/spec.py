@@ -233,7 +233,7 @@ class SeedFactorial(_Strict):
         return [o | a | s | r for o in axes[0] for a in axes[1] for s in axes[2] for r in repeats]
 
     def describe(self) -> str:
-        """"10 order seeds x 2 replicates": what each init seed is crossed with."""
+        """ "10 order seeds x 2 replicates": what each init seed is crossed with."""
         sources = (("order seeds", self.order), ("augment seeds", self.augment), ("splits", self.split))
         parts = [f"{len(seeds)} {name}" for name, seeds in sources if seeds]
         return " x ".join(parts + ([f"{self.replicates} replicates"] if self.replicates > 1 else []))
@@ -241,6 +241,7 @@ class SeedFactorial(_Strict):
 
 # What `seeds: {...}` takes when it splits the seed by source: init, then SeedFactorial's fields.
 FACTORIAL_KEYS: tuple[str, ...] = ("init", *SeedFactorial.model_fields)
+
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)  # a directory and an MLflow experiment name

@@ -131,7 +131,7 @@ def _axes_label(trial: dict[str, Any], plan: SweepPlan) -> str:
 
 
 def _cells_text(plan: SweepPlan) -> str:
-    """" x 10 order seeds x 2 replicates" when the seeds are split by source, else ""."""
+    """ " x 10 order seeds x 2 replicates" when the seeds are split by source, else ""."""
     factorial = plan.spec.factorial
     return f" x {factorial.describe()}" if factorial is not None and factorial.describe() else ""
 
