@@ -185,15 +185,18 @@ def _pair_with_reference(done: pd.DataFrame, value: str) -> pd.DataFrame:
     base = base.rename(columns={value: f"reference_{value}"})
     columns = ["trial_key", "config_hash", "pair_key", "seed", value]
     by_baseline = done.loc[~is_base & ~named, columns].merge(base, on=["pair_key", "seed"], how="inner")
-    arms = done[["config_hash", "seed", value]].rename(
+    # An arm pools the cells of a seed factorial: its trial of the same seed is the one of the same
+    # cell too (an unsplit trial's <NA> order/augment seeds match each other).
+    unit = ["seed", *SOURCE_SEEDS]
+    arms = done[["config_hash", *unit, value]].rename(
         columns={"config_hash": "reference_hash", value: f"reference_{value}"}
     )
-    if arms.duplicated(["reference_hash", "seed"]).any():
-        raise ValueError("several trials share a (config_hash, seed); cannot pair by seed")
+    if arms.duplicated(["reference_hash", *unit]).any():
+        raise ValueError("several trials share a (config_hash, seed, cell); cannot pair by seed")
     by_name = (
-        done.loc[named, columns + ["reference_hash"]]
-        .merge(arms, on=["reference_hash", "seed"], how="inner")
-        .drop(columns="reference_hash")
+        done.loc[named, [*columns, *SOURCE_SEEDS, "reference_hash"]]
+        .merge(arms, on=["reference_hash", *unit], how="inner")
+        .drop(columns=["reference_hash", *SOURCE_SEEDS])
     )
     return pd.concat([by_baseline, by_name], ignore_index=True)
 
