@@ -276,3 +276,37 @@ def test_the_pigeonhole_interval_of_the_init_share_covers_the_truth() -> None:
         covered += low <= share <= high
     print(f"95% pigeonhole bootstrap interval of the init share: coverage {covered / runs:.3f} over {runs}")
     assert 0.85 <= covered / runs <= 0.99
+
+
+def test_three_crossed_sources_recover_their_components_and_pooled_interactions() -> None:
+    # init x order x augmentation, 6 levels each, 2 replicates; each two-way interaction SD 0.3 and the
+    # three-way 0.2 points, pooled: 3 * 0.09 + 0.04 = 0.31 points^2.
+    rng = np.random.default_rng(12)
+    sd = {"seed": 1.5, "order_seed": 1.0, "augment_seed": 0.7}
+    truth = [1.5**2, 1.0**2, 0.7**2, 3 * 0.3**2 + 0.2**2, 0.25**2]
+    i, j, k, rep = np.meshgrid(*(range(6),) * 3, range(2), indexing="ij")
+    estimates = []
+    for _ in range(60):
+        y = 80 + sum(rng.normal(0, s, 6)[axis] for axis, s in zip((i, j, k), sd.values(), strict=True))
+        for a, b in itertools.combinations((i, j, k), 2):
+            y = y + rng.normal(0, 0.3, (6, 6))[a, b]
+        y = y + rng.normal(0, 0.2, (6, 6, 6))[i, j, k] + rng.normal(0, 0.25, y.shape)
+        frame = pd.DataFrame(
+            {"seed": i.ravel(), "order_seed": j.ravel(), "augment_seed": k.ravel(), "replicate": rep.ravel()}
+        ).assign(test_accuracy=y.ravel() / 100)
+        result = variance_components(frame, n_boot=0)
+        estimates.append([pts2(result, n) for n in [*sd, INTERACTION, NONDETERMINISM]])
+    # Mean of 60 designs: within 3 standard errors of the truth (6 levels: a main effect's estimate
+    # has a relative SD of about sqrt(2 / 5) per design).
+    np.testing.assert_allclose(np.mean(estimates, axis=0), truth, rtol=0.25)
+    np.testing.assert_allclose(np.mean(estimates, axis=0)[3:], truth[3:], rtol=0.05)
+    timed = variance_components(frame, n_boot=1000)
+    assert timed["n_trials"] == 432 and timed["components"]["augment_seed"]["n_levels"] == 6
+
+
+def test_rows_with_the_same_seeds_and_no_replicate_column_are_replicates() -> None:
+    acc = [0.80, 0.82, 0.70, 0.71]  # two seeds, each run twice: within-cell variance (0.02^2 + 0.01^2) / 4
+    frame = pd.DataFrame({"seed": [0, 0, 1, 1], "test_accuracy": acc})
+    parts = variance_components(frame, n_boot=0)["components"]
+    assert parts[NONDETERMINISM]["variance"] == pytest.approx((0.01**2 + 0.01**2 + 0.005**2 + 0.005**2) / 2)
+    assert parts[NONDETERMINISM]["n_levels"] == 2 and parts["seed"]["note"] == ""
