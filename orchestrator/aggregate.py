@@ -25,7 +25,10 @@ from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
 from dashboards.rounds import ROUND_COLUMNS, round_summary
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
+from dashboards.sources import empty_variance, variance_table
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.variance import TITLE as VARIANCE_TITLE
+from dashboards.variance import variance_display
 from orchestrator import layout
 from orchestrator.errors import UserError
 from trainers.config import SOURCE_SEEDS
@@ -55,6 +58,8 @@ class AggregateResult:
     decision: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame({c: pd.Series(dtype=d) for c, d in DECISION_COLUMNS.items()})
     )
+    # Variance by source per arm that splits its seeds (dashboards.variance.VARIANCE_COLUMNS); else empty.
+    variance: pd.DataFrame = field(default_factory=empty_variance)
 
 
 def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -204,6 +209,7 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
         rounds=round_summary(trials, epochs),
         looks=sequential_looks(sweep_dir, trials),
         decision=decide(trials),
+        variance=variance_table(trials),
     )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
@@ -230,8 +236,9 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
     if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
         paths.pop("rounds")
-    if not paths["looks"].exists():  # aggregated before sequential studies existed: a fixed design
-        paths.pop("looks")
+    for optional in ("looks", "variance"):  # aggregated before these tables existed: empty ones
+        if not paths[optional].exists():
+            paths.pop(optional)
     derived = {}
     if not paths["decision"].exists():  # aggregated before decision tables: derived from the trials
         paths.pop("decision")
@@ -243,6 +250,7 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
         )
     tables = {name: _read_frame(path) for name, path in paths.items()}
     tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
+    tables.setdefault("variance", empty_variance())
     tables.update({name: derive(tables["trials"]) for name, derive in derived.items()})
     return AggregateResult(**tables)
 
@@ -396,6 +404,25 @@ def format_decision_table(decision: pd.DataFrame) -> Table:
             *("-" if pd.isna(v) else _pct(v, 2) for v in (getattr(r, f"best_of_{n}") for n in BEST_OF)),
             f"{_pct(r.acc_sd, 2)} ({_pct(r.test_floor_sd, 2)})",
         )
+    return table
+
+
+def format_variance_table(variance: pd.DataFrame) -> Table:
+    """Variance by source: per arm that splits its seeds, each source's SD and share of the variance."""
+    table = Table(
+        title=f"{VARIANCE_TITLE} (SD of final test accuracy in points; share of the variance, "
+        "pigeonhole bootstrap 95% CI)",
+        caption=(
+            "Two-way (or more) crossed random-effects ANOVA per arm, components truncated at 0 "
+            "(docs/statistics.md). nondet.: the SD across identical replicates. Test-set floor: the SD the "
+            "finite test set alone gives (sqrt(sum p_i(1-p_i)) / n from the seeds' per-example correctness)."
+        ),
+        caption_justify="left",
+    )
+    display = variance_display(variance)
+    _add_columns(table, list(display.columns), text=("arm", "source", "note"))
+    for row in display.itertuples(index=False):
+        table.add_row(*map(str, row))
     return table
 
 

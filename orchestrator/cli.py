@@ -274,6 +274,7 @@ def aggregate(
         format_looks_table,
         format_rounds_table,
         format_summary_table,
+        format_variance_table,
         sequential_statement,
     )
     from orchestrator.tracking.study import summary_to_parent
@@ -285,6 +286,8 @@ def aggregate(
     for line in never_acted(result.summary):
         console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     table_console().print(format_decision_table(result.decision))
+    if not result.variance.empty:
+        table_console().print(format_variance_table(result.variance))
     if not result.rounds.empty:
         table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):
