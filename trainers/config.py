@@ -209,8 +209,22 @@ RESETTING_SCHEMES: tuple[str, ...] = tuple(
 # The trial's seeds besides the init seed `seed` (docs/seeds.md): the one list that the plan's rows,
 # config.json, the trials table and the variance-by-source table take their columns from.
 SOURCE_SEEDS: tuple[str, ...] = ("order_seed", "augment_seed", "replicate")
+# A fate-clock child's columns in the plan, config.json and the trials tables (TrialConfig.lineage).
+FORK_FIELDS: tuple[str, ...] = ("fork_at", "fork_child")
+# Schemes that cannot fork: their trained state is not the net's weights (see TrialConfig._forkable).
+UNFORKABLE_SCHEMES: tuple[str, ...] = ("imp", "edgepopup")
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # trainers.models.MODELS builds each; a test checks
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # trainers.data loads each; a test checks
+
+
+class ForkConfig(Strict):
+    """A child of the fate clock (Frankle et al. 2020, "Linear mode connectivity and the lottery ticket
+    hypothesis"): it trains its parent's first `at` fraction of steps exactly as the parent does (same
+    init, batches and draws: bit-identical on CPU, so no checkpoint passes between trials), then goes
+    on with batch order and augmentation of its own, drawn from `child` (trainers/fork.py)."""
+
+    at: float = Field(ge=0.0, lt=1.0)  # fraction of the trial's optimizer steps shared with the parent
+    child: int = Field(ge=1, le=1000)  # which child: its own streams after the fork
 
 
 class TrialConfig(Strict):
@@ -232,6 +246,8 @@ class TrialConfig(Strict):
     augment_seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # Repeats of identical seeds: changes no number, only the trial key, so nondeterminism shows.
     replicate: int = Field(0, ge=0, le=10_000)
+    # A fate-clock child (ForkConfig); None: an ordinary trial, a parent of its children if forked.
+    fork: ForkConfig | None = None
     # The CGN threshold of the "below tau" counts. A randomout trial has one threshold for its resets
     # and its counts, and it lives in scheme.tau: `_one_tau` routes a tau given in the other place.
     tau: float = Field(DEFAULT_TAU, ge=0.0)
@@ -286,6 +302,17 @@ class TrialConfig(Strict):
                 raise ValueError("scheme.metric 'oracle' needs data.val_fraction > 0 (a held-out split)")
         return self
 
+    @model_validator(mode="after")
+    def _forkable(self) -> TrialConfig:
+        """A child is compared with its sibling along the straight line between their weights: a scheme
+        whose weights are not the net's (edge-popup's scores, IMP's masks and rounds) has no such line."""
+        if self.fork is not None and self.scheme.name in UNFORKABLE_SCHEMES:
+            raise ValueError(
+                f"fork: scheme {self.scheme.name} cannot fork (its trained state is not the net's weights); "
+                "fork baseline, batchnorm, randomout or repr arms"
+            )
+        return self
+
     @property
     def total_epochs(self) -> int:
         """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`."""
@@ -329,6 +356,13 @@ class TrialConfig(Strict):
             doc["seed"] = self.seed  # always present: a default-valued seed must still name its trial
         return doc
 
+    def lineage(self) -> dict[str, float | int | None]:
+        """FORK_FIELDS: where a fate-clock child forks and which child it is (None for a parent)."""
+        return {
+            "fork_at": self.fork.at if self.fork else None,
+            "fork_child": self.fork.child if self.fork else None,
+        }
+
     def source_seeds(self) -> dict[str, int | None]:
         """The seeds besides the init seed that a trial varies by source (SOURCE_SEEDS), as set."""
         return {name: getattr(self, name) for name in SOURCE_SEEDS}
@@ -354,10 +388,11 @@ class TrialConfig(Strict):
         return _short_hash(self.identity(include_seed=True))
 
     def config_hash(self) -> str:
-        """The arm: identity minus every seed (init, order, augment) and replicate, so an arm pools the
-        trials of a seed factorial. Equal to pack_hash for a trial that splits no seed."""
+        """The arm: identity minus every seed (init, order, augment), replicate and fork, so an arm pools
+        the trials of a seed factorial and holds its fate-clock children (aggregated apart from it).
+        Equal to pack_hash for a trial that splits no seed and is no child."""
         doc = self.identity(include_seed=False)
-        for name in SOURCE_SEEDS:
+        for name in (*SOURCE_SEEDS, "fork"):
             doc.pop(name, None)
         return _short_hash(doc)
 

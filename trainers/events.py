@@ -204,6 +204,7 @@ class MemorySink:
         self.traces: list[CgnTrace] = []
         self.results: list[TrialResult] = []
         self.checkpoints: list[tuple[int, dict[str, Any]]] = []
+        self.weights: dict[int, dict[str, Any]] = {}  # seed -> final state dict (fate-clock children)
         self._keep_checkpoints = keep_checkpoints
 
     def on_epoch(self, record: EpochRecord, trace: CgnTrace) -> None:
@@ -213,6 +214,9 @@ class MemorySink:
     def on_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
         if self._keep_checkpoints:
             self.checkpoints.append((epoch, copy.deepcopy(state)))
+
+    def on_weights(self, seed: int, state: dict[str, Any]) -> None:
+        self.weights[seed] = state
 
     def on_result(self, result: TrialResult) -> None:
         self.results.append(result)

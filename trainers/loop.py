@@ -26,6 +26,7 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
+from trainers.fork import fork_step, leave_parent_streams
 from trainers.funcpack import generic_pack_problem
 from trainers.models import derive_seeds
 from trainers.optim import RowAdam
@@ -237,6 +238,7 @@ def train_pack(
     n_train, n_test = len(data.x_train), len(data.x_test)
     check_batch_size(config.batch_size, config.full_batch, data)
     batch = n_train if config.full_batch else config.batch_size
+    ctx.fork_step = fork_step(config, n_train, batch)
     for epoch in range(progress.epoch, config.total_epochs):
         if not any(ctx.alive):
             break
@@ -304,10 +306,24 @@ def train_pack(
 
     for k in range(len(seeds)):
         if k not in results:
+            if config.fork is not None:  # before the result: a finished child always has its weights
+                sink_weights = getattr(sink, "on_weights", None)
+                if sink_weights is not None:
+                    sink_weights(seeds[k], seed_weights(model, k, config, seeds[k], data))
             hits = encode(final_hits[k]) if final_hits is not None else NOT_RECORDED
             results[k] = _result(config, k, data, progress, scheme, device, built, hits)
             sink.on_result(results[k])
     return [results[k] for k in range(len(seeds))]
+
+
+def seed_weights(
+    model: torch.nn.Module, k: int, config: TrialConfig, seed: int, data: LoadedData
+) -> dict[str, torch.Tensor]:
+    """Seed k's trained state as one ordinary model's state dict, on the CPU."""
+    unpack = getattr(model, "unpack", None)
+    if unpack is not None:
+        model = unpack(k, build_pack(config, [seed], data).to(next(model.parameters()).device))
+    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
 
 
 def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[float]:
@@ -338,6 +354,8 @@ def _train_epoch(
     correct = torch.zeros(len(ctx.generators), device=device, dtype=torch.long)
     model.train()
     for start in range(0, n_train, batch):
+        if progress.steps == ctx.fork_step:  # a host int: no sync
+            order, draws = leave_parent_streams(ctx, order, draws, start)
         idx = order[start : start + batch]
         size = min(batch, n_train - start)
         x, y = data.x_train[idx], data.y_train[idx]

@@ -38,6 +38,7 @@ class TrainContext:
     seeds: list[int] = field(default_factory=list)  # the trial seeds, in pack order
     data_gen: torch.Generator | None = None  # batch order, and augmentation unless split (IMP replays it)
     augment_gen: torch.Generator | None = None  # augmentation draws, when the trial has an augment_seed
+    fork_step: int | None = None  # a fate-clock child leaves its parent's streams here (trainers/fork.py)
 
     def data_gens(self) -> list[torch.Generator]:
         """The data streams a checkpoint carries and IMP replays: order, then augmentation if its own."""
