@@ -10,8 +10,10 @@ tables do, and hands over each arm's per-example correctness for its test-set fl
 from __future__ import annotations
 
 import pandas as pd
+from rich.table import Table
 
-from dashboards.variance import VARIANCE_COLUMNS, variance_by_source
+from dashboards.variance import TITLE as VARIANCE_TITLE
+from dashboards.variance import VARIANCE_COLUMNS, variance_by_source, variance_display
 from trainers.config import SOURCE_SEEDS
 
 SOURCES: tuple[str, ...] = ("seed", *SOURCE_SEEDS[:-1])  # init, order, augment (the replicate aside)
@@ -57,3 +59,23 @@ def variance_table(trials: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     }
     table = variance_by_source(frame, SOURCES, replicate=REPLICATE, test_correct=correct, n_boot=n_boot)
     return table.assign(source=table["source"].replace(SOURCE_NAMES))
+
+
+def format_variance_table(variance: pd.DataFrame) -> Table:
+    """Variance by source: per arm that splits its seeds, each source's SD and share of the variance."""
+    table = Table(
+        title=f"{VARIANCE_TITLE} (SD of final test accuracy in points; share of the variance, "
+        "pigeonhole bootstrap 95% CI)",
+        caption=(
+            "Two-way (or more) crossed random-effects ANOVA per arm, components truncated at 0 "
+            "(docs/statistics.md). nondet.: the SD across identical replicates. Test-set floor: the SD the "
+            "finite test set alone gives (sqrt(sum p_i(1-p_i)) / n from the seeds' per-example correctness)."
+        ),
+        caption_justify="left",
+    )
+    display = variance_display(variance)
+    for column in display.columns:
+        table.add_column(column, justify="left" if column in ("arm", "source", "note") else "right")
+    for row in display.itertuples(index=False):
+        table.add_row(*map(str, row))
+    return table

@@ -52,6 +52,8 @@ TRIAL_COLUMNS: dict[str, str] = {
     "filters": "Int64",
     "seed": "Int64",  # the init seed
     **dict.fromkeys(SOURCE_SEEDS, "Int64"),  # <NA> order/augment seed: the trial did not split it off
+    "fork_at": "float64",  # a fate-clock child's fork point (NaN: not a child; trainers/fork.py)
+    "fork_child": "Int64",
     "status": "string",  # one of STATUSES
     "final_test_acc": "float64",
     "best_test_acc": "float64",

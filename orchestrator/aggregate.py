@@ -22,16 +22,16 @@ import pyarrow as pa
 from rich.table import Table
 
 from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
+from dashboards.fate import empty_fate
 from dashboards.rounds import ROUND_COLUMNS, round_summary
 from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.sources import empty_variance, variance_table
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
-from dashboards.variance import TITLE as VARIANCE_TITLE
-from dashboards.variance import variance_display
 from orchestrator import layout
 from orchestrator.errors import UserError
-from trainers.config import SOURCE_SEEDS
+from orchestrator.fate import fate_tables
+from trainers.config import FORK_FIELDS, SOURCE_SEEDS
 from trainers.events import EPOCH_COLUMNS, TABLE, failure_rule_text, result_fields
 
 # metrics.parquet columns (one row per completed epoch), plus the trial columns we attach.
@@ -41,7 +41,16 @@ EPOCH_COLUMNS: dict[str, str] = {
     **{c: TRIAL_COLUMNS[c] for c in _EPOCH_IDENTITY},
     **METRIC_COLUMNS,
 }
-_CONFIG_FIELDS = ("config_hash", "pair_key", "sweep", "scheme", "hparam_label", "seed", *SOURCE_SEEDS)
+_CONFIG_FIELDS = (
+    "config_hash",
+    "pair_key",
+    "sweep",
+    "scheme",
+    "hparam_label",
+    "seed",
+    *SOURCE_SEEDS,
+    *FORK_FIELDS,
+)
 _CONFIG_FIELDS += ("model", "dataset")  # config.json's fields that its trial's row takes as they are
 _RESULT_FIELDS = result_fields(TABLE)  # what a finished trial's result.json gives its row
 
@@ -60,6 +69,9 @@ class AggregateResult:
     )
     # Variance by source per arm that splits its seeds (dashboards.variance.VARIANCE_COLUMNS); else empty.
     variance: pd.DataFrame = field(default_factory=empty_variance)
+    # A forked sweep's fate-clock children (TRIAL_COLUMNS; not in `trials`) and their table (FATE_COLUMNS).
+    children: pd.DataFrame = field(default_factory=lambda: _typed_trials([]))
+    fate: pd.DataFrame = field(default_factory=empty_fate)
 
 
 def _planned(sweep_dir: layout.Location, on_disk: set[str]) -> list[dict[str, Any]]:
@@ -200,7 +212,7 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
     """Load, summarise and write `<sweep_dir>/aggregate/{trials,epochs,summary}.parquet` (in the sweep
     directory wherever it lives: on an object store the tables go to the same store)."""
     sweep_dir = layout.location(sweep_dir)
-    trials = load_trials(sweep_dir)
+    trials, children, fate = fate_tables(sweep_dir, load_trials(sweep_dir))
     epochs = load_epochs(sweep_dir, trials)
     result = AggregateResult(
         trials=trials,
@@ -210,6 +222,8 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
         looks=sequential_looks(sweep_dir, trials),
         decision=decide(trials),
         variance=variance_table(trials),
+        children=children,
+        fate=fate,
     )
     layout.aggregate_dir(sweep_dir).mkdir(exist_ok=True)
     for table in fields(AggregateResult):
@@ -236,7 +250,7 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     paths = {table.name: layout.aggregate_table(sweep_dir, table.name) for table in fields(AggregateResult)}
     if not paths["rounds"].exists():  # aggregated before IMP rounds were tabulated
         paths.pop("rounds")
-    for optional in ("looks", "variance"):  # aggregated before these tables existed: empty ones
+    for optional in ("looks", "variance", "children", "fate"):  # aggregated before these existed: empty
         if not paths[optional].exists():
             paths.pop(optional)
     derived = {}
@@ -251,6 +265,8 @@ def read_aggregate(sweep_dir: layout.Location) -> AggregateResult:
     tables = {name: _read_frame(path) for name, path in paths.items()}
     tables.setdefault("rounds", pd.DataFrame({c: pd.Series(dtype=d) for c, d in ROUND_COLUMNS.items()}))
     tables.setdefault("variance", empty_variance())
+    tables.setdefault("children", _typed_trials([]))
+    tables.setdefault("fate", empty_fate())
     tables.update({name: derive(tables["trials"]) for name, derive in derived.items()})
     return AggregateResult(**tables)
 
@@ -404,25 +420,6 @@ def format_decision_table(decision: pd.DataFrame) -> Table:
             *("-" if pd.isna(v) else _pct(v, 2) for v in (getattr(r, f"best_of_{n}") for n in BEST_OF)),
             f"{_pct(r.acc_sd, 2)} ({_pct(r.test_floor_sd, 2)})",
         )
-    return table
-
-
-def format_variance_table(variance: pd.DataFrame) -> Table:
-    """Variance by source: per arm that splits its seeds, each source's SD and share of the variance."""
-    table = Table(
-        title=f"{VARIANCE_TITLE} (SD of final test accuracy in points; share of the variance, "
-        "pigeonhole bootstrap 95% CI)",
-        caption=(
-            "Two-way (or more) crossed random-effects ANOVA per arm, components truncated at 0 "
-            "(docs/statistics.md). nondet.: the SD across identical replicates. Test-set floor: the SD the "
-            "finite test set alone gives (sqrt(sum p_i(1-p_i)) / n from the seeds' per-example correctness)."
-        ),
-        caption_justify="left",
-    )
-    display = variance_display(variance)
-    _add_columns(table, list(display.columns), text=("arm", "source", "note"))
-    for row in display.itertuples(index=False):
-        table.add_row(*map(str, row))
     return table
 
 

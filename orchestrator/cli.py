@@ -266,6 +266,7 @@ def aggregate(
     sweep: Annotated[str, typer.Argument(help=SWEEP_HELP)],
 ) -> None:
     """Summarise a sweep's trials; write Parquet tables and attach them to the sweep's parent run."""
+    from dashboards.sources import format_variance_table
     from dashboards.stats import never_acted
     from orchestrator.aggregate import aggregate as aggregate_sweep
     from orchestrator.aggregate import (
@@ -274,9 +275,9 @@ def aggregate(
         format_looks_table,
         format_rounds_table,
         format_summary_table,
-        format_variance_table,
         sequential_statement,
     )
+    from orchestrator.fate import format_fate_table
     from orchestrator.tracking.study import summary_to_parent
     from orchestrator.tracking.sweep import attach_files, parent_record
 
@@ -288,6 +289,8 @@ def aggregate(
     table_console().print(format_decision_table(result.decision))
     if not result.variance.empty:
         table_console().print(format_variance_table(result.variance))
+    if not result.fate.empty:
+        table_console().print(format_fate_table(result.fate))
     if not result.rounds.empty:
         table_console().print(format_rounds_table(result.rounds))
     for line in damaged_lines(result.trials):

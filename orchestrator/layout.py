@@ -105,6 +105,9 @@ CONFIG, METRICS, LAYERS, TRACE, RESULT, ERROR, CHECKPOINT = (
 )
 TRACE_PARTS, ATTEMPTS = "trace_parts", "attempts.jsonl"
 CGN_FIGURE = "cgn_filters.png"  # drawn where the trial runs: the driver only uploads it
+FINAL_WEIGHTS = (
+    "final_weights.pt"  # a fate-clock child's trained state dict (trainers/fork.py), before its result
+)
 FAILURE = "failure.json"  # a unit's last failed attempt: a repeat of it is not retried (run/repeats.py)
 FAULT_MARKER = ".fault_injected"  # tests only: the injected fault has fired (orchestrator/run/trainable.py)
 EPOCH_MARK = "epoch.json"  # the whole content of a checkpoint reported to Tune

@@ -49,7 +49,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import UserError, did_you_mean, plain_message, unknown_field_message
-from trainers.config import MAX_SEED, SCHEMES, TrialConfig
+from trainers.config import MAX_SEED, SCHEMES, UNFORKABLE_SCHEMES, ForkConfig, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_RULE = "at most 64 characters: letters, digits, . _ - (the first a letter or digit)"
@@ -239,6 +239,34 @@ class SeedFactorial(_Strict):
         return " x ".join(parts + ([f"{self.replicates} replicates"] if self.replicates > 1 else []))
 
 
+class ForkPlan(_Strict):
+    """`fork: {at: [0, 0.01, 0.05, 0.2], children: M}`: the fate clock (trainers/fork.py). Every trial of
+    the plan is a parent; for each fraction in `at`, M children train its first `at` of the steps as it
+    does and then draw batches (and augmentation) of their own. `lottery aggregate` prints the "Fate
+    clock" table from them (dashboards/fate.py); the summary and every other table leave them out."""
+
+    at: list[float] = Field(min_length=1, max_length=20)  # fractions of training, each in [0, 1)
+    children: int = Field(2, ge=2, le=100)  # per parent and fraction; 2 at least: the barrier is between two
+
+    @field_validator("at")
+    @classmethod
+    def _fractions(cls, at: list[float]) -> list[float]:
+        bad = next((a for a in at if not 0 <= a < 1), None)
+        if bad is not None:
+            raise ValueError(f"{bad} is not a fraction of training in [0, 1); write e.g. at: [0, 0.05, 0.2]")
+        if len(set(at)) != len(at):
+            raise ValueError("a fraction is listed twice; list each fork point once")
+        return sorted(at)
+
+    def children_of(self, config: TrialConfig) -> list[TrialConfig]:
+        """The configuration's children, fork point by fork point, child by child (seed not yet set)."""
+        return [
+            config.model_copy(update={"fork": ForkConfig(at=at, child=c)})
+            for at in self.at
+            for c in range(1, self.children + 1)
+        ]
+
+
 # What `seeds: {...}` takes when it splits the seed by source: init, then SeedFactorial's fields.
 FACTORIAL_KEYS: tuple[str, ...] = ("init", *SeedFactorial.model_fields)
 
@@ -253,6 +281,7 @@ class SweepSpec(_Strict):
     # Set from `seeds: {init, order, augment, split, replicates}` (SeedFactorial): the init seeds stay
     # above, and every trial runs once per cell of the other sources.
     factorial: SeedFactorial | None = None
+    fork: ForkPlan | None = None  # the fate clock: children forked from every trial (ForkPlan)
     schemes: list[SchemeEntry] = Field(min_length=1)
     grid: Grid = {}  # TrialConfig paths crossed for every scheme
     failure_margin: float = Field(0.05, ge=0.0, lt=1.0)  # failed if test acc <= chance + margin
@@ -447,6 +476,7 @@ def plan_row(trial: TrialConfig) -> dict[str, Any]:
         "hparam_label": trial.hparam_label(),
         "seed": trial.seed,
         **trial.source_seeds(),
+        **trial.lineage(),
     }
 
 
@@ -578,7 +608,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
             first_entry[key] = index
             configs += [_in_cell(config, cell, index) for cell in cells]
     if spec.sequential is None:
-        trials = [config.with_seed(seed) for config in configs for seed in spec.seeds]
+        trials = [config.with_seed(seed) for config in _with_children(spec, configs) for seed in spec.seeds]
         return SweepPlan(spec=spec, trials=tuple(trials), units=pack_units(spec, trials))
     trials, units, ends = [], [], []
     size = spec.sequential.batch
@@ -588,6 +618,21 @@ def expand(spec: SweepSpec) -> SweepPlan:
         trials += batch
         ends.append(len(trials))
     return SweepPlan(spec=spec, trials=tuple(trials), units=tuple(units), batch_ends=tuple(ends))
+
+
+def _with_children(spec: SweepSpec, configs: list[TrialConfig]) -> list[TrialConfig]:
+    """Each configuration followed by its fate-clock children, when the spec forks."""
+    if spec.fork is None:
+        return configs
+    out = []
+    for config in configs:
+        if config.scheme.name in UNFORKABLE_SCHEMES:
+            raise UserError(
+                f"fork: scheme {config.scheme.name} cannot fork (its trained state is not the net's "
+                "weights); fork baseline, batchnorm, randomout or repr, or drop fork"
+            )
+        out += [config, *spec.fork.children_of(config)]
+    return out
 
 
 def _in_cell(config: TrialConfig, cell: dict[str, int], index: int) -> TrialConfig:
@@ -608,9 +653,11 @@ def check_trial_count(spec: SweepSpec) -> None:
     top = math.prod(len(values) for values in spec.grid.values())
     configs = sum(top * math.prod(len(values) for values in e.grid.values()) for e in spec.schemes)
     cells = len(spec.seed_cells())
-    trials = configs * len(spec.seeds) * cells
+    family = 1 + (len(spec.fork.at) * spec.fork.children if spec.fork else 0)  # a parent and its children
+    trials = configs * len(spec.seeds) * cells * family
     if trials > spec.max_trials:
         crossed = f" x {cells:,} seed cells ({spec.factorial.describe()})" if spec.factorial else ""
+        crossed += f" x {family} (a parent and its fate-clock children)" if spec.fork else ""
         raise UserError(
             f"max_trials: this spec plans {trials:,} trials ({configs:,} configurations x "
             f"{len(spec.seeds):,} seeds{crossed}), more than max_trials {spec.max_trials:,}; shrink the "
@@ -622,6 +669,8 @@ def _check_sequential(spec: SweepSpec) -> None:
     """What a sequential study's fields mean together: a batch within max, a rule over named schemes."""
     if spec.sequential is None:
         return
+    if spec.fork is not None:
+        raise UserError("fork: a sequential study cannot fork yet; drop fork or the study's batch and until")
     if spec.factorial is not None:
         raise UserError(
             "seeds: a sequential study cannot split seeds by source yet; drop order, augment and split"

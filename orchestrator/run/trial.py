@@ -26,6 +26,7 @@ from orchestrator.layout import (
     CHECKPOINT,
     CONFIG,
     ERROR,
+    FINAL_WEIGHTS,
     LAYERS,
     METRICS,
     RESULT,
@@ -71,6 +72,7 @@ def trial_meta(config: TrialConfig, sweep: str, *, run_figure: bool = True) -> d
         "seed": config.seed,
         "data_seed": config.data_seed,
         **config.source_seeds(),
+        **config.lineage(),
         "model": config.model.name,
         "dataset": config.data.name,
         # A custom net's width is whatever its builder makes of its kwargs: model.filters means nothing there.
@@ -125,6 +127,12 @@ class TrialDirSink:
         atomic_write_table(trace_part(self.dir, epoch), pa.table(trace.columns()))
         atomic_write_table(self.dir / METRICS, pa.Table.from_pylist(self._metrics))
         atomic_write_table(self.dir / LAYERS, pa.Table.from_pylist(self._layers))
+
+    def on_weights(self, seed: int, state: dict[str, Any]) -> None:
+        """A fate-clock child's final weights, written before its result (so a result means they exist)."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.dir / FINAL_WEIGHTS, buffer.getvalue())
 
     def on_result(self, result: TrialResult) -> None:
         trace = self._consolidate_trace(result.epochs_done)
@@ -214,6 +222,11 @@ class PackSink:
         atomic_write_bytes(self.pack_dir / CHECKPOINT, buffer.getvalue())
         if self._checkpoint_hook:
             self._checkpoint_hook(epoch, state)
+
+    def on_weights(self, seed: int, state: dict[str, Any]) -> None:
+        sink = self._live(seed)
+        if sink is not None:
+            sink.on_weights(seed, state)
 
     def on_result(self, result: TrialResult) -> None:
         sink = self._live(result.seed)
