@@ -176,14 +176,13 @@ class ImpScheme(Strict):
     rewind_step: int = Field(0, ge=0)  # 0: the original initialisation (the LTH setting)
     reinit: bool = False  # the ticket control: same masks, fresh init from seed + reinit_offset
     reinit_offset: int = Field(1_000_003, ge=1)
-    # Per-kind rates (scope layer only); None: `rate`.
-    conv_rate: float | None = Field(None, gt=0.0, lt=1.0)
-    linear_rate: float | None = Field(None, gt=0.0, lt=1.0)
+    conv_rate: float | None = Field(None, gt=0.0, lt=1.0)  # each conv layer's rate; null: `rate`
+    linear_rate: float | None = Field(None, gt=0.0, lt=1.0)  # each linear layer's rate; null: `rate`
     # The output layer (the last linear layer): pruned like the others (same), at half the linear
-    # rate (half), or never (exclude).
+    # rate (half; Frankle & Carbin 2019) or never (exclude; OpenLTH's LeNet and VGG).
     output_layer: Literal["same", "half", "exclude"] = "same"
-    # A rewound round trains `full`: all of round 0's T steps again from the rewind point, or
-    # `remaining`: the T - rewind_step steps left, ending where round 0 ended.
+    # A rewound round trains all of round 0's T steps again from the rewind point (full), or the
+    # T - rewind_step steps left, ending where round 0 ended (remaining; OpenLTH).
     round_steps: Literal["full", "remaining"] = "full"
 
     @field_validator("conv_rate", "linear_rate")
@@ -319,7 +318,9 @@ class TrialConfig(Strict):
 
     @property
     def total_epochs(self) -> int:
-        """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`."""
+        """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`. IMP
+        with `round_steps: remaining` skips a later round's epochs before its rewind point (not
+        trained or recorded), so its epoch numbers run to this count with gaps."""
         if isinstance(self.scheme, ImpScheme):
             return self.epochs * len(self.scheme.phases())
         return self.epochs
