@@ -9,7 +9,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 from trialfactory import config
+from typer.testing import CliRunner
 
+from orchestrator.cli import app
 from trainers.cgn import CgnMonitor
 from trainers.config import ImpScheme, TrialConfig
 from trainers.data import load_data
@@ -182,3 +184,13 @@ def test_a_rewind_point_at_the_end_of_round_0_leaves_nothing_to_train(digits):
         ValueError, match=r"^scheme.rewind_step: 6 leaves none of round 0's 6 optimizer steps"
     ):
         train(cfg, MemorySink(), data=digits)
+
+
+def test_lottery_train_reports_the_rewind_point_in_one_line_and_exits_2(tmp_path):
+    args = ["train", "--scheme=imp", "--epochs=1", "--set=scheme.rounds=1", "--set=scheme.rewind_step=22"]
+    args += ["--set=scheme.round_steps=remaining", "--set=device=cpu", f"--out={tmp_path}", "--no-mlflow"]
+    result = CliRunner().invoke(app, args)  # digits at batch 64: 22 steps per epoch
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: scheme.rewind_step: 22 leaves none of round 0's 22 optimizer steps")
+    assert "Traceback" not in result.output

@@ -4,22 +4,22 @@ A trial is a list of phases of `epochs` epochs each (`ImpScheme.phases`), so the
 loop: at the end of a phase the scheme prunes (when the next phase starts a new round), loads the
 next phase's starting weights with the mask applied, and restarts the optimizer state. Round 0 is
 the dense net; round r keeps (1 - rate)^r of the pruned layers' weights (exactly: round(rate * kept)
-more are pruned each round).
+more are pruned each round, at each layer's own rate where the rates differ).
 
 Rewinding: the whole model state after `rewind_step` optimizer steps of round 0 (0: the initial
-weights) is kept and every rewound round starts from it, times the mask. With `round_steps:
-remaining` a later round trains only round 0's steps after the rewind point (OpenLTH trains a level
-from its start step to the same end step): it skips the first `rewind_step` steps of its `epochs`
-(whole epochs are not trained, evaluated or recorded; the epoch holding the rewind point trains the
-tail of its batch order), so epoch e of every round covers the same steps of the schedule and a
-resume needs no state beyond the epoch number.
+weights) is kept and every rewound round starts from it, times the mask. Pruned weights get zero
+gradient (a hook on the weight, so CGN statistics see it too) and are multiplied by the mask after
+every step, so they stay exactly zero. With `round_steps: remaining` a later round trains only
+round 0's steps after the rewind point (OpenLTH trains a level from its start step to the same end
+step): it skips the first `rewind_step` steps of its `epochs` (whole epochs are not trained,
+evaluated or recorded; the epoch holding the rewind point trains the tail of its batch order), so
+epoch e of every round covers the same steps of the schedule and a resume needs no state beyond the
+epoch number.
 
 Which layers are pruned at which rate (`_groups`): each conv/linear weight in module order at its
 kind's rate (scope layer) or all ranked together at `rate` (scope global); the output layer is the
 last of them and must be linear when `output_layer` is not `same`: `half` prunes it alone at half
-the linear rate, `exclude` keeps it whole (it still counts, as kept, in the sparsity). Pruned weights get zero
-gradient (a hook on the weight, so CGN statistics see it too) and are multiplied by the mask after
-every step, so they stay exactly zero.
+the linear rate, `exclude` keeps it whole (it still counts, as kept, in the sparsity).
 
 The ticket control (`reinit`) must use the rewound path's masks, so it trains that path itself:
 between its own rounds (fresh init times the mask) it retrains the rewound round that finds the next
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from trainers.config import ImpScheme
+from trainers.errors import SchemeError
 from trainers.funcpack import FuncPack
 from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
 from trainers.pack import build_pack
@@ -62,7 +63,7 @@ class Imp(Scheme):
         super().setup(ctx)
         self.weights = masked_weights(ctx.model, self.cfg.layers)
         if not self.weights:
-            raise ValueError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
+            raise SchemeError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
         self.groups = _groups(self.weights, self.cfg)
         for i, w in enumerate(self.weights):
             w.weight.register_hook(lambda grad, i=i: self._masked_grad(grad, i))
@@ -117,12 +118,12 @@ class Imp(Scheme):
             return
         steps = ctx.step + 1
         if self.cfg.round_steps == "remaining" and phase == 0 and self.cfg.rewind_step >= steps:
-            raise ValueError(
+            raise SchemeError(
                 f"scheme.rewind_step: {self.cfg.rewind_step} leaves none of round 0's {steps} optimizer "
                 "steps to the later rounds (round_steps: remaining); lower it or raise epochs"
             )
         if self.rewind_state is None:
-            raise ValueError(
+            raise SchemeError(
                 f"scheme.rewind_step: {self.cfg.rewind_step} is past the {steps} optimizer steps of "
                 "round 0; lower it or raise epochs"
             )
@@ -226,7 +227,7 @@ def _groups(weights: list[MaskedWeight], cfg: ImpScheme) -> list[tuple[list[int]
     `output_layer` says."""
     last = weights[-1]
     if cfg.output_layer != "same" and last.kind != "linear":
-        raise ValueError(
+        raise SchemeError(
             f"scheme.output_layer: the last pruned layer ({last.name}) is a {last.kind} layer, not a "
             "linear output layer; set output_layer: same"
         )
@@ -239,7 +240,7 @@ def _groups(weights: list[MaskedWeight], cfg: ImpScheme) -> list[tuple[list[int]
     if cfg.output_layer == "half" and output_rate is not None:
         groups.append(([len(weights) - 1], output_rate))
     if not groups:
-        raise ValueError(
+        raise SchemeError(
             f"scheme.output_layer: exclude leaves no {cfg.layers} layer to prune; set output_layer: same"
         )
     return groups
