@@ -152,7 +152,7 @@ def usage_error_line(error: Any) -> str:
 def user_errors(func: F) -> F:
     """Turn every known user mistake raised inside a command into `error: ...` and exit 2."""
     from orchestrator.storage_fault import StorageFault
-    from trainers.errors import DataError, DeviceError
+    from trainers.errors import DataError, DeviceError, SchemeError
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -164,7 +164,7 @@ def user_errors(func: F) -> F:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             fail(f"YAML: malformed document{where}: {getattr(exc, 'problem', exc)}")
-        except (UserError, DataError, DeviceError) as exc:
+        except (UserError, DataError, DeviceError, SchemeError) as exc:
             fail(str(exc))
         except StorageFault as exc:  # a full or read-only disk: one line, not a traceback
             print(f"error: {exc.line()}", file=sys.stderr)

@@ -108,6 +108,14 @@ BAD_INPUT = [
     (["--set=data.image_size=4", "--set=model.padding=0"], "model.padding: crater_cnn with padding 0"),
     (["--set=scheme.tau=1e-6"], "scheme.tau: no scheme is named; add --scheme randomout"),
     (["--set=epochs=[1"], "--set 'epochs=[1': the value is not a YAML value"),
+    (
+        ["--scheme=imp", "--set=scheme.scope=global", "--set=scheme.conv_rate=0.1"],
+        "scheme.conv_rate: scope global",
+    ),
+    (
+        ["--scheme=imp", "--set=scheme.layers=conv", "--set=scheme.output_layer=exclude"],
+        "scheme.output_layer",
+    ),
 ]
 
 

@@ -97,6 +97,17 @@ def test_lottery_specs_pair_their_arms_by_seed():
     assert control.reference_hash() == rewound.config_hash() and rewound.reference_hash() is None
     assert rewound.pair_key() == arms[("baseline", None)].pair_key()
     assert (rewound.scheme.rounds, rewound.scheme.rate, rewound.scheme.rewind_step) == (4, 0.5, 0)
+    # Frankle & Carbin's layer-wise rates (conv at half the fc rate, the output layer at half the fc
+    # rate), OpenLTH's rounds that end at round 0's end step; the control prunes alike.
+    for arm in (rewound, control):
+        s = arm.scheme
+        assert (s.scope, s.kind_rate("conv"), s.kind_rate("linear"), s.output_rate()) == (
+            "layer",
+            0.25,
+            0.5,
+            0.25,
+        )
+        assert s.round_steps == "remaining"
     edge = load_plan(CONFIGS / "lottery_edgepopup_digits.yaml").trials
     assert len({t.pair_key() for t in edge}) == 1
     assert {(t.scheme.k, t.scheme.weights) for t in edge if t.scheme.name == "edgepopup"} == {

@@ -176,15 +176,31 @@ def test_the_ticket_control_trains_the_rewound_masks_from_a_fresh_init(digits):
     assert control.epochs[1].test_loss != rewound.epochs[1].test_loss
 
 
-@pytest.mark.parametrize("reinit", [False, True], ids=["rewound", "control"])
+# Shorter rewound rounds (round_steps remaining, OpenLTH): batch 450 gives 3 steps per epoch, so with
+# 2 epochs per round and rewind_step 4 each later round skips one epoch whole and a step of the next.
+SHORT_ROUNDS = {"epochs": 2, "batch_size": 450, "rewind_step": 4, "round_steps": "remaining"}
+
+
+@pytest.mark.parametrize(
+    ("reinit", "short"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["rewound", "control", "rewound-short-rounds", "control-short-rounds"],
+)
 @pytest.mark.slow
-def test_imp_resume_equals_uninterrupted(digits, reinit):
-    cfg = config(scheme=imp(reinit=reinit), epochs=1, **TINY)
+def test_imp_resume_equals_uninterrupted(digits, reinit, short):
+    fields = {k: SHORT_ROUNDS[k] for k in ("rewind_step", "round_steps")} if short else {}
+    sizes = {k: SHORT_ROUNDS[k] for k in ("epochs", "batch_size")} if short else {"epochs": 1}
+    cfg = config(scheme=imp(reinit=reinit, **fields), **sizes, **TINY)
     full, _ = checkpoints(cfg, digits, seeds=(1, 2), pack_size=2)
     for epoch, state in full.checkpoints[:-1]:
         resumed = MemorySink()
         train(cfg, resumed, seeds=[1, 2], pack_size=2, data=digits, resume=state)
         assert [r.final_test_acc for r in resumed.results] == [r.final_test_acc for r in full.results], epoch
+        # The same epochs (none of the skipped ones), steps and numbers after the checkpoint.
+        after = [
+            (r.seed, r.epoch, r.steps, r.train_loss, r.test_loss) for r in full.epochs if r.epoch > epoch
+        ]
+        assert [(r.seed, r.epoch, r.steps, r.train_loss, r.test_loss) for r in resumed.epochs] == after, epoch
 
 
 # -- edge-popup ----------------------------------------------------------------------------------------
@@ -242,10 +258,27 @@ SIGNED_ACC_ATOL = 0.05
     [
         (imp(), LOSS_RTOL, ACC_ATOL),
         (imp(reinit=True, scope="global"), LOSS_RTOL, ACC_ATOL),
+        (
+            imp(conv_rate=0.25, output_layer="half", rewind_step=5, round_steps="remaining"),
+            LOSS_RTOL,
+            ACC_ATOL,
+        ),
+        (
+            imp(reinit=True, output_layer="exclude", rewind_step=5, round_steps="remaining"),
+            LOSS_RTOL,
+            ACC_ATOL,
+        ),
         ({"name": "edgepopup", "k": 0.5, "weights": "kaiming_normal"}, LOSS_RTOL, ACC_ATOL),
         ({"name": "edgepopup", "k": 0.5}, SIGNED_LOSS_RTOL, SIGNED_ACC_ATOL),
     ],
-    ids=["imp", "imp-control-global", "edgepopup-kaiming", "edgepopup-signed"],
+    ids=[
+        "imp",
+        "imp-control-global",
+        "imp-conventions",
+        "imp-control-excluded-output",
+        "edgepopup-kaiming",
+        "edgepopup-signed",
+    ],
 )
 @pytest.mark.slow
 def test_a_packed_seed_equals_the_seed_alone(digits, scheme, loss_rtol, acc_atol):

@@ -160,6 +160,12 @@ class ImpScheme(Strict):
     after `rewind_step` optimizer steps of round 0 and retrains with a fresh optimizer state.
     `reinit: true` is the ticket control: the same masks (found by the rewound path, retrained
     inside the trial) with a fresh initialisation, the one a trial of seed + `reinit_offset` starts from.
+
+    The papers' conventions are options, each off by default (docs/schemes.md gives the sources):
+    per-kind rates (`conv_rate`, `linear_rate`; Frankle & Carbin's Conv-2/4/6 prune conv layers
+    slower than fc layers), the output layer (the last linear layer) at half the linear rate (their
+    Fig. 2) or not pruned at all (OpenLTH's `pruning_layers_to_ignore`), and rewound rounds that end
+    where round 0 ended (`round_steps: remaining`, OpenLTH's start step).
     """
 
     name: Literal["imp"] = "imp"
@@ -170,6 +176,45 @@ class ImpScheme(Strict):
     rewind_step: int = Field(0, ge=0)  # 0: the original initialisation (the LTH setting)
     reinit: bool = False  # the ticket control: same masks, fresh init from seed + reinit_offset
     reinit_offset: int = Field(1_000_003, ge=1)
+    conv_rate: float | None = Field(None, gt=0.0, lt=1.0)  # each conv layer's rate; null: `rate`
+    linear_rate: float | None = Field(None, gt=0.0, lt=1.0)  # each linear layer's rate; null: `rate`
+    # The output layer (the last linear layer): pruned like the others (same), at half the linear
+    # rate (half; Frankle & Carbin 2019) or never (exclude; OpenLTH's LeNet and VGG).
+    output_layer: Literal["same", "half", "exclude"] = "same"
+    # A rewound round trains all of round 0's T steps again from the rewind point (full), or the
+    # T - rewind_step steps left, ending where round 0 ended (remaining; OpenLTH).
+    round_steps: Literal["full", "remaining"] = "full"
+
+    @field_validator("conv_rate", "linear_rate")
+    @classmethod
+    def _kind_rate_applies(cls, value: float | None, info: ValidationInfo) -> float | None:
+        kind = (info.field_name or "").removesuffix("_rate")
+        if value is not None and info.data.get("scope") == "global":
+            raise ValueError(f"scope global ranks all layers at `rate`; set scope: layer or drop {kind}_rate")
+        if value is not None and info.data.get("layers") not in ("all", kind):
+            raise ValueError(f"layers {info.data.get('layers')} prunes no {kind} layer; drop {kind}_rate")
+        return value
+
+    @field_validator("output_layer")
+    @classmethod
+    def _output_layer_pruned(cls, value: str, info: ValidationInfo) -> str:
+        if value != "same" and info.data.get("layers") == "conv":
+            raise ValueError(
+                "layers conv never prunes the output layer (the last linear layer); "
+                "set output_layer: same or layers: all"
+            )
+        return value
+
+    def kind_rate(self, kind: Literal["conv", "linear"]) -> float:
+        """The per-round rate of a conv or linear layer (not the output layer's: see `output_rate`)."""
+        rate = self.conv_rate if kind == "conv" else self.linear_rate
+        return self.rate if rate is None else rate
+
+    def output_rate(self) -> float | None:
+        """The output layer's per-round rate; None when it is not pruned."""
+        if self.output_layer == "exclude":
+            return None
+        return self.kind_rate("linear") / (2 if self.output_layer == "half" else 1)
 
     def phases(self) -> list[tuple[int, bool]]:
         """(round, from a fresh init) per phase of `epochs` epochs. The control retrains the rewound
@@ -315,7 +360,9 @@ class TrialConfig(Strict):
 
     @property
     def total_epochs(self) -> int:
-        """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`."""
+        """Epochs the trial trains: `epochs` per IMP phase (see ImpScheme.phases), else `epochs`. IMP
+        with `round_steps: remaining` skips a later round's epochs before its rewind point (not
+        trained or recorded), so its epoch numbers run to this count with gaps."""
         if isinstance(self.scheme, ImpScheme):
             return self.epochs * len(self.scheme.phases())
         return self.epochs

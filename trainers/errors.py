@@ -7,3 +7,8 @@ class DataError(ValueError):
 
 class DeviceError(ValueError):
     """A device the trial asks for is not here (e.g. `device: cuda` on a host without CUDA)."""
+
+
+class SchemeError(ValueError):
+    """A scheme setting the trial's net or schedule cannot take, found once training has the net
+    (e.g. IMP's `output_layer` on a net whose last layer is a conv): one line naming the field."""

@@ -239,12 +239,17 @@ def train_pack(
     check_batch_size(config.batch_size, config.full_batch, data)
     batch = n_train if config.full_batch else config.batch_size
     ctx.fork_step = fork_step(config, n_train, batch)
+    steps_per_epoch = math.ceil(n_train / batch)
     for epoch in range(progress.epoch, config.total_epochs):
         if not any(ctx.alive):
             break
+        skip = scheme.steps_to_skip(ctx, epoch, steps_per_epoch)
+        if skip >= steps_per_epoch:
+            continue
         started = time.perf_counter()
         ctx.epoch = epoch
-        loss_sum, correct = _train_epoch(ctx, scheme, data, batch, progress)
+        loss_sum, correct = _train_epoch(ctx, scheme, data, batch, progress, skip)
+        n_seen = n_train - skip * batch  # the examples this epoch trained on
         last_hits: list[torch.Tensor] | None = [] if epoch == config.total_epochs - 1 else None
         test_loss, test_correct = evaluate(model, data.x_test, data.y_test, last_hits)
         if last_hits is not None:  # the final model's per-example correctness, to the host once
@@ -277,7 +282,7 @@ def train_pack(
             stats, trace, resets = per_seed[k]
             seed_progress.epochs_done = epoch + 1
             seed_progress.total_resets += resets
-            seed_progress.train_acc = sums[k].train_correct / n_train
+            seed_progress.train_acc = sums[k].train_correct / n_seen
             seed_progress.test_acc = sums[k].test_correct / n_test
             seed_progress.test_loss = sums[k].test_loss / n_test
             seed_progress.best_test_acc = max(seed_progress.best_test_acc, seed_progress.test_acc)
@@ -285,7 +290,7 @@ def train_pack(
                 seed=seed_progress.seed,
                 epoch=epoch,
                 steps=progress.steps,
-                train_loss=sums[k].train_loss / n_train,
+                train_loss=sums[k].train_loss / n_seen,
                 train_acc=seed_progress.train_acc,
                 test_loss=seed_progress.test_loss,
                 test_acc=seed_progress.test_acc,
@@ -341,8 +346,10 @@ def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[f
 
 
 def _train_epoch(
-    ctx: TrainContext, scheme: Scheme, data: LoadedData, batch: int, progress: _Progress
+    ctx: TrainContext, scheme: Scheme, data: LoadedData, batch: int, progress: _Progress, skip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's summed loss and correct count per seed; the first `skip` batches of its order
+    are drawn but not trained (see Scheme.steps_to_skip)."""
     model, optimizer, monitor = ctx.model, ctx.optimizer, ctx.monitor
     device = data.x_train.device
     n_train = len(data.x_train)
@@ -353,7 +360,7 @@ def _train_epoch(
     loss_sum = torch.zeros(len(ctx.generators), device=device)
     correct = torch.zeros(len(ctx.generators), device=device, dtype=torch.long)
     model.train()
-    for start in range(0, n_train, batch):
+    for start in range(skip * batch, n_train, batch):
         if progress.steps == ctx.fork_step:  # a host int: no sync
             order, draws = leave_parent_streams(ctx, order, draws, start)
         idx = order[start : start + batch]

@@ -80,6 +80,12 @@ class Scheme:
         if len(self.reinit_fallbacks) != len(ctx.generators):
             self.reinit_fallbacks = [0] * len(ctx.generators)
 
+    def steps_to_skip(self, ctx: TrainContext, epoch: int, steps_per_epoch: int) -> int:
+        """Optimizer steps at the start of epoch `epoch` the trial does not train (IMP's rewound rounds
+        may start at their rewind point). An epoch skipped whole is neither trained nor evaluated nor
+        recorded, so it draws no batch order either."""
+        return 0
+
     def after_backward(self, ctx: TrainContext) -> None:
         """Gradients are ready, the optimizer has not stepped."""
 

@@ -4,12 +4,22 @@ A trial is a list of phases of `epochs` epochs each (`ImpScheme.phases`), so the
 loop: at the end of a phase the scheme prunes (when the next phase starts a new round), loads the
 next phase's starting weights with the mask applied, and restarts the optimizer state. Round 0 is
 the dense net; round r keeps (1 - rate)^r of the pruned layers' weights (exactly: round(rate * kept)
-more are pruned each round).
+more are pruned each round, at each layer's own rate where the rates differ).
 
 Rewinding: the whole model state after `rewind_step` optimizer steps of round 0 (0: the initial
 weights) is kept and every rewound round starts from it, times the mask. Pruned weights get zero
 gradient (a hook on the weight, so CGN statistics see it too) and are multiplied by the mask after
-every step, so they stay exactly zero.
+every step, so they stay exactly zero. With `round_steps: remaining` a later round trains only
+round 0's steps after the rewind point (OpenLTH trains a level from its start step to the same end
+step): it skips the first `rewind_step` steps of its `epochs` (whole epochs are not trained,
+evaluated or recorded; the epoch holding the rewind point trains the tail of its batch order), so
+epoch e of every round covers the same steps of the schedule and a resume needs no state beyond the
+epoch number.
+
+Which layers are pruned at which rate (`_groups`): each conv/linear weight in module order at its
+kind's rate (scope layer) or all ranked together at `rate` (scope global); the output layer is the
+last of them and must be linear when `output_layer` is not `same`: `half` prunes it alone at half
+the linear rate, `exclude` keeps it whole (it still counts, as kept, in the sparsity).
 
 The ticket control (`reinit`) must use the rewound path's masks, so it trains that path itself:
 between its own rounds (fresh init times the mask) it retrains the rewound round that finds the next
@@ -26,6 +36,7 @@ from typing import Any
 import torch
 
 from trainers.config import ImpScheme
+from trainers.errors import SchemeError
 from trainers.funcpack import FuncPack
 from trainers.masks import MaskedWeight, jaccard, masked_weights, prune_smallest
 from trainers.pack import build_pack
@@ -45,6 +56,7 @@ class Imp(Scheme):
         # checkpoints from before the split.
         self.stashed_data_gen: list[torch.Tensor] | torch.Tensor | None = None
         self.weights: list[MaskedWeight] = []
+        self.groups: list[tuple[list[int], float]] = []  # layers ranked together and their rate
         self._last: list[dict[str, float | int | bool]] = []
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -53,7 +65,8 @@ class Imp(Scheme):
         super().setup(ctx)
         self.weights = masked_weights(ctx.model, self.cfg.layers)
         if not self.weights:
-            raise ValueError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
+            raise SchemeError(f"scheme.layers: the model has no {self.cfg.layers} weights to prune")
+        self.groups = _groups(self.weights, self.cfg)
         for i, w in enumerate(self.weights):
             w.weight.register_hook(lambda grad, i=i: self._masked_grad(grad, i))
         if self.rewind_state is None and self.cfg.rewind_step == 0:  # a fresh start: a resume restored it
@@ -70,6 +83,14 @@ class Imp(Scheme):
         model = build_pack(config, seeds, data, generic=isinstance(ctx.model, FuncPack))
         device = self.weights[0].weight.device
         return {k: v.to(device) for k, v in model.state_dict().items()}
+
+    def steps_to_skip(self, ctx: TrainContext, epoch: int, steps_per_epoch: int) -> int:
+        if self.cfg.round_steps == "full":
+            return 0
+        phase, within = divmod(epoch, ctx.config.epochs)
+        if self.phases[phase][0] == 0:  # the dense round trains all its steps
+            return 0
+        return max(0, self.cfg.rewind_step - within * steps_per_epoch)
 
     def _masked_grad(self, grad: torch.Tensor, i: int) -> torch.Tensor | None:
         return None if self.masks is None else grad * self.masks[i].view(grad.shape)
@@ -97,9 +118,14 @@ class Imp(Scheme):
         self._record(round_, measured, len(ctx.generators))
         if not ends or phase + 1 == len(self.phases):
             return
+        steps = ctx.step + 1
+        if self.cfg.round_steps == "remaining" and phase == 0 and self.cfg.rewind_step >= steps:
+            raise SchemeError(
+                f"scheme.rewind_step: {self.cfg.rewind_step} leaves none of round 0's {steps} optimizer "
+                "steps to the later rounds (round_steps: remaining); lower it or raise epochs"
+            )
         if self.rewind_state is None:
-            steps = ctx.step + 1
-            raise ValueError(
+            raise SchemeError(
                 f"scheme.rewind_step: {self.cfg.rewind_step} is past the {steps} optimizer steps of "
                 "round 0; lower it or raise epochs"
             )
@@ -116,7 +142,14 @@ class Imp(Scheme):
         current = self.masks or dense
         trained = [w.per_seed(w.weight) for w in self.weights]
         self.previous = current
-        self.masks = prune_smallest(trained, current, self.cfg.rate, self.cfg.scope)
+        masks = list(current)  # a layer in no group (an excluded output layer) keeps its mask
+        for layers, rate in self.groups:
+            pruned = prune_smallest(
+                [trained[i] for i in layers], [current[i] for i in layers], rate, "global"
+            )
+            for i, mask in zip(layers, pruned, strict=True):
+                masks[i] = mask
+        self.masks = masks
 
     def _replay_batches(self, ctx: TrainContext, *, starting_fresh: bool) -> None:
         """A fresh-init round sees the batches of the rewound round with its mask; the rewound path
@@ -190,6 +223,31 @@ class Imp(Scheme):
         self.fresh_state = state.get("fresh_state")
         self.stashed_data_gen = state.get("stashed_data_gen")
         self._last = state.get("last", [])
+
+
+def _groups(weights: list[MaskedWeight], cfg: ImpScheme) -> list[tuple[list[int], float]]:
+    """The layers ranked together and their rate per round: each layer alone at its kind's rate
+    (scope layer) or all together at `rate` (global), the output layer (the last one) as
+    `output_layer` says."""
+    last = weights[-1]
+    if cfg.output_layer != "same" and last.kind != "linear":
+        raise SchemeError(
+            f"scheme.output_layer: the last pruned layer ({last.name}) is a {last.kind} layer, not a "
+            "linear output layer; set output_layer: same"
+        )
+    body = list(range(len(weights) if cfg.output_layer == "same" else len(weights) - 1))
+    if cfg.scope == "global":
+        groups = [(body, cfg.rate)] if body else []
+    else:
+        groups = [([i], cfg.kind_rate(weights[i].kind)) for i in body]
+    output_rate = cfg.output_rate()
+    if cfg.output_layer == "half" and output_rate is not None:
+        groups.append(([len(weights) - 1], output_rate))
+    if not groups:
+        raise SchemeError(
+            f"scheme.output_layer: exclude leaves no {cfg.layers} layer to prune; set output_layer: same"
+        )
+    return groups
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
