@@ -66,8 +66,11 @@ def test_a_child_is_its_parent_until_the_fork_and_not_after(data):
     at_epoch_2 = losses(run(child(0.5), data))  # step 4: the first step of epoch 2
     assert at_epoch_2[:2] == parent[:2]  # bit for bit
     assert at_epoch_2[2] != parent[2] and at_epoch_2[3] != parent[3]
-    mid_epoch_1 = losses(run(child(0.375), data))  # step 3: the second step of epoch 1
-    assert mid_epoch_1[0] == parent[0] and mid_epoch_1[1] != parent[1]
+    # Mid-epoch: batches of 8 (4 steps per epoch); step 6 is halfway through epoch 1, and the two
+    # batches left of it are drawn anew (with one batch left, the same examples would stay together).
+    small = losses(run(trial(batch_size=8), data))
+    mid_epoch_1 = losses(run(child(0.375, batch_size=8), data))
+    assert mid_epoch_1[0] == small[0] and mid_epoch_1[1] != small[1]
     at_start = losses(run(child(0.0), data))  # its own batches from the first step: only the init is shared
     assert at_start[0] != parent[0]
 

@@ -207,13 +207,21 @@ def complete_runs(sweep_dir: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.kill
-@pytest.mark.parametrize("pack_size", [1, 2], ids=["alone", "packs"])
-def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray_tmpdir, pack_size):
+@pytest.mark.parametrize(
+    ("pack_size", "fork"),
+    [(1, None), (2, None), (1, {"at": [0.5], "children": 2})],
+    ids=["alone", "packs", "forked"],
+)
+def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray_tmpdir, pack_size, fork):
     # The first unit finishes and is logged; every other one holds after its first epoch, so the
-    # kill lands with one unit finished and the rest unfinished, however loaded the machine.
+    # kill lands with one unit finished and the rest unfinished, however loaded the machine. A
+    # forked study (the fate clock) has children of every parent among the held units.
     concurrent = 2 if pack_size == 1 else 1
-    seeds = list(range(4 * pack_size))
-    spec = write_spec(tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size)
+    seeds = list(range(4 * pack_size)) if fork is None else [0, 1]
+    forking = {"fork": fork} if fork else {}
+    spec = write_spec(
+        tmp_path, "killed", seeds=seeds, max_concurrent_trials=concurrent, pack_size=pack_size, **forking
+    )
     plan = load_plan(spec)
     keys = [t.trial_key() for t in plan.trials]
     first = {keys[i] for i in plan.units[0]}
@@ -251,6 +259,13 @@ def test_sigkilled_driver_resumes_without_rerunning_or_duplicating(tmp_path, ray
     after = {r.data.tags["trial_key"]: (r.info.run_id, r.info.start_time) for r in children}
     assert {k: after[k] for k in logged} == logged  # runs logged before the kill were kept, not redone
     assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+    if fork is not None:  # every family came through: the fate clock has both arms' rows
+        result = aggregate(sweep_dir)
+        assert len(result.children) == 8 and set(result.children["status"]) == {"finished"}
+        assert len(result.trials) == 4 and list(result.fate["n_children"]) == [4, 4]
+        assert all(
+            (sweep_dir / "trials" / k / "final_weights.pt").exists() for k in result.children["trial_key"]
+        )
 
 
 # --- SIGTERM to the driver's whole process group, as `timeout` and schedulers send it ---------------
