@@ -79,3 +79,38 @@ def format_variance_table(variance: pd.DataFrame) -> Table:
     for row in display.itertuples(index=False):
         table.add_row(*map(str, row))
     return table
+
+
+def variance_share_look(
+    trials: pd.DataFrame, source: str, width: float, n_boot: int = 1000
+) -> list[dict[str, object]]:
+    """One sequential look per arm (dashboards.sequential.LOOK_COLUMNS): `source`'s share of the
+    variance with its bootstrap interval, met when the interval is at most `width` wide. An arm
+    that cannot estimate the share yet (too few levels) has not met it."""
+    table = variance_table(trials, n_boot=n_boot)
+    labels = arm_labels(trials)
+    rows = []
+    for config_hash, group in trials.groupby("config_hash", sort=False):
+        first = group.iloc[0]
+        mine = table[(table["arm"] == labels[config_hash]) & (table["source"] == source)]
+        share = mine["share_pct"].iloc[0] / 100 if len(mine) else float("nan")
+        low = mine["share_ci_low"].iloc[0] / 100 if len(mine) else float("nan")
+        high = mine["share_ci_high"].iloc[0] / 100 if len(mine) else float("nan")
+        met = bool(pd.notna(low) and pd.notna(high) and high - low <= width)
+        rows.append(
+            {
+                "config_hash": config_hash,
+                "scheme": first["scheme"],
+                "hparam_label": first["hparam_label"],
+                "statistic": f"{source}_share",
+                "n": int(mine["n_trials"].iloc[0]) if len(mine) else 0,
+                "estimate": share,
+                "cs_low": low,
+                "cs_high": high,
+                "met": met,
+                "verdict": f"width {high - low:.3f} {'<=' if met else '>'} {width:g}"
+                if pd.notna(low)
+                else "not estimable yet",
+            }
+        )
+    return rows

@@ -25,9 +25,10 @@ from typing import Any
 import pandas as pd
 
 from dashboards.sequential import LOOK_COLUMNS, failure_rate_look, looks_frame, paired_look
+from dashboards.sources import variance_share_look
 from orchestrator import layout
 from orchestrator.errors import UserError
-from orchestrator.spec import FailureRateRule, Sequential, SweepPlan
+from orchestrator.spec import FailureRateRule, Sequential, SweepPlan, VarianceShareRule
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ def look_rows(rule: Sequential, trials: pd.DataFrame) -> list[dict[str, Any]]:
     until = rule.until
     if isinstance(until, FailureRateRule):
         return failure_rate_look(trials, until.width, until.confidence)
+    if isinstance(until, VarianceShareRule):
+        return variance_share_look(trials, until.source, until.width)
     return paired_look(trials, until.scheme, until.vs, until.decided, until.smallest_effect)
 
 

@@ -61,7 +61,10 @@ BASE_RESERVED = {
 MAX_SEEDS = 100_000
 MAX_TRIALS = 10_000  # the default cap on a plan: a typo in a grid or the seeds can mean millions of trials
 SEQUENTIAL_KEYS = ("batch", "until")  # what makes `seeds: {start, max, batch, until}` a sequential study
-RULE_HELP = "'failure_rate_ci_width <= W' or {paired: {scheme: S, vs: baseline, decided: 0.95}}"
+RULE_HELP = (
+    "'failure_rate_ci_width <= W', {paired: {scheme: S, vs: baseline, decided: 0.95}} or "
+    "{variance_share_ci_width: {source: order, width: W}}"
+)
 _WIDTH_RULE = re.compile(r"^\s*failure_rate_ci_width\s*<=\s*([0-9.eE+-]+)\s*$")
 
 
@@ -144,11 +147,22 @@ class PairedRule(_Strict):
     smallest_effect: float | None = Field(None, gt=0, lt=1)  # accuracy fraction: 0.01 = 1 point
 
 
+class VarianceShareRule(_Strict):
+    """Stop once every arm's bootstrap interval of `source`'s share of the variance is at most `width`
+    wide (seeds split by source only; dashboards/variance.py). A fixed-n interval, not a confidence
+    sequence: stopping on its width, never on the share's value, keeps the study's bias small, and the
+    share is reported with that caveat (docs/statistics.md)."""
+
+    kind: Literal["variance_share_ci_width"] = "variance_share_ci_width"
+    source: Literal["init", "order", "augment", "interaction", "nondeterminism"]
+    width: float = Field(gt=0, le=1)  # a fraction of the variance: 0.2 = 20 points of share
+
+
 class Sequential(_Strict):
     """How a sequential study grows: `batch` more seeds per configuration until `until` holds."""
 
     batch: int = Field(ge=1)
-    until: Annotated[FailureRateRule | PairedRule, Field(discriminator="kind")]
+    until: Annotated[FailureRateRule | PairedRule | VarianceShareRule, Field(discriminator="kind")]
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +193,9 @@ class Sequential(_Strict):
             return value
         if set(value) == {"paired"}:
             return {"kind": "paired", **value["paired"]} if isinstance(value["paired"], dict) else value
+        if set(value) == {"variance_share_ci_width"}:
+            inner = value["variance_share_ci_width"]
+            return {"kind": "variance_share_ci_width", **inner} if isinstance(inner, dict) else value
         if "failure_rate_ci_width" in value and set(value) <= {"failure_rate_ci_width", "confidence"}:
             width = _float(value["failure_rate_ci_width"])
             if width is None or not 0 < width <= 1:
@@ -191,6 +208,11 @@ class Sequential(_Strict):
 
     def describe(self) -> str:
         rule = self.until
+        if isinstance(rule, VarianceShareRule):
+            return (
+                f"every arm's 95% bootstrap interval of the {rule.source} share of the variance at most "
+                f"{rule.width:g} wide (variance_share_ci_width: {rule.source} <= {rule.width:g})"
+            )
         if isinstance(rule, FailureRateRule):
             return (
                 f"every configuration's {rule.confidence:.0%} failure-rate confidence sequence "
@@ -311,17 +333,25 @@ class SweepSpec(_Strict):
             return data
         if "factorial" in data:
             raise ValueError("give the seed sources in seeds only, not also in factorial")
-        unknown = sorted(set(seeds) - set(FACTORIAL_KEYS), key=str)
+        unknown = sorted(set(seeds) - set(FACTORIAL_KEYS) - set(SEQUENTIAL_KEYS), key=str)
         if unknown:
             raise ValueError(
                 f"seeds.{unknown[0]}: not a seed source; seeds split by source take "
-                f"{', '.join(FACTORIAL_KEYS)} (a sequential study cannot split seeds yet)"
+                f"{', '.join(FACTORIAL_KEYS)} (and batch and until for a sequential study)"
             )
         if "init" not in seeds:
             raise ValueError(
                 "seeds.init: seeds split by source need init, the weights' seeds (e.g. init: [0, 1])"
             )
-        return data | {"seeds": seeds["init"], "factorial": {k: v for k, v in seeds.items() if k != "init"}}
+        sequential = {k: seeds[k] for k in SEQUENTIAL_KEYS if k in seeds}
+        if sequential and "sequential" in data:
+            raise ValueError("give batch and until in seeds only, not also in sequential")
+        sources = {k: v for k, v in seeds.items() if k not in ("init", *SEQUENTIAL_KEYS)}
+        return (
+            data
+            | {"seeds": seeds["init"], "factorial": sources}
+            | ({"sequential": sequential} if sequential else {})
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -329,6 +359,8 @@ class SweepSpec(_Strict):
         """`seeds: {start, max, batch, until}`: the seed range stays in seeds, the rest goes to sequential."""
         seeds = data.get("seeds") if isinstance(data, dict) else None
         if not (isinstance(seeds, dict) and (set(SEQUENTIAL_KEYS) & set(seeds) or "max" in seeds)):
+            return data
+        if "init" in seeds:  # seeds split by source: _split_factorial takes them apart
             return data
         if "sequential" in data:
             raise ValueError("give batch and until in seeds only, not also in sequential")
@@ -671,10 +703,19 @@ def _check_sequential(spec: SweepSpec) -> None:
         return
     if spec.fork is not None:
         raise UserError("fork: a sequential study cannot fork yet; drop fork or the study's batch and until")
-    if spec.factorial is not None:
-        raise UserError(
-            "seeds: a sequential study cannot split seeds by source yet; drop order, augment and split"
-        )
+    rule = spec.sequential.until
+    if isinstance(rule, VarianceShareRule):
+        factorial = spec.factorial
+        needs = {"order": "order", "augment": "augment"}.get(rule.source)
+        if factorial is None or (needs and not getattr(factorial, needs)):
+            raise UserError(
+                f"seeds.until.variance_share_ci_width.source: {rule.source} is not split in this study; "
+                f"split it in seeds (seeds: {{init: [...], {needs or 'order'}: [...]}})"
+            )
+        if rule.source == "nondeterminism" and factorial.replicates < 2:
+            raise UserError(
+                "seeds.until.variance_share_ci_width.source: nondeterminism needs replicates >= 2 in seeds"
+            )
     if spec.sequential.batch > len(spec.seeds):
         raise UserError(
             f"seeds.batch: {spec.sequential.batch} seeds per batch but max is {len(spec.seeds)}; "

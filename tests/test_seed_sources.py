@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 import trainers.loop as loop
 from orchestrator.errors import UserError
-from orchestrator.spec import expand, load_plan
+from orchestrator.spec import load_plan
 from trainers.augment import crop_flip
 from trainers.config import SOURCE_SEEDS, TrialConfig
 from trainers.data import load_data
@@ -223,10 +225,64 @@ def test_the_trial_cap_counts_the_cells(tmp_path):
         load_plan(path)
 
 
-def test_a_sequential_study_cannot_split_yet(tmp_path):
-    from orchestrator.spec import SweepSpec
+# --- a sequential study that stops on a variance share's interval ---------------------------------
 
-    doc = yaml.safe_load(spec(tmp_path, {"init": [0, 1]}).read_text())
-    doc["sequential"] = {"batch": 1, "until": "failure_rate_ci_width <= 0.5"}
-    with pytest.raises(UserError, match="cannot split seeds by source"):
-        expand(SweepSpec.model_validate(doc))
+
+def sequential_spec(tmp_path: Path, until: object, **seeds: object) -> Path:
+    return spec(
+        tmp_path,
+        {"init": {"start": 0, "max": 6}, "order": [10, 11, 12], "batch": 3, "until": until} | seeds,
+    )
+
+
+def test_a_sequential_factorial_opens_init_seeds_batch_by_batch(tmp_path):
+    plan = load_plan(
+        sequential_spec(tmp_path, {"variance_share_ci_width": {"source": "order", "width": 0.3}})
+    )
+    assert plan.spec.sequential is not None and plan.spec.sequential.until.source == "order"
+    assert plan.n_batches == 2 and len(plan.trials) == 2 * 6 * 3
+    first = plan.trials[: plan.batch_ends[0]]
+    assert {t.seed for t in first} == {0, 1, 2} and {t.order_seed for t in first} == {10, 11, 12}
+    for unit in plan.units:
+        assert len({plan.trials[i].pack_hash() for i in unit}) == 1
+
+
+@pytest.mark.parametrize(
+    ("until", "seeds", "message"),
+    [
+        ({"variance_share_ci_width": {"source": "augment", "width": 0.3}}, {}, "augment is not split"),
+        ({"variance_share_ci_width": {"source": "nondeterminism", "width": 0.3}}, {}, "replicates >= 2"),
+        ({"variance_share_ci_width": {"source": "order", "width": 2}}, {}, "less than or equal to 1"),
+    ],
+)
+def test_a_variance_rule_names_what_it_lacks(tmp_path, until, seeds, message):
+    with pytest.raises(UserError, match=message) as caught:
+        load_plan(sequential_spec(tmp_path, until, **seeds))
+    assert "\n" not in str(caught.value)
+
+
+def test_the_variance_rule_replays_over_the_looks():
+    from orchestrator.sequential import replay
+    from orchestrator.spec import Sequential
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for init in range(12):
+        for order in (10, 11, 12, 13):
+            acc = 0.5 + 0.1 * (order - 11.5) + 0.01 * rng.standard_normal()  # order decides
+            rows.append({"seed": init, "order_seed": order, "final_test_acc": acc})
+    trials = pd.DataFrame(rows).assign(
+        config_hash="arm", scheme="baseline", hparam_label="", status="finished", test_correct=""
+    )
+    trials = trials.assign(augment_seed=pd.array([pd.NA] * len(trials), dtype="Int64"), replicate=0)
+    seeds = list(range(12))
+    loose = Sequential(batch=4, until={"kind": "variance_share_ci_width", "source": "order", "width": 0.5})
+    result = replay(loose, seeds, trials)
+    assert result.stop_look == 1  # order holds nearly all the variance at once, the interval is narrow
+    looks = result.looks
+    assert looks["statistic"].iloc[0] == "order_share" and looks["estimate"].iloc[0] > 0.9
+    strict = Sequential(batch=4, until={"kind": "variance_share_ci_width", "source": "order", "width": 1e-9})
+    never = replay(strict, seeds, trials)
+    assert never.stop_look is None and never.complete_looks == 3
+    widths = (never.looks["cs_high"] - never.looks["cs_low"]).tolist()
+    assert widths[-1] <= widths[0]  # more init seeds, a narrower interval
