@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from dashboards.decision import BEST_OF
 from dashboards.failed_seeds import failed_seeds_html
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
-from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells
+from dashboards.sequential import interval_statement, look_cells
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD, never_acted
 
@@ -197,7 +197,6 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
     last = looks[looks["look"] == last_look]
     seeds = int(last["seeds"].iloc[0])
     held = bool(last["met"].all())
-    method = METHOD_RATE if (last["statistic"] == "failure_rate").all() else METHOD_MEDIAN
     rows = "".join(
         "<tr>"
         + "".join(
@@ -216,16 +215,15 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
     )
     head = (
         "<tr><th>look</th><th class=l>arm</th><th>seeds opened</th><th>n</th><th>estimate %</th>"
-        "<th>anytime 95% interval %</th><th>meets rule</th><th class=l>verdict</th></tr>"
+        "<th>95% interval %</th><th>meets rule</th><th class=l>verdict</th></tr>"
     )
     return (
         "<h2>Sequential design</h2>"
         f"<p id=sequential><b>Sequential study:</b> seeds were added in batches and the stopping rule "
         f"was checked after each. Rule: {html.escape(str(last['rule'].iloc[0]))}. It "
         f"{'held' if held else 'did not hold'} at look {last_look}, after {seeds} seeds per configuration. "
-        f"Intervals here are anytime-valid ({html.escape(method)}), valid at whichever look the study "
-        "stopped; the Wilson intervals and Wilcoxon p above assume n was fixed in advance and do not "
-        "account for the optional stopping.</p>"
+        f"{html.escape(interval_statement(last['statistic']))}; the Wilson intervals and Wilcoxon p above "
+        "assume n was fixed in advance and do not account for the optional stopping.</p>"
         f"<div class=scroll><table id=looks>{head}{rows}</table></div>"
     )
 

@@ -41,6 +41,21 @@ import scipy.stats
 RATE_PRIOR = 0.5  # Beta(1/2, 1/2) mixing distribution (fixed before any data; any choice is valid)
 METHOD_RATE = "beta-binomial mixture confidence sequence (Howard et al. 2021)"
 METHOD_MEDIAN = "sign-test mixture confidence sequence for the median (Howard & Ramdas 2022)"
+METHOD_SHARE = "pigeonhole bootstrap of the share of the variance (Owen 2007)"
+
+
+def interval_statement(statistics: pd.Series) -> str:
+    """What the looks' intervals are, in words: anytime-valid confidence sequences for the failure-rate
+    and paired rules, fixed-n bootstrap intervals for a variance share (dashboards/sources.py)."""
+    if statistics.str.endswith("_share").all():
+        return (
+            f"Its intervals are fixed-n ({METHOD_SHARE}), not anytime-valid: the rule stopped on their "
+            "width, never on the share's value, but they do not account for the looks"
+        )
+    method = METHOD_RATE if (statistics == "failure_rate").all() else METHOD_MEDIAN
+    return f"Its intervals are anytime-valid ({method}), valid at whichever look the study stopped"
+
+
 LOOK_COLUMNS: dict[str, str] = {
     "look": "int64",  # 1-based: the look after seed batch `look`
     "seeds": "int64",  # seeds per configuration opened so far

@@ -24,7 +24,7 @@ from rich.table import Table
 from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
 from dashboards.fate import empty_fate
 from dashboards.rounds import ROUND_COLUMNS, round_summary
-from dashboards.sequential import METHOD_MEDIAN, METHOD_RATE, look_cells, looks_frame
+from dashboards.sequential import interval_statement, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.sources import empty_variance, variance_table
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
@@ -309,19 +309,18 @@ def sequential_statement(looks: pd.DataFrame) -> str | None:
     last = looks[looks["look"] == looks["look"].max()]
     look, seeds = int(last["look"].iloc[0]), int(last["seeds"].iloc[0])
     how = "the rule held" if bool(last["met"].all()) else "the rule did not hold (max seeds, or not finished)"
-    method = METHOD_RATE if (last["statistic"] == "failure_rate").all() else METHOD_MEDIAN
     return (
         f"Sequential study (seeds added in batches, looked at after each): stopped after look {look}, "
-        f"{seeds} seeds per configuration; {how}: {last['rule'].iloc[0]}. Its intervals are anytime-valid "
-        f"({method}); the fixed-n Wilson intervals and Wilcoxon p of the summary do not account for the "
-        "optional stopping."
+        f"{seeds} seeds per configuration; {how}: {last['rule'].iloc[0]}. "
+        f"{interval_statement(last['statistic'])}; the fixed-n Wilson intervals and Wilcoxon p of the "
+        "summary do not account for the optional stopping."
     )
 
 
 def format_looks_table(looks: pd.DataFrame) -> Table:
-    """The last look of a sequential study, per arm, with its anytime-valid interval."""
+    """The last look of a sequential study, per arm, with its interval (interval_statement says which)."""
     last = looks[looks["look"] == looks["look"].max()]
-    table = Table(title="Sequential study: last look (anytime-valid 95% interval, in %)")
+    table = Table(title="Sequential study: last look (95% interval, in %)")
     names = ("scheme", "hparams", "statistic", "n", "estimate", "interval", "met", "verdict")
     _add_columns(table, names, text=("scheme", "hparams", "statistic", "verdict"))
     for r in last.itertuples(index=False):
