@@ -38,6 +38,7 @@ from orchestrator.errors import UserError  # noqa: E402
 from orchestrator.tracking.cgn_metrics import cgn_metrics  # noqa: E402
 from orchestrator.tracking.names import arm, grid_axes, outcome, run_name  # noqa: E402
 from orchestrator.tracking.source import source_tags  # noqa: E402
+from trainers.config import FORK_FIELDS, SOURCE_SEEDS  # noqa: E402
 from trainers.events import EPOCH_COLUMNS, RESULT_METRICS  # noqa: E402
 
 EPOCH_METRICS = tuple(name for name, column in EPOCH_COLUMNS.items() if column.per_epoch)
@@ -323,6 +324,10 @@ def log_trial(
         "arm": arm(meta, _sweep_axes(str(trial_dir.parent.parent))),  # what the runs table groups by
         "outcome": outcome(result),
     } | (tags or {})
+    # Seeds split by source and a fate-clock child's fork point: tagged where set (docs/seeds.md).
+    run_tags |= {k: str(meta[k]) for k in (*SOURCE_SEEDS, *FORK_FIELDS) if meta.get(k) not in (None, 0)}
+    if meta.get("fork_at") is not None:  # a child sits in its own group, apart from the lottery's runs
+        run_tags["arm"] = f"{run_tags['arm']} fork@{meta['fork_at']:g}"
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     if result is not None:
