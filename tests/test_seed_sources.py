@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from test_augment import trial as augmented_trial
 
 import trainers.loop as loop
 from orchestrator.errors import UserError
@@ -26,16 +27,8 @@ CPU = torch.device("cpu")
 
 
 def trial(**fields: object) -> TrialConfig:
-    """A tiny crater_cnn on 40 synthetic 16x16 images, with augmentation (two steps of 16 per epoch)."""
-    doc = {
-        "data": {"name": "synthetic", "synthetic_samples": 40, "augment": "crop_flip"},
-        "model": {"name": "crater_cnn", "filters": 2, "hidden_fc": 0, "init": "xavier"},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "epochs": 2,
-        "batch_size": 16,
-        "device": "cpu",
-    }
-    return TrialConfig.model_validate(doc | fields)
+    """tests/test_augment.py's tiny augmented crater_cnn (two steps of 16 per epoch), for 2 epochs."""
+    return augmented_trial(**({"epochs": 2} | fields))
 
 
 @pytest.fixture(scope="module")
