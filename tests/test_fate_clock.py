@@ -227,3 +227,20 @@ def test_a_malformed_fork_is_one_line(tmp_path, fields, message):
     with pytest.raises(UserError, match=message) as caught:
         load_plan(spec(tmp_path, **fields))
     assert "\n" not in str(caught.value)
+
+
+def test_the_printed_fate_clock_names_its_columns_and_numbers():
+    from rich.console import Console
+
+    from orchestrator.fate import format_fate_table
+
+    parents = frame([(0, np.nan, pd.NA, True, 0.10), (1, np.nan, pd.NA, False, 0.90)])
+    children = frame(
+        [(0, 0.2, 1, True, 0.10), (0, 0.2, 2, True, 0.12), (1, 0.2, 1, False, 0.9), (1, 0.2, 2, True, 0.1)]
+    )
+    console = Console(record=True, width=250)
+    console.print(format_fate_table(fate_table(parents, children)))
+    text = console.export_text()
+    assert "Fate clock" in text and "unanimous %" in text and "instability" in text
+    row = next(line for line in text.splitlines() if "baseline" in line)
+    assert "0.2" in row and "2 (1)" in row and "100 [34, 100]" in row and " 50 " in row
