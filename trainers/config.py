@@ -296,7 +296,8 @@ class TrialConfig(Strict):
 
     @property
     def count_tau(self) -> float:
-        """The trial's one CGN threshold: RandomOut's reset tau (so Fig. 8 counts its resets), else `tau`."""
+        """The trial's one CGN threshold: RandomOut's reset tau (so Fig. 8 counts its resets), else `tau`;
+        compared in `count_reduction` units."""
         return self.scheme.tau if isinstance(self.scheme, RandomOutScheme) else self.tau
 
     @property
