@@ -76,7 +76,9 @@ def step_rates(ways: dict[str, tuple[TrialConfig, LoadedData, int, bool]], steps
 def _stepper(cfg: TrialConfig, data: LoadedData, pack: int, generic: bool):  # noqa: ANN202
     model = build_pack(cfg, list(range(pack)), data, generic).to(data.x_train.device)
     optimizer = _make_optimizer(cfg, list(model.parameters()))
-    monitor = CgnMonitor(filter_groups(model), tau=cfg.count_tau, trace_every=0, seeds=pack)
+    monitor = CgnMonitor(
+        filter_groups(model), tau=cfg.count_tau, trace_every=0, seeds=pack, reduction=cfg.count_reduction
+    )
     batch, n = cfg.batch_size, len(data.x_train)
 
     def step(i: int) -> float:

@@ -62,6 +62,8 @@ TRIAL_COLUMNS: dict[str, str] = {
     "diverged": "bool",  # False unless finished
     "epochs_done": "Int64",
     "total_resets": "Int64",
+    # Filters whose mean CGN over the trial's last epoch is below its tau (metrics.parquet's `dead`)
+    "dead_filters": "Int64",
     "sparsity": "float64",  # share of conv/linear weights held at zero at the end (IMP, edge-popup)
     "chance": "float64",
     "failure_margin": "float64",
@@ -120,6 +122,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "n_harmed": "int64",  # seed pairs where this arm failed and its reference did not
     "resets_median": "float64",  # filter resets per finished trial
     "n_reset": "int64",  # finished trials with at least one reset
+    "dead_median": "float64",  # dead filters per finished trial (`dead_filters`), median and max
+    "dead_max": "float64",
+    "n_dead": "int64",  # finished trials with at least one dead filter
 }
 
 GAIN_COLUMNS: dict[str, str] = {
@@ -422,10 +427,14 @@ def _failure_kinds(group: pd.DataFrame, pairs: pd.DataFrame | None) -> dict[str,
 
 
 def _resets(group: pd.DataFrame) -> dict[str, object]:
-    resets = group.loc[group["status"] == "finished", "total_resets"].dropna().astype(float)
+    done = group[group["status"] == "finished"]
+    resets, dead = (done[c].dropna().astype(float) for c in ("total_resets", "dead_filters"))
     return {
         "resets_median": float(resets.median()) if len(resets) else np.nan,
         "n_reset": int((resets > 0).sum()),
+        "dead_median": float(dead.median()) if len(dead) else np.nan,
+        "dead_max": float(dead.max()) if len(dead) else np.nan,
+        "n_dead": int((dead > 0).sum()),
     }
 
 

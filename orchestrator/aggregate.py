@@ -214,6 +214,7 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
     sweep_dir = layout.location(sweep_dir)
     trials, children, fate = fate_tables(sweep_dir, load_trials(sweep_dir))
     epochs = load_epochs(sweep_dir, trials)
+    trials = with_dead_filters(trials, epochs)
     result = AggregateResult(
         trials=trials,
         epochs=epochs,
@@ -232,6 +233,15 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
             layout.aggregate_table(sweep_dir, table.name), lambda tmp, f=frame: f.to_parquet(tmp, index=False)
         )
     return result
+
+
+def with_dead_filters(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """`trials` with each trial's `dead_filters`: the `dead` count of its last recorded epoch (filters
+    whose mean CGN over that epoch is below the trial's tau, in its units; trainers/cgn.py); NA where
+    no epoch recorded it (a trial not started, or trained before the count existed)."""
+    last = epochs.sort_values("epoch", kind="stable").drop_duplicates("trial_key", keep="last")
+    dead = trials["trial_key"].map(last.set_index("trial_key")["dead"])
+    return trials.assign(dead_filters=dead.astype("Int64"))
 
 
 def sequential_looks(sweep_dir: layout.Location, trials: pd.DataFrame) -> pd.DataFrame:
@@ -346,13 +356,15 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
         caption=(
             f"setting: {setting_line(summary)}. Failures by kind: diverged (loss not finite), collapsed (at "
             "or below the majority-class accuracy), low (above it, within the margin); rescued/harmed: "
-            "seed pairs where only the reference failed / only this arm failed."
+            "seed pairs where only the reference failed / only this arm failed; dead filters: per trial, "
+            "those whose mean CGN over the last epoch is below tau (median/max, and trials with one)."
         ),
         caption_justify="left",
     )
     columns = ["scheme", "hparams", *(["setting"] if varying else []), "filters", "n", "failed"]
     columns += ["diverged / collapsed / low", "fail % [95% CI]", "mean %", "median %", "min %", "std %"]
     columns += ["gain pts (median)", "better/tied/worse", "rescued/harmed", "Wilcoxon p (n, method)"]
+    columns += ["dead filters med/max (trials)"]
     _add_columns(table, columns, text=("scheme", "hparams", "setting"))
     for r in summary.itertuples(index=False):
         pending = r.n_planned - r.n
@@ -379,6 +391,7 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
             "-" if is_base else f"{r.n_rescued}/{r.n_harmed}",
             "-" if is_base else test,
+            "-" if pd.isna(r.dead_median) else f"{r.dead_median:g}/{r.dead_max:g} ({r.n_dead})",
         )
     return table
 

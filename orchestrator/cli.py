@@ -86,7 +86,10 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Initialization seed.")] = None,
     data_seed: Annotated[int | None, typer.Option(help="Split and batch-order seed.")] = None,
     tau: Annotated[
-        float | None, typer.Option(help="CGN threshold (RandomOut's tau, summed-loss units).")
+        float | None,
+        typer.Option(
+            help="CGN threshold (RandomOut's tau; summed-loss units unless scheme.cgn_reduction is mean)."
+        ),
     ] = None,
     active_fraction: Annotated[float | None, typer.Option(help="RandomOut P.")] = None,
     drop_fraction: Annotated[float | None, typer.Option(help="RePr p.")] = None,

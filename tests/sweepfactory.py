@@ -84,6 +84,7 @@ def _metrics(t: FakeTrial, epochs: int) -> pa.Table:
             "cgn_mean": cgn,
             "cgn_min": cgn / 100,
             "below_tau": below.astype(np.int64),
+            "dead": (e < 2).astype(np.int64),  # conv1's filter 0 (see _trace)
             "resets": resets.astype(np.int64),
             "dropped": np.zeros(epochs, dtype=np.int64),
             "ortho_sum": ortho,

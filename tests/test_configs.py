@@ -13,7 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPECTED_TRIALS = {
     "demo.yaml": 3 * 20,
     "inception28_cifar10.yaml": 3 * 50,
-    "crater_tau_p_grid.yaml": (11 * 4 + 1) * 50,
+    "crater_tau_p_grid.yaml": (11 * 4 + 1) * 2 * 50,  # two lrs
+    "crater_dying_pilot.yaml": 2 * 4 * 10,
     "crater_width.yaml": 10 * 2 * 50,
     "repr_c3_32.yaml": (8 + 1) * 20,
     "resnet20_cifar10.yaml": 2 * 10,
@@ -38,7 +39,7 @@ def test_spec_expands_to_the_exact_trial_count_with_paired_seeds(name):
     assert len({t.trial_key() for t in plan.trials}) == len(plan.trials)
     seeds_per_config = Counter(t.config_hash() for t in plan.trials)
     assert set(seeds_per_config.values()) == {len(plan.spec.seeds)}
-    assert path.read_text().startswith(("# Reproduces", "# Sequential")) or name == "demo.yaml"
+    assert path.read_text().startswith(("# Reproduces", "# Sequential", "# Pilot")) or name == "demo.yaml"
     assert "Expected cost" in path.read_text()
 
 
@@ -57,7 +58,8 @@ def test_paper_specs_match_their_papers_settings():
     }
     grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
     assert {t.scheme.tau for t in grid if t.scheme.name == "randomout"} == {10.0**-k for k in range(4, 15)}
-    assert all(t.epochs == 150 and t.data.image_size == 15 for t in grid)
+    assert all(t.epochs == 150 and t.data.image_size == 15 and t.batch_size == 64 for t in grid)
+    assert {t.optim.lr for t in grid} == {0.01, 0.1}  # 0.1: where filters die (the pilot's regime)
     # The RandomOut specs feed the reference's input scale, so the paper's tau means what it meant there.
     for name in (
         "inception28_cifar10.yaml",
@@ -74,6 +76,7 @@ def test_paper_specs_match_their_papers_settings():
     metrics = {t.scheme.metric for t in repr_trials if t.scheme.name == "repr"}
     assert metrics == {"ortho", "weight", "cgn", "taylor", "apoz", "activation", "random", "oracle"}
     assert all(t.data.val_fraction > 0 and t.optim.lr == 0.01 and t.epochs == 100 for t in repr_trials)
+    assert all(t.data.augment == "none" for t in repr_trials)  # the paper states no augmentation
     resnet = load_plan(CONFIGS / "resnet20_cifar10.yaml").trials
     assert {(t.scheme.name, getattr(t.scheme, "metric", None)) for t in resnet} == {
         ("baseline", None),
@@ -86,6 +89,61 @@ def test_paper_specs_match_their_papers_settings():
         and t.batch_size == 128
         for t in resnet
     )
+
+
+def test_crater_specs_state_cgn_units():
+    """Every crater spec says in which units tau is compared with CGN; its RandomOut arms say it too."""
+    for path in sorted(CONFIGS.glob("crater_*.yaml")):
+        assert "CGN units" in path.read_text(), path.name
+        for trial in load_plan(path).trials:
+            if trial.scheme.name == "randomout":
+                assert trial.scheme.cgn_reduction == "sum" and trial.count_reduction == "sum", path.name
+
+
+def test_the_dying_pilot_spans_the_widths_and_lrs_where_filters_die():
+    plan = load_plan(CONFIGS / "crater_dying_pilot.yaml")
+    trials = plan.trials
+    assert {t.scheme.name for t in trials} == {"baseline"} and len(plan.spec.seeds) == 10
+    assert {(t.model.filters, t.optim.lr) for t in trials} == {
+        (f, lr) for f in (1, 2) for lr in (0.01, 0.05, 0.1, 0.2)
+    }
+    assert all(
+        (t.data.name, t.data.image_size, t.model.name, t.batch_size, t.optim.name, t.full_batch)
+        == ("craters", 15, "crater_cnn", 64, "sgd", False)
+        for t in trials
+    )
+    grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
+    assert {t.optim.lr for t in grid} <= {t.optim.lr for t in trials}  # the grid's lrs are the pilot's
+
+
+def test_repr_c3_32_drops_29_of_its_96_filters_per_cycle():
+    """drop_fraction_of: all, as Algorithm 1's "p % of F": round(0.3 x 96) = 29, from the two eligible
+    layers of C3(32) (19 would be 30% of their 64). The spec's own RePr makes the drop."""
+    import torch
+
+    from trainers.cgn import CgnMonitor
+    from trainers.filters import filter_groups
+    from trainers.models import build_model
+    from trainers.schemes import TrainContext
+    from trainers.schemes.repr import RePr
+
+    trials = load_plan(CONFIGS / "repr_c3_32.yaml").trials
+    trial = next(t for t in trials if t.scheme.name == "repr" and t.scheme.metric == "ortho")
+    assert trial.scheme.drop_fraction_of == "all"
+    gen = torch.Generator().manual_seed(0)
+    model = build_model(
+        trial.model, in_channels=3, image_size=32, num_classes=10, batchnorm=False, generator=gen
+    )
+    groups = filter_groups(model)
+    assert [g.filters for g in groups] == [32, 32, 32]
+    optimizer = torch.optim.SGD(model.parameters(), lr=trial.optim.lr)
+    monitor = CgnMonitor(groups, tau=trial.count_tau, trace_every=0)
+    ctx = TrainContext(trial, model, groups, optimizer, monitor, data=None, generators=[gen])
+    scheme = RePr(trial.scheme)
+    scheme.setup(ctx)
+    scheme.on_epoch_end(ctx, trial.scheme.s1 - 1)  # the first drop
+    assert [int(m.sum()) for m in scheme.dropped_masks()][0] == 0
+    assert sum(int(m.sum()) for m in scheme.dropped_masks()) == 29
 
 
 def test_lottery_specs_pair_their_arms_by_seed():

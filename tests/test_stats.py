@@ -54,6 +54,7 @@ def _trial(config: str, pair: str, scheme: str, seed: int, acc: float = math.nan
         "diverged": diverged,
         "epochs_done": 4 if finished else pd.NA,
         "total_resets": 0 if finished else pd.NA,
+        "dead_filters": kw.pop("dead_filters", 0 if finished else pd.NA),
         "sparsity": kw.pop("sparsity", 0.0) if finished else math.nan,
         "chance": CHANCE if finished else math.nan,
         "failure_margin": MARGIN,

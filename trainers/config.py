@@ -129,8 +129,16 @@ class BatchNormScheme(Strict):
 class RandomOutScheme(Strict):
     resets_filters: ClassVar[bool] = True  # acts only by resets: 0 resets means it never acted
     name: Literal["randomout"] = "randomout"
-    tau: float = Field(DEFAULT_TAU, ge=0.0)  # CGN threshold, in summed-loss units (see trainers/cgn.py)
+    tau: float = Field(DEFAULT_TAU, ge=0.0)  # CGN threshold, in the units cgn_reduction names
     active_fraction: float = Field(1.0, ge=0.0, le=1.0)  # P: resets allowed while epoch < P * epochs
+    # Which CGN tau is compared with. sum: the CGN of the minibatch's summed loss (B x that of the mean
+    # loss), the MXNet reference's convention (trainers/cgn.py). mean: the CGN of the mean loss (CGN / B),
+    # what a framework that averages the loss (the paper's crater nets ran in Deeplearning4j) computes.
+    cgn_reduction: Literal["sum", "mean"] = "sum"
+    # step: after every minibatch on that batch's CGN (the reference code). epoch: once per epoch, after
+    # its evaluation, on each filter's mean CGN over the epoch (as the paper's Fig. 8 reads CGN); the
+    # check after the last epoch is skipped (nothing would train or be evaluated after it).
+    check_every: Literal["step", "epoch"] = "step"
     reset_optimizer_state: bool = False
     reset_bias: bool = False
 
@@ -377,8 +385,15 @@ class TrialConfig(Strict):
 
     @property
     def count_tau(self) -> float:
-        """The trial's one CGN threshold: RandomOut's reset tau (so Fig. 8 counts its resets), else `tau`."""
+        """The trial's one CGN threshold: RandomOut's reset tau (so Fig. 8 counts its resets), else `tau`;
+        compared in `count_reduction` units."""
         return self.scheme.tau if isinstance(self.scheme, RandomOutScheme) else self.tau
+
+    @property
+    def count_reduction(self) -> Literal["sum", "mean"]:
+        """The units `count_tau` is compared in: RandomOut's `cgn_reduction` (its counts and its resets
+        read the same CGN), else summed-loss units."""
+        return self.scheme.cgn_reduction if isinstance(self.scheme, RandomOutScheme) else "sum"
 
     @property
     def uses_batchnorm(self) -> bool:

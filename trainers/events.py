@@ -26,6 +26,9 @@ class LayerEpochStats:
     resets: int  # filters re-initialized this epoch (RandomOut resets, RePr re-introductions)
     dropped: int  # filters masked out at the end of the epoch (RePr)
     ortho_sum: float  # sum over filters of RePr's O_l^f at the end of the epoch
+    # Filters whose mean CGN over the epoch is below tau, in the trial's units (CgnMonitor.dead_filters):
+    # RandomOut's per-epoch rule. A trial's dead filters are its last epoch's (orchestrator/aggregate.py).
+    dead: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ EPOCH_COLUMNS: dict[str, EpochColumn] = {
     "cgn_mean": EpochColumn("float64"),
     "cgn_min": EpochColumn("float64"),
     "below_tau": EpochColumn("Int64"),
+    "dead": EpochColumn("Int64"),
     "resets": EpochColumn("Int64"),
     "dropped": EpochColumn("Int64"),
     "ortho_sum": EpochColumn("float64"),
@@ -82,7 +86,7 @@ class EpochRecord:
         n = sum(s.n_filters for s in self.layers)
         row["cgn_mean"] = sum(s.cgn_mean * s.n_filters for s in self.layers) / max(n, 1)
         row["cgn_min"] = min((s.cgn_min for s in self.layers), default=float("nan"))
-        for key in ("below_tau", "resets", "dropped"):
+        for key in ("below_tau", "dead", "resets", "dropped"):
             row[key] = sum(getattr(s, key) for s in self.layers)
         row["ortho_sum"] = sum(s.ortho_sum for s in self.layers)
         return row | self.extra

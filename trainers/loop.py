@@ -212,7 +212,13 @@ def train_pack(
     scheme.prepare(model, scheme_gens)
     optimizer = _make_optimizer(config, scheme.parameters(model))
     groups = filter_groups(model)
-    monitor = CgnMonitor(groups, tau=config.count_tau, trace_every=config.trace_every, seeds=len(seeds))
+    monitor = CgnMonitor(
+        groups,
+        tau=config.count_tau,
+        trace_every=config.trace_every,
+        seeds=len(seeds),
+        reduction=config.count_reduction,
+    )
     ctx = TrainContext(
         config,
         model,

@@ -1,11 +1,15 @@
 """RandomOut (Cohen, Lo, Ding 2016): re-draw filters whose CGN falls below tau.
 
-As in the reference code, the check runs after every minibatch on the
-gradient of the batch just processed, after the optimizer step. A fresh
-layer-shaped draw is made every active step (per seed, from that seed's
-generator) and merged with `torch.where`, so the random stream, and the
-result, does not depend on how many filters died or on the pack a seed is in,
-and no host sync is needed to find out.
+As in the reference code, the check runs by default after every minibatch on
+the gradient of the batch just processed, after the optimizer step; with
+`check_every: epoch` it runs once per epoch, after the epoch's evaluation, on
+each filter's mean CGN over the epoch. Either way tau is compared with the CGN
+in the units `cgn_reduction` names, the same units the trial's "below tau"
+counts use (trainers/cgn.py). A fresh layer-shaped draw is made at every
+active check (per seed, from that seed's generator) and merged with
+`torch.where`, so the random stream, and the result, does not depend on how
+many filters died or on the pack a seed is in, and no host sync is needed to
+find out.
 """
 
 from __future__ import annotations
@@ -28,13 +32,23 @@ class RandomOut(Scheme):
 
     @torch.no_grad()
     def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
-        if not self.is_active(ctx):
+        if self.cfg.check_every != "step" or not self.is_active(ctx):
             return
-        for i, (group, cgn) in enumerate(zip(ctx.groups, cgns, strict=True)):
-            dead = cgn < self.cfg.tau  # [K, F]
+        self._reset(ctx, [ctx.monitor.in_tau_units(cgn) < self.cfg.tau for cgn in cgns], step=ctx.step)
+
+    @torch.no_grad()
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
+        """The per-epoch check, on the monitor's epoch means before `epoch_end` resets them; none after
+        the last epoch (the trial ends there, so a reset would change nothing but its count)."""
+        if self.cfg.check_every != "epoch" or not self.is_active(ctx) or epoch + 1 >= ctx.config.epochs:
+            return
+        self._reset(ctx, ctx.monitor.dead_filters(), step=None)
+
+    def _reset(self, ctx: TrainContext, dead_per_layer: list[torch.Tensor], step: int | None) -> None:
+        for i, (group, dead) in enumerate(zip(ctx.groups, dead_per_layer, strict=True)):  # dead: [K, F]
             where_rows(group, group.weight, dead, ctx.fresh_filters(group))
             if self.cfg.reset_bias and group.bias is not None:
                 where_rows(group, group.bias, dead, 0.0)
             if self.cfg.reset_optimizer_state:
                 zero_optimizer_rows(ctx.optimizer, group, dead)
-            ctx.monitor.record_resets(i, dead, step=ctx.step)
+            ctx.monitor.record_resets(i, dead, step=step)
