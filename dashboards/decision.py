@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from dashboards.stats import BASELINE, TIE_TOLERANCE, paired_gains, wilson_interval
+from dashboards.signed_rank import TIE_TOLERANCE
+from dashboards.stats import BASELINE, paired_gains, wilson_interval
 from trainers.correctness import decode, finite_test_set_sd
 
 CONFIDENCE = 0.95

@@ -26,7 +26,8 @@ from dashboards.failed_seeds import failed_seeds_html
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import interval_statement, look_cells
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
-from dashboards.stats import BASELINE, EXACT_MAX_N, NOT_FINISHED, STATUSES, ZERO_METHOD, never_acted
+from dashboards.signed_rank import EXACT_MAX_N, ZERO_METHOD
+from dashboards.stats import BASELINE, NOT_FINISHED, STATUSES, never_acted
 
 ALPHA = 0.05
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dashboards.stats import reference_label, wilcoxon_p
+from dashboards.signed_rank import wilcoxon_p
+from dashboards.stats import reference_label
 
 # IMP rounds: one row per (configuration, round), from the epochs table's round_end rows.
 ROUND_COLUMNS: dict[str, str] = {

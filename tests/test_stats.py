@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+from dashboards.signed_rank import signed_rank_test
 from dashboards.stats import (
     SUMMARY_COLUMNS,
     TRIAL_COLUMNS,
     bootstrap_std_ci,
     paired_gains,
-    signed_rank_test,
     summarise,
     wilson_interval,
 )
