@@ -21,6 +21,8 @@ Conventions, chosen so that nothing disappears silently:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -132,6 +134,26 @@ GAIN_COLUMNS: dict[str, str] = {
     "baseline_acc": "float64",
     "gain": "float64",
 }
+
+
+def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows (dicts) as the per-trial table: every TRIAL_COLUMNS column typed, a missing one <NA>."""
+    frame = pd.DataFrame.from_records(rows, columns=list(TRIAL_COLUMNS))
+    for flag in ("failed", "diverged"):
+        frame[flag] = frame[flag].fillna(False).astype(bool)
+    for col, dtype in TRIAL_COLUMNS.items():
+        if dtype == "float64":
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame.astype(TRIAL_COLUMNS)
+
+
+def with_dead_filters(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """`trials` with each trial's `dead_filters`: the `dead` count of its last recorded epoch (filters
+    whose mean CGN over that epoch is below the trial's tau, in its units; trainers/cgn.py); NA where
+    no epoch recorded it (a trial not started, or trained before the count existed)."""
+    last = epochs.sort_values("epoch", kind="stable").drop_duplicates("trial_key", keep="last")
+    dead = trials["trial_key"].map(last.set_index("trial_key")["dead"])
+    return trials.assign(dead_filters=dead.astype("Int64"))
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

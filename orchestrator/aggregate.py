@@ -27,7 +27,7 @@ from dashboards.rounds import ROUND_COLUMNS, round_summary
 from dashboards.sequential import interval_statement, look_cells, looks_frame
 from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
 from dashboards.sources import empty_variance, variance_table
-from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise
+from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise, trials_frame, with_dead_filters
 from orchestrator import layout
 from orchestrator.errors import UserError
 from orchestrator.fate import fate_tables
@@ -147,14 +147,7 @@ def _read_optional(path: layout.Location) -> Any:
         return None
 
 
-def _typed_trials(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(rows, columns=list(TRIAL_COLUMNS))
-    for flag in ("failed", "diverged"):
-        frame[flag] = frame[flag].fillna(False).astype(bool)
-    for col, dtype in TRIAL_COLUMNS.items():
-        if dtype == "float64":
-            frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    return frame.astype(TRIAL_COLUMNS)
+_typed_trials = trials_frame  # rows to TRIAL_COLUMNS (dashboards/stats.py owns the table)
 
 
 def load_trials(sweep_dir: layout.Location | str) -> pd.DataFrame:
@@ -233,15 +226,6 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
             layout.aggregate_table(sweep_dir, table.name), lambda tmp, f=frame: f.to_parquet(tmp, index=False)
         )
     return result
-
-
-def with_dead_filters(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """`trials` with each trial's `dead_filters`: the `dead` count of its last recorded epoch (filters
-    whose mean CGN over that epoch is below the trial's tau, in its units; trainers/cgn.py); NA where
-    no epoch recorded it (a trial not started, or trained before the count existed)."""
-    last = epochs.sort_values("epoch", kind="stable").drop_duplicates("trial_key", keep="last")
-    dead = trials["trial_key"].map(last.set_index("trial_key")["dead"])
-    return trials.assign(dead_filters=dead.astype("Int64"))
 
 
 def sequential_looks(sweep_dir: layout.Location, trials: pd.DataFrame) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from dashboards.decision import (
 )
 from dashboards.figures import all_figures
 from dashboards.report import build_report
-from dashboards.stats import TRIAL_COLUMNS, wilson_interval
+from dashboards.stats import trials_frame, wilson_interval
 from orchestrator import layout
 from orchestrator.aggregate import aggregate, read_aggregate
 from orchestrator.cli import app
@@ -126,7 +126,7 @@ def trials() -> pd.DataFrame:
         for s, (a, g) in enumerate(zip(BASE_ACC, GAINS_B, strict=True), start=1)
     ]
     rows += [_trial("D", "ctx16", "randomout", s, 0.8, filters=16) for s in (1, 2, 3)]  # no baseline
-    return pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    return trials_frame(rows)
 
 
 def test_decide_pairs_by_seed_and_states_the_reference(trials: pd.DataFrame) -> None:

@@ -13,7 +13,7 @@ from test_stats import _trial
 from typer.testing import CliRunner
 
 from dashboards.report import _summary_html
-from dashboards.stats import TRIAL_COLUMNS, failure_kind, summarise
+from dashboards.stats import failure_kind, summarise, trials_frame
 from orchestrator import layout
 from orchestrator.cli import app
 
@@ -32,7 +32,7 @@ def summary() -> pd.DataFrame:
     arm = [(1, 0.09, False), (2, 0.70, False), (3, 0.70, False), (4, NAN, True)]
     rows = [_trial("A", "ctx", "baseline", s, a, diverged=d) for s, a, d in base]
     rows += [_trial("B", "ctx", "randomout", s, a, diverged=d, label="tau=1e-08 P=1") for s, a, d in arm]
-    return summarise(pd.DataFrame(rows).astype(TRIAL_COLUMNS)).set_index("config_hash")
+    return summarise(trials_frame(rows)).set_index("config_hash")
 
 
 def test_failure_kind_by_hand() -> None:

@@ -20,8 +20,9 @@ from trainers.config import DataConfig, TrialConfig
 from trainers.data import LoadedData, load_data
 from trainers.events import MemorySink
 from trainers.filters import filter_groups, zero_optimizer_rows
-from trainers.loop import _Progress, build_pack, train
+from trainers.loop import build_pack, train
 from trainers.optim import RowAdam
+from trainers.progress import Progress
 from trainers.ranking import global_drop_masks
 from trainers.recordio import iter_records
 
@@ -302,9 +303,9 @@ def test_progress_checkpoints_of_the_parallel_list_format_still_load():
         "last": [(0.95, 0.9, 0.3), (0.1, 0.1, float("nan"))],
         "diverged": [False, True],
     }
-    progress = _Progress.from_state(old)
+    progress = Progress.from_state(old)
     assert progress.seed_list() == [3, 4] and progress.seeds[1].diverged and progress.seeds[0].test_acc == 0.9
-    assert _Progress.from_state(progress.state()) == progress
+    assert Progress.from_state(progress.state()) == progress
 
 
 def test_results_record_device_threads_and_pack_size():

@@ -12,7 +12,7 @@ from test_stats import _trial
 from typer.testing import CliRunner
 
 from dashboards.report import _never_acted_html
-from dashboards.stats import TRIAL_COLUMNS, never_acted, summarise
+from dashboards.stats import never_acted, summarise, trials_frame
 from orchestrator import layout
 from orchestrator.cli import app
 from orchestrator.tracking.study import study_note
@@ -27,7 +27,7 @@ def _summary(resets: dict[str, list[int]]) -> pd.DataFrame:
             rows.append(
                 _trial(config, "ctx", scheme, seed, 0.7, label="tau=1e-08 P=1") | {"total_resets": count}
             )
-    return summarise(pd.DataFrame(rows).astype(TRIAL_COLUMNS)).set_index("config_hash")
+    return summarise(trials_frame(rows)).set_index("config_hash")
 
 
 def test_resets_per_arm_and_the_arm_that_never_acted() -> None:

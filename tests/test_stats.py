@@ -12,10 +12,10 @@ import scipy.stats
 from dashboards.signed_rank import signed_rank_test
 from dashboards.stats import (
     SUMMARY_COLUMNS,
-    TRIAL_COLUMNS,
     bootstrap_std_ci,
     paired_gains,
     summarise,
+    trials_frame,
     wilson_interval,
 )
 
@@ -90,7 +90,7 @@ def trials() -> pd.DataFrame:
     rows.append(_trial("C", "ctx8", "randomout", 4, math.nan, diverged=True, label="tau=1e-12 P=1"))
     # D: another width, so another pair_key, with no baseline to pair with.
     rows += [_trial("D", "ctx16", "randomout", s, 0.8, filters=16) for s in (1, 2, 3)]
-    return pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    return trials_frame(rows)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_a_trial_naming_a_reference_pairs_with_that_arm_not_the_baseline() -> No
         _trial("ctl", "p", "imp", s, a, reference="rew", label="reinit=True", sparsity=0.5)
         for s, a in zip((1, 2, 4), (0.60, 0.75, 0.10), strict=True)
     ]
-    trials = pd.DataFrame(rows).astype(TRIAL_COLUMNS)
+    trials = trials_frame(rows)
     gains = paired_gains(trials).set_index(["config_hash", "seed"])["gain"]
     # rewound vs baseline: +.30 +.20 +.40; control vs rewound (seed 4 has no rewound pair): -.20 +.05
     assert gains.loc["rew"].to_dict() == pytest.approx({1: 0.30, 2: 0.20, 3: 0.40})

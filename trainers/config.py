@@ -3,6 +3,10 @@
 Every knob lives here so a trial is fully described by one JSON document: the
 trial key (run identity) and the config hash (identity minus the seed) are
 hashes of it. New knobs must default to a no-op so old keys stay valid.
+
+Longer than the ~450 lines a module usually gets, on purpose: every knob of a trial and the identities
+hashed from them (trial key, arm, pair, pack) are one contract, and a knob split from its validators
+and its place in those hashes is how a key silently changes.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ import torch
 
 from trainers.augment import draw_epoch
 from trainers.config import TrialConfig
+from trainers.data import LoadedData
+from trainers.pack import build_pack
 
 FORK_STREAM_TAG = 0x666F726B  # "fork": keeps a child's streams apart from any seed's own
 
@@ -61,3 +63,13 @@ def leave_parent_streams(
         fresh = draw_epoch(ctx.config.data.augment, len(rest), ctx.augment_gen or ctx.data_gen, draws.device)
         draws = torch.cat([draws[:start], fresh])
     return order, draws
+
+
+def seed_weights(
+    model: torch.nn.Module, k: int, config: TrialConfig, seed: int, data: LoadedData
+) -> dict[str, torch.Tensor]:
+    """Seed k's trained state as one ordinary model's state dict, on the CPU."""
+    unpack = getattr(model, "unpack", None)
+    if unpack is not None:
+        model = unpack(k, build_pack(config, [seed], data).to(next(model.parameters()).device))
+    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +26,15 @@ from trainers.data import LoadedData, check_batch_size, load_data
 from trainers.errors import DeviceError
 from trainers.events import EpochRecord, Sink, TrialResult, failure_rule_text
 from trainers.filters import FilterGroup, filter_groups
-from trainers.fork import fork_step, leave_parent_streams
+from trainers.fork import fork_step, leave_parent_streams, seed_weights
 from trainers.funcpack import generic_pack_problem
 from trainers.models import derive_seeds
 from trainers.optim import RowAdam
 from trainers.pack import build_pack, can_pack
+from trainers.progress import Progress, restore, snapshot
 from trainers.ranking import ortho_scores, pack_logits, pack_loss
 from trainers.schemes import Scheme, TrainContext, build_scheme
+from trainers.streams import source_generators
 
 EVAL_BATCH = 1024
 
@@ -86,65 +88,6 @@ def train(
         chunk = seeds[start : start + pack_size]
         results += train_pack(config, chunk, sink, data=data, device=device, resume=resume, generic=generic)
     return results
-
-
-@dataclass
-class SeedProgress:
-    """One seed's running totals inside a pack: a new per-seed quantity is one field here."""
-
-    seed: int
-    epochs_done: int = 0
-    best_test_acc: float = 0.0
-    total_resets: int = 0
-    train_acc: float = math.nan  # of the last epoch
-    test_acc: float = math.nan
-    test_loss: float = math.nan
-    diverged: bool = False
-
-
-@dataclass
-class _Progress:
-    """Everything besides model/optimizer/scheme that a checkpoint must carry."""
-
-    seeds: list[SeedProgress]
-    epoch: int = 0  # epochs completed
-    steps: int = 0
-    wall_s: float = 0.0
-
-    @classmethod
-    def start(cls, seeds: list[int]) -> _Progress:
-        return cls([SeedProgress(seed) for seed in seeds])
-
-    def seed_list(self) -> list[int]:
-        return [s.seed for s in self.seeds]
-
-    def state(self) -> dict[str, Any]:
-        """Plain lists and numbers, so a checkpoint loads with torch.load(weights_only=True)."""
-        return {
-            "seeds": self.seed_list(),
-            "epoch": self.epoch,
-            "steps": self.steps,
-            "wall_s": self.wall_s,
-            "per_seed": [asdict(s) for s in self.seeds],
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> _Progress:
-        if "per_seed" in state:
-            seeds = [SeedProgress(**s) for s in state["per_seed"]]
-        else:  # checkpoints written before per-seed records: parallel lists
-            seeds = [
-                SeedProgress(
-                    seed,
-                    state["epochs_done"][k],
-                    state["best_test_acc"][k],
-                    state["total_resets"][k],
-                    *state["last"][k],
-                    state["diverged"][k],
-                )
-                for k, seed in enumerate(state["seeds"])
-            ]
-        return cls(seeds, state["epoch"], state["steps"], state["wall_s"])
 
 
 @dataclass(frozen=True)
@@ -231,11 +174,11 @@ def train_pack(
         data_gen=data_gen,
         augment_gen=augment_gen,
     )
-    progress = _Progress.start(seeds)
+    progress = Progress.start(seeds)
     if resume is not None:
         if resume["progress"]["seeds"] != seeds:
             raise ValueError(f"resume: checkpoint is for seeds {resume['progress']['seeds']}, not {seeds}")
-        progress = _restore(resume, model, optimizer, scheme, ctx.data_gens(), scheme_gens)
+        progress = restore(resume, model, optimizer, scheme, ctx.data_gens(), scheme_gens)
     ctx.alive = [not s.diverged for s in progress.seeds]
     scheme.setup(ctx)
 
@@ -312,7 +255,7 @@ def train_pack(
             # None after the last epoch: the results follow at once (a trial stopped in between trains
             # that epoch again from the one before, to the same numbers).
             sink.on_checkpoint(
-                epoch, _snapshot(model, optimizer, scheme, ctx.data_gens(), scheme_gens, progress)
+                epoch, snapshot(model, optimizer, scheme, ctx.data_gens(), scheme_gens, progress)
             )
 
     for k in range(len(seeds)):
@@ -325,16 +268,6 @@ def train_pack(
             results[k] = _result(config, k, data, progress, scheme, device, built, hits)
             sink.on_result(results[k])
     return [results[k] for k in range(len(seeds))]
-
-
-def seed_weights(
-    model: torch.nn.Module, k: int, config: TrialConfig, seed: int, data: LoadedData
-) -> dict[str, torch.Tensor]:
-    """Seed k's trained state as one ordinary model's state dict, on the CPU."""
-    unpack = getattr(model, "unpack", None)
-    if unpack is not None:
-        model = unpack(k, build_pack(config, [seed], data).to(next(model.parameters()).device))
-    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
 
 
 def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[float]:
@@ -352,7 +285,7 @@ def _live_ortho_sums(group: FilterGroup, dropped: torch.Tensor | None) -> list[f
 
 
 def _train_epoch(
-    ctx: TrainContext, scheme: Scheme, data: LoadedData, batch: int, progress: _Progress, skip: int = 0
+    ctx: TrainContext, scheme: Scheme, data: LoadedData, batch: int, progress: Progress, skip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch's summed loss and correct count per seed; the first `skip` batches of its order
     are drawn but not trained (see Scheme.steps_to_skip)."""
@@ -393,7 +326,7 @@ def _result(
     config: TrialConfig,
     k: int,
     data: LoadedData,
-    progress: _Progress,
+    progress: Progress,
     scheme: Scheme,
     device: torch.device,
     built: dict[str, Any],
@@ -436,40 +369,3 @@ def _built(config: TrialConfig, model: torch.nn.Module, seeds: int) -> dict[str,
         "builder_sha256": getattr(model, "builder_sha256", ""),
         "parameters": sum(p.numel() for p in model.parameters()) // seeds,
     }
-
-
-def source_generators(config: TrialConfig) -> tuple[torch.Generator, torch.Generator | None]:
-    """The batch-order generator and, when the trial splits it off, the augmentation generator.
-
-    Unsplit (order_seed None), order comes from data_seed, and augmentation shares that stream: the
-    numbers of every trial from before the split. The init seed's generators are trainers.models'."""
-    order = config.data_seed if config.order_seed is None else config.order_seed
-    data_gen = torch.Generator().manual_seed(order)
-    if config.augment_seed is None:
-        return data_gen, None
-    return data_gen, torch.Generator().manual_seed(config.augment_seed)
-
-
-def _snapshot(model, optimizer, scheme, data_gens, scheme_gens, progress: _Progress) -> dict[str, Any]:
-    """References to live state: a sink that keeps it must serialize or copy it at once."""
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheme": scheme.state_dict(),
-        "data_gen": data_gens[0].get_state(),
-        **({"augment_gen": data_gens[1].get_state()} if len(data_gens) > 1 else {}),
-        "scheme_gens": [g.get_state() for g in scheme_gens],
-        "progress": progress.state(),
-    }
-
-
-def _restore(state, model, optimizer, scheme, data_gens, scheme_gens) -> _Progress:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheme.load_state_dict(state["scheme"])
-    data_gens[0].set_state(state["data_gen"])
-    if len(data_gens) > 1:
-        data_gens[1].set_state(state["augment_gen"])
-    for gen, saved in zip(scheme_gens, state["scheme_gens"], strict=True):
-        gen.set_state(saved)
-    return _Progress.from_state(state["progress"])
