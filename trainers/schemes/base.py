@@ -37,6 +37,7 @@ class TrainContext:
     alive: list[bool] = field(default_factory=list)  # False once a seed's loss diverged
     seeds: list[int] = field(default_factory=list)  # the trial seeds, in pack order
     data_gen: torch.Generator | None = None  # batch order and augmentation (IMP replays it per round)
+    batch: torch.Tensor | None = None  # the inputs of the step in progress (ReDo and CBP measure on them)
 
     def __post_init__(self) -> None:
         if not self.alive:

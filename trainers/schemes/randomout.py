@@ -5,7 +5,8 @@ gradient of the batch just processed, after the optimizer step. A fresh
 layer-shaped draw is made every active step (per seed, from that seed's
 generator) and merged with `torch.where`, so the random stream, and the
 result, does not depend on how many filters died or on the pack a seed is in,
-and no host sync is needed to find out.
+and no host sync is needed to find out. With `outgoing: zero` the consumer's weights that read a
+reset filter are zeroed too, after every layer's re-draws (trainers/outgoing.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from trainers.config import RandomOutScheme
 from trainers.filters import where_rows, zero_optimizer_rows
+from trainers.outgoing import Consumer, consumers, zero_outgoing
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -21,6 +23,12 @@ class RandomOut(Scheme):
     def __init__(self, cfg: RandomOutScheme) -> None:
         super().__init__()
         self.cfg = cfg
+        self.consumers: list[Consumer] = []  # outgoing: zero only
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        if self.cfg.outgoing == "zero":
+            self.consumers = consumers(ctx.model, ctx.groups)
 
     def is_active(self, ctx: TrainContext) -> bool:
         """Resets are allowed in the first P fraction of epochs (late resets may damage the net)."""
@@ -38,3 +46,5 @@ class RandomOut(Scheme):
             if self.cfg.reset_optimizer_state:
                 zero_optimizer_rows(ctx.optimizer, group, dead)
             ctx.monitor.record_resets(i, dead, step=ctx.step)
+        for consumer, cgn in zip(self.consumers, cgns, strict=False):
+            zero_outgoing(ctx.optimizer, consumer, cgn < self.cfg.tau)
