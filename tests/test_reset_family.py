@@ -367,3 +367,40 @@ def test_the_tables_tau_is_the_cgn_threshold_not_redos_score_threshold():
 
     assert setting_of({"scheme": {"name": "redo", "tau": 0.1}, "tau": 1e-8})["tau"] == 1e-8
     assert setting_of({"scheme": {"name": "randomout", "tau": 1e-6}, "tau": 1e-8})["tau"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [{"name": "redo", "tau": 0.9, "every": 7}, {"name": "cbp", "maturity": 5, "replacement_rate": 0.05}],
+    ids=["redo", "cbp"],
+)
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(digits, scheme):
+    """CBP's utilities, ages and accumulated counts, and Adam's per-weight step counts, ride in the
+    checkpoint: a resumed trial replaces the same filters at the same steps."""
+    cfg = config(scheme=scheme, epochs=3, model__filters=4)
+    full = MemorySink(keep_checkpoints=True)
+    train(cfg, full, data=digits)
+    resumed = MemorySink()
+    train(cfg, resumed, data=digits, resume=full.checkpoints[0][1])
+    assert [e.test_acc for e in resumed.epochs] == [e.test_acc for e in full.epochs[1:]]
+    assert [e.flat()["resets"] for e in resumed.epochs] == [e.flat()["resets"] for e in full.epochs[1:]]
+    assert full.results[0].total_resets > 0
+
+
+def test_a_reset_filter_of_a_batchnorm_net_restarts_its_batchnorm_too(digits):
+    cfg = config(scheme={"name": "redo", "tau": 0.3, "every": 1}, model__filters=4, model__batchnorm=True)
+    model = build_pack(cfg, [1], digits)
+    model.train()
+    model(digits.x_train[:64])  # running statistics move away from 0 / 1
+    with torch.no_grad():
+        model.conv1.conv.weight[3] = 0.0
+        model.conv1.conv.bias[3] = 0.0  # BN of a constant channel is 0, then ReLU: exactly dead
+    ctx = context(cfg, model, digits)
+    scheme = build_scheme(cfg.scheme)
+    scheme.setup(ctx)
+    ctx.step = 1
+    scheme.after_step(ctx, [])
+    bn = model.conv1.bn
+    assert ctx.monitor._resets[0][0, 3] == 1
+    assert bn.running_mean[3] == 0 and bn.running_var[3] == 1
+    assert torch.count_nonzero(model.conv2.conv.weight[:, 3]) == 0
