@@ -371,12 +371,17 @@ def test_the_tables_tau_is_the_cgn_threshold_not_redos_score_threshold():
 
 @pytest.mark.parametrize(
     "scheme",
-    [{"name": "redo", "tau": 0.9, "every": 7}, {"name": "cbp", "maturity": 5, "replacement_rate": 0.05}],
-    ids=["redo", "cbp"],
+    [
+        {"name": "redo", "tau": 0.9, "every": 7},
+        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05},
+        {"name": "randomout", "tau": 30.0, "outgoing": "zero"},
+    ],
+    ids=["redo", "cbp", "randomout-zero"],
 )
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(digits, scheme):
-    """CBP's utilities, ages and accumulated counts, and Adam's per-weight step counts, ride in the
-    checkpoint: a resumed trial replaces the same filters at the same steps."""
+    """CBP's utilities, ages and accumulated counts, RandomOut's filters reborn at the last step, and
+    Adam's per-weight step counts ride in the checkpoint: a resumed trial resets the same filters at
+    the same steps."""
     cfg = config(scheme=scheme, epochs=3, model__filters=4)
     full = MemorySink(keep_checkpoints=True)
     train(cfg, full, data=digits)
@@ -404,3 +409,28 @@ def test_a_reset_filter_of_a_batchnorm_net_restarts_its_batchnorm_too(digits):
     assert ctx.monitor._resets[0][0, 3] == 1
     assert bn.running_mean[3] == 0 and bn.running_var[3] == 1
     assert torch.count_nonzero(model.conv2.conv.weight[:, 3]) == 0
+
+
+def test_randomout_outgoing_zero_skips_the_one_check_a_reborn_filter_fails_by_construction(digits):
+    """The step after a reset back-propagates through zeroed outgoing weights: the reborn filter's CGN
+    is exactly 0 there, which must not reset it again (it would, at every step, forever)."""
+    cfg = config(scheme={"name": "randomout", "tau": 0.5, "outgoing": "zero"}, model__filters=3)
+    model = build_pack(cfg, [1], digits)
+    ctx = context(cfg, model, digits)
+    scheme = build_scheme(cfg.scheme)
+    scheme.setup(ctx)
+    zero_first = [torch.tensor([[0.0, 0.9, 0.9]]), torch.tensor([[0.9, 0.9, 0.9]])]
+    counts = []
+    for step in range(3):
+        ctx.step = step
+        scheme.after_step(ctx, zero_first)
+        counts.append(int(ctx.monitor._resets[0][0, 0]))
+    assert counts == [1, 1, 2]  # reset, skipped once, reset again (still below tau after the skip)
+    keep = config(scheme={"name": "randomout", "tau": 0.5}, model__filters=3)
+    ctx_keep = context(keep, build_pack(keep, [1], digits), digits)
+    plain = build_scheme(keep.scheme)
+    plain.setup(ctx_keep)
+    for step in range(3):
+        ctx_keep.step = step
+        plain.after_step(ctx_keep, zero_first)
+    assert int(ctx_keep.monitor._resets[0][0, 0]) == 3  # keep: every check, as the paper

@@ -6,10 +6,14 @@ layer-shaped draw is made every active step (per seed, from that seed's
 generator) and merged with `torch.where`, so the random stream, and the
 result, does not depend on how many filters died or on the pack a seed is in,
 and no host sync is needed to find out. With `outgoing: zero` the consumer's weights that read a
-reset filter are zeroed too, after every layer's re-draws (trainers/outgoing.py).
+reset filter are zeroed too, after every layer's re-draws (trainers/outgoing.py). The next step's
+gradient then reaches the reborn filter through zero weights, so its CGN is exactly 0: that one check
+skips it (without the skip it would be reset at every step, forever).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -24,6 +28,7 @@ class RandomOut(Scheme):
         super().__init__()
         self.cfg = cfg
         self.consumers: list[Consumer] = []  # outgoing: zero only
+        self.reborn: list[torch.Tensor] = []  # outgoing: zero: [K, F] per layer, reset at the last step
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
@@ -38,13 +43,26 @@ class RandomOut(Scheme):
     def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
         if not self.is_active(ctx):
             return
+        deads = []
         for i, (group, cgn) in enumerate(zip(ctx.groups, cgns, strict=True)):
             dead = cgn < self.cfg.tau  # [K, F]
+            if i < len(self.reborn):
+                dead &= ~self.reborn[i]
+            deads.append(dead)
             where_rows(group, group.weight, dead, ctx.fresh_filters(group))
             if self.cfg.reset_bias and group.bias is not None:
                 where_rows(group, group.bias, dead, 0.0)
             if self.cfg.reset_optimizer_state:
                 zero_optimizer_rows(ctx.optimizer, group, dead)
             ctx.monitor.record_resets(i, dead, step=ctx.step)
-        for consumer, cgn in zip(self.consumers, cgns, strict=False):
-            zero_outgoing(ctx.optimizer, consumer, cgn < self.cfg.tau)
+        for consumer, dead in zip(self.consumers, deads, strict=False):
+            zero_outgoing(ctx.optimizer, consumer, dead)
+        if self.consumers:
+            self.reborn = deads
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | ({"reborn": self.reborn} if self.reborn else {})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.reborn = list(state.get("reborn", []))
