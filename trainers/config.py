@@ -140,7 +140,8 @@ class RandomOutScheme(Strict):
 class RedoScheme(Strict):
     """ReDo (Sokar, Agarwal, Castro, Evci, ICML 2023; trainers/schemes/redo.py): every `every` steps a
     filter whose normalised mean |activation| s_i = a_i / mean_k a_k is <= `tau` (dormant) gets fresh
-    incoming weights and zero outgoing ones. Defaults: the paper's tau = 0.1 and period 1000 steps."""
+    incoming weights and zero outgoing ones. Defaults: the paper's period (1000 steps) and its tau for
+    high replay ratios (0.1; 0.025 in its default setting), as timoklein/redo's src/config.py has them."""
 
     resets_filters: ClassVar[bool] = True
     name: Literal["redo"] = "redo"
