@@ -256,11 +256,16 @@ def test_cbp_ages_accumulation_and_utility_by_hand(digits):
     ctx = context(cfg, model, digits)
     scheme = build_scheme(cfg.scheme)
     scheme.setup(ctx)
-    counts, utils = [], []
+    counts = []
     for step in range(6):
         ctx.step = step
-        activity = channel_activity(model, ctx.groups, ctx.batch)
-        c = contribution(scheme.consumers[0], activity[0])
+        x = digits.x_train[64 * step : 64 * (step + 1)]
+        model.train()
+        model(x)  # the training forward: CBP scores the outputs it saw (hooks), not a forward of its own
+        ctx.batch = digits.x_test[:64]  # so a second forward would see other outputs
+        scheme.after_backward(ctx)
+        activity = F.relu(model.conv1.conv(x)).abs().mean(dim=0).reshape(1, 4, -1)
+        c = contribution(scheme.consumers[0], activity)
         before = scheme.util[0].clone()
         ages = scheme.ages[0].clone() + 1
         scheme.after_step(ctx, [])
@@ -274,7 +279,6 @@ def test_cbp_ages_accumulation_and_utility_by_hand(digits):
             eligible = ages > 2
             worst = torch.where(eligible, corrected, torch.inf).argmin()
             assert replaced[0, worst]
-        utils.append(scheme.util[0].clone())
     assert counts == [0, 0, 1, 1, 0, 1]
     assert scheme.accumulated[0].tolist() == pytest.approx([0.6])
 
@@ -434,3 +438,17 @@ def test_randomout_outgoing_zero_skips_the_one_check_a_reborn_filter_fails_by_co
         ctx_keep.step = step
         plain.after_step(ctx_keep, zero_first)
     assert int(ctx_keep.monitor._resets[0][0, 0]) == 3  # keep: every check, as the paper
+
+
+@pytest.mark.parametrize("kind", ["grouped", "generic"])
+def test_filter_outputs_of_a_pack_are_each_seeds_own(digits, kind):
+    cfg = config(model__filters=3)
+    alone, pack = models(cfg, digits, kind)
+    x = digits.x_train[:32]
+    packed = channel_activity(pack, filter_groups(pack), x)
+    for k, single in enumerate(alone):
+        mine = channel_activity(single, filter_groups(single), x)
+        h1 = F.relu(single.conv1.conv(x)).abs().mean(dim=0).reshape(3, -1)
+        torch.testing.assert_close(mine[0][0], h1)
+        for layer, own in zip(packed, mine, strict=True):
+            torch.testing.assert_close(layer[k], own[0], rtol=1e-5, atol=1e-6)

@@ -144,3 +144,33 @@ def channel_activity(model: nn.Module, groups: list[FilterGroup], x: torch.Tenso
     finally:
         model.train(was_training)
     return [torch.cat(o, dim=0).reshape(g.seeds, g.filters, -1) for g, o in zip(groups, outputs, strict=True)]
+
+
+class TrainingOutputs:
+    """Each layer's output in the latest training forward, for a scheme that scores filters every step
+    (CBP) without a forward of its own: forward hooks on the layers' output modules keep a reference
+    (no copy, no host sync; eval-mode forwards are ignored). A generic pack's hooks would see vmap's
+    batched tensors, so there `measure` runs the seeds once more on the batch (call it before the
+    optimizer step: the same weights as the training forward)."""
+
+    def __init__(self, model: nn.Module, groups: list[FilterGroup]) -> None:
+        self.groups = groups
+        self.generic = isinstance(model, FuncPack)
+        self.latest: list[torch.Tensor | None] = [None] * len(groups)
+        if not self.generic:
+            for i, group in enumerate(groups):
+                group.act.register_forward_hook(lambda m, _a, out, i=i: self._keep(m, i, out))
+
+    def _keep(self, module: nn.Module, i: int, out: torch.Tensor) -> None:
+        if module.training:
+            self.latest[i] = out.detach()
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer [K, F, H*W]: mean |output| over the batch of the latest training forward."""
+        if self.generic or any(o is None for o in self.latest):
+            return channel_activity(model, self.groups, x)
+        return [
+            o.abs().mean(dim=0).reshape(g.seeds, g.filters, -1)
+            for g, o in zip(self.groups, self.latest, strict=True)
+        ]

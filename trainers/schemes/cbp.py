@@ -12,9 +12,9 @@ After every optimizer step, per filter i of each conv layer (per seed of a pack,
   incoming re-drawn from the layer's initializer (bias zero), outgoing zeroed, optimizer state of both
   restarted, u_i = age_i = 0.
 The reference's mean over outgoing weights differs from a sum only by a per-layer constant, which ranks
-filters alike. Its features come from the training forward before the step; here the filters' outputs
-are measured on the step's batch after the step, in eval mode (one extra forward without gradients),
-so every form of a net (one model, grouped pack, generic pack) sees the same quantity. The count
+filters alike. As in the reference, the filters' outputs are those of the step's training forward
+(kept by hooks; a generic pack runs its seeds once more on the batch before the step) and the
+outgoing weights those after the step. The count
 accumulates as the reference's cbp_conv (rho times the eligible count; convGnT uses rho times the
 layer width). Ties in utility go to the lower filter index.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from trainers.config import CbpScheme
-from trainers.outgoing import Consumer, channel_activity, consumers, reset_incoming, zero_outgoing
+from trainers.outgoing import Consumer, TrainingOutputs, consumers, reset_incoming, zero_outgoing
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -55,10 +55,13 @@ class Cbp(Scheme):
         self.util: list[torch.Tensor] = []
         self.ages: list[torch.Tensor] = []
         self.accumulated: list[torch.Tensor] = []
+        self.outputs: TrainingOutputs | None = None
+        self.activity: list[torch.Tensor] = []
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         self.consumers = consumers(ctx.model, ctx.groups)
+        self.outputs = TrainingOutputs(ctx.model, ctx.groups)
         if not self.util:
             device = ctx.groups[0].weight.device if ctx.groups else torch.device("cpu")
             shapes = [(g.seeds, g.filters) for g in ctx.groups]
@@ -81,12 +84,16 @@ class Cbp(Scheme):
         self.ages[i].masked_fill_(replace, 0.0)
         return replace
 
+    def after_backward(self, ctx: TrainContext) -> None:
+        if self.outputs is not None and ctx.batch is not None and ctx.groups:
+            self.activity = self.outputs.measure(ctx.model, ctx.batch)
+
     @torch.no_grad()
     def after_step(self, ctx: TrainContext, cgns: list[torch.Tensor]) -> None:
-        if ctx.batch is None or not ctx.groups:
+        if not self.activity:
             return
-        activity = channel_activity(ctx.model, ctx.groups, ctx.batch)
-        masks = [self.replacements(i, a) for i, a in enumerate(activity)]
+        masks = [self.replacements(i, a) for i, a in enumerate(self.activity)]
+        self.activity = []
         for group, mask in zip(ctx.groups, masks, strict=True):
             reset_incoming(ctx.optimizer, group, mask, ctx.fresh_filters(group))
         for i, (consumer, mask) in enumerate(zip(self.consumers, masks, strict=True)):
