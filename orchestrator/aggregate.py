@@ -96,7 +96,8 @@ def setting_of(trial: dict[str, Any]) -> dict[str, Any]:
         "init": model.get("init"),
         "input_scale": data.get("normalize"),
         "augment": data.get("augment"),
-        "tau": scheme.get("tau", trial.get("tau")),
+        # ReDo's tau is an activation-score threshold, not a CGN one: only RandomOut's replaces the trial's.
+        "tau": scheme.get("tau", trial.get("tau")) if scheme.get("name") == "randomout" else trial.get("tau"),
     }
     # A custom builder's or loader's kwargs are the user's own axes (a width, a depth): a grid over
     # them must show in the table, or its rows read as copies of one another.

@@ -31,7 +31,8 @@ def _summary(resets: dict[str, list[int]]) -> pd.DataFrame:
 
 
 def test_resets_per_arm_and_the_arm_that_never_acted() -> None:
-    assert RESETTING_SCHEMES == ("randomout",)  # RePr also drops filters: its reset count misses that
+    # RePr also drops filters: its reset count misses that
+    assert RESETTING_SCHEMES == ("randomout", "redo", "cbp")
     summary = _summary({"base": [0, 0, 0], "quiet": [0, 0, 0], "busy": [0, 2, 7]})
     assert summary.loc["busy", "n_reset"] == 2 and summary.loc["busy", "resets_median"] == 2
     assert summary.loc["quiet", "n_reset"] == 0

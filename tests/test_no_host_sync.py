@@ -67,8 +67,22 @@ def syncs(monkeypatch):
         ({"name": "repr", "s1": 1, "s2": 2, "n_iter": 1}, 3),
         ({"name": "imp", "rounds": 1, "reinit": True}, 3),  # every epoch after the first is masked
         ({"name": "edgepopup", "k": 0.3}, 3),
+        ({"name": "redo", "tau": 0.5, "every": 5}, 3),
+        ({"name": "cbp", "maturity": 5, "replacement_rate": 0.05}, 3),
+        ({"name": "randomout", "tau": 50.0, "outgoing": "zero"}, 3),
     ],
-    ids=["baseline", "randomout", "randomout-pack", "repr", "repr-pack", "imp-pack", "edgepopup-pack"],
+    ids=[
+        "baseline",
+        "randomout",
+        "randomout-pack",
+        "repr",
+        "repr-pack",
+        "imp-pack",
+        "edgepopup-pack",
+        "redo-pack",
+        "cbp-pack",
+        "randomout-zero-pack",
+    ],
 )
 def test_training_epochs_make_no_host_reads(syncs, scheme, pack):
     cfg = config(scheme=scheme, model__filters=4, epochs=3, trace_every=3)

@@ -145,6 +145,33 @@ class RandomOutScheme(Strict):
     check_every: Literal["step", "epoch"] = "step"
     reset_optimizer_state: bool = False
     reset_bias: bool = False
+    # keep: as the paper; zero: also zero the weights that read a reset filter, with their optimizer state
+    outgoing: Literal["keep", "zero"] = "keep"
+
+
+class RedoScheme(Strict):
+    """ReDo (Sokar, Agarwal, Castro, Evci, ICML 2023; trainers/schemes/redo.py): every `every` steps a
+    filter whose normalised mean |activation| s_i = a_i / mean_k a_k is <= `tau` (dormant) gets fresh
+    incoming weights and zero outgoing ones. Defaults: the paper's period (1000 steps) and its tau for
+    high replay ratios (0.1; 0.025 in its default setting), as timoklein/redo's src/config.py has them."""
+
+    resets_filters: ClassVar[bool] = True
+    name: Literal["redo"] = "redo"
+    tau: float = Field(0.1, ge=0.0)  # dormant when the normalised score s_i <= tau (0: exactly dead)
+    every: int = Field(1000, ge=1)  # optimizer steps between checks (the reference's reset_period)
+
+
+class CbpScheme(Strict):
+    """Continual backprop (Dohare et al., Nature 2024; trainers/schemes/cbp.py): a running contribution
+    utility per filter; each step a fraction `replacement_rate` of the filters older than `maturity`
+    steps (fractions accumulate) with the lowest utility get fresh incoming and zero outgoing weights.
+    Defaults: the reference's conv generate-and-test (lop/algos/convGnT.py)."""
+
+    resets_filters: ClassVar[bool] = True
+    name: Literal["cbp"] = "cbp"
+    replacement_rate: float = Field(1e-4, ge=0.0, le=1.0)  # rho, per eligible filter per step
+    maturity: int = Field(100, ge=0)  # m: filters of age <= m are never replaced
+    decay: float = Field(0.99, ge=0.0, lt=1.0)  # eta of the utility's running average
 
 
 class ReprScheme(Strict):
@@ -249,7 +276,14 @@ class EdgePopupScheme(Strict):
 
 
 Scheme = Annotated[
-    BaselineScheme | BatchNormScheme | RandomOutScheme | ReprScheme | ImpScheme | EdgePopupScheme,
+    BaselineScheme
+    | BatchNormScheme
+    | RandomOutScheme
+    | ReprScheme
+    | ImpScheme
+    | EdgePopupScheme
+    | RedoScheme
+    | CbpScheme,
     Field(discriminator="name"),
 ]
 # The scheme configs and their names, in the union's order, without importing torch (the CLI's help, spec
@@ -270,6 +304,10 @@ SOURCE_SEEDS: tuple[str, ...] = ("order_seed", "augment_seed", "replicate")
 FORK_FIELDS: tuple[str, ...] = ("fork_at", "fork_child")
 # Schemes that cannot fork: their trained state is not the net's weights (see TrialConfig._forkable).
 UNFORKABLE_SCHEMES: tuple[str, ...] = ("imp", "edgepopup")
+# Nets whose filters each feed one known layer (the next conv, or the first linear after the flatten),
+# so a reset filter's outgoing weights can be zeroed (trainers/outgoing.py finds them). Skip paths
+# (resnet20), concatenations (inception28) and custom nets are refused for it before training.
+ZERO_OUTGOING_MODELS: tuple[str, ...] = ("crater_cnn", "vanilla_cnn")
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # trainers.models.MODELS builds each; a test checks
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # trainers.data loads each; a test checks
 
@@ -282,6 +320,11 @@ class ForkConfig(Strict):
 
     at: float = Field(ge=0.0, lt=1.0)  # fraction of the trial's optimizer steps shared with the parent
     child: int = Field(ge=1, le=1000)  # which child: its own streams after the fork
+
+
+def zeroes_outgoing(scheme: BaseModel) -> bool:
+    """Whether the scheme zeroes a reset filter's outgoing weights (redo, cbp, randomout `outgoing: zero`)."""
+    return isinstance(scheme, RedoScheme | CbpScheme) or getattr(scheme, "outgoing", "keep") == "zero"
 
 
 class TrialConfig(Strict):
@@ -357,6 +400,17 @@ class TrialConfig(Strict):
                 )
             if scheme.metric == "oracle" and self.data.val_fraction <= 0:
                 raise ValueError("scheme.metric 'oracle' needs data.val_fraction > 0 (a held-out split)")
+        if zeroes_outgoing(scheme) and self.model.name not in ZERO_OUTGOING_MODELS:
+            nets = " or ".join(ZERO_OUTGOING_MODELS)
+            if isinstance(scheme, RandomOutScheme):
+                raise ValueError(
+                    f"scheme.outgoing: 'zero' needs a net whose filters each feed one known layer "
+                    f"(model.name {nets}), not {self.model.name}; use outgoing: keep"
+                )
+            raise ValueError(
+                f"scheme: {scheme.name} zeroes a reset filter's outgoing weights, which needs a net whose "
+                f"filters each feed one known layer (model.name {nets}), not {self.model.name}"
+            )
         return self
 
     @model_validator(mode="after")

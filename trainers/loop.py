@@ -307,6 +307,7 @@ def _train_epoch(
         x, y = data.x_train[idx], data.y_train[idx]
         if draws is not None:
             x = crop_flip(x, draws[start : start + batch])
+        ctx.batch = x
         logits = pack_logits(model, x)
         loss, per_seed = pack_loss(logits, y)
         optimizer.zero_grad(set_to_none=True)

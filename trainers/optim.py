@@ -95,6 +95,24 @@ class RowAdam(torch.optim.Optimizer):
         state["exp_avg"].mul_(keep)
         state["exp_avg_sq"].mul_(keep)
 
+    @torch.no_grad()
+    def reset_elements(self, param: torch.Tensor, mask: torch.Tensor) -> None:
+        """Restart the elements of `param` selected by the boolean `mask` (param's shape) as a fresh
+        Adam would. For weights that are not rows of a filter: the columns of a consumer layer that
+        read a reset filter's channel. The step count becomes per element (param-shaped) from then on."""
+        state = self.state.get(param)
+        if not state:
+            return
+        row_step = state.get("row_step")
+        if row_step is None:
+            row_step = torch.full_like(param, float(state["step"]))
+        elif row_step.shape != param.shape:
+            row_step = row_step.expand(param.shape).clone()
+        keep = ~mask
+        state["row_step"] = row_step.mul_(keep)
+        state["exp_avg"].mul_(keep)
+        state["exp_avg_sq"].mul_(keep)
+
 
 def _row_shape(param: torch.Tensor, rows: int) -> tuple[int, ...]:
     """The leading dimensions of `param` that `rows` flags index, then ones: (K*F, 1, 1, 1) for a

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from trainers.config import SCHEMES, EdgePopupScheme, ImpScheme, RandomOutScheme, ReprScheme
+from trainers.config import (
+    SCHEMES,
+    CbpScheme,
+    EdgePopupScheme,
+    ImpScheme,
+    RandomOutScheme,
+    RedoScheme,
+    ReprScheme,
+)
 from trainers.schemes.base import Scheme, TrainContext
+from trainers.schemes.cbp import Cbp
 from trainers.schemes.edgepopup import EdgePopup
 from trainers.schemes.imp import Imp
 from trainers.schemes.randomout import RandomOut
+from trainers.schemes.redo import Redo
 from trainers.schemes.repr import RePr
 
 # The one list of scheme names: a new scheme is its config class (in trainers/config.py's Scheme union),
@@ -21,6 +31,8 @@ REGISTRY: dict[str, Callable[..., Scheme]] = {
     "repr": lambda cfg: RePr(cfg),
     "imp": lambda cfg: Imp(cfg),
     "edgepopup": lambda cfg: EdgePopup(cfg),
+    "redo": lambda cfg: Redo(cfg),
+    "cbp": lambda cfg: Cbp(cfg),
 }
 assert tuple(REGISTRY) == SCHEMES, "trainers.config's Scheme union and REGISTRY must list the same schemes"
 
@@ -34,6 +46,8 @@ def build_scheme(cfg: object) -> Scheme:
 
 __all__ = [
     "REGISTRY",
+    "Cbp",
+    "CbpScheme",
     "EdgePopup",
     "EdgePopupScheme",
     "Imp",
@@ -42,6 +56,8 @@ __all__ = [
     "RandomOut",
     "RandomOutScheme",
     "RePr",
+    "Redo",
+    "RedoScheme",
     "ReprScheme",
     "Scheme",
     "TrainContext",

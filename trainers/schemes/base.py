@@ -39,6 +39,7 @@ class TrainContext:
     data_gen: torch.Generator | None = None  # batch order, and augmentation unless split (IMP replays it)
     augment_gen: torch.Generator | None = None  # augmentation draws, when the trial has an augment_seed
     fork_step: int | None = None  # a fate-clock child leaves its parent's streams here (trainers/fork.py)
+    batch: torch.Tensor | None = None  # the inputs of the step in progress (ReDo and CBP measure on them)
 
     def data_gens(self) -> list[torch.Generator]:
         """The data streams a checkpoint carries and IMP replays: order, then augmentation if its own."""

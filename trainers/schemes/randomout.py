@@ -9,15 +9,22 @@ counts use (trainers/cgn.py). A fresh layer-shaped draw is made at every
 active check (per seed, from that seed's generator) and merged with
 `torch.where`, so the random stream, and the result, does not depend on how
 many filters died or on the pack a seed is in, and no host sync is needed to
-find out.
+find out. With `outgoing: zero` the consumer's weights that read a reset filter
+are zeroed too, after every layer's re-draws (trainers/outgoing.py). The next
+step's gradient then reaches the reborn filter through zero weights, so its CGN
+is exactly 0: the next check skips it (without the skip it would be reset at
+every step, forever).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from trainers.config import RandomOutScheme
 from trainers.filters import where_rows, zero_optimizer_rows
+from trainers.outgoing import Consumer, consumers, zero_outgoing
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -25,6 +32,13 @@ class RandomOut(Scheme):
     def __init__(self, cfg: RandomOutScheme) -> None:
         super().__init__()
         self.cfg = cfg
+        self.consumers: list[Consumer] = []  # outgoing: zero only
+        self.reborn: list[torch.Tensor] = []  # outgoing: zero: [K, F] per layer, reset at the last step
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        if self.cfg.outgoing == "zero":
+            self.consumers = consumers(ctx.model, ctx.groups)
 
     def is_active(self, ctx: TrainContext) -> bool:
         """Resets are allowed in the first P fraction of epochs (late resets may damage the net)."""
@@ -45,10 +59,25 @@ class RandomOut(Scheme):
         self._reset(ctx, ctx.monitor.dead_filters(), step=None)
 
     def _reset(self, ctx: TrainContext, dead_per_layer: list[torch.Tensor], step: int | None) -> None:
+        deads = []
         for i, (group, dead) in enumerate(zip(ctx.groups, dead_per_layer, strict=True)):  # dead: [K, F]
+            if i < len(self.reborn):
+                dead = dead & ~self.reborn[i]
+            deads.append(dead)
             where_rows(group, group.weight, dead, ctx.fresh_filters(group))
             if self.cfg.reset_bias and group.bias is not None:
                 where_rows(group, group.bias, dead, 0.0)
             if self.cfg.reset_optimizer_state:
                 zero_optimizer_rows(ctx.optimizer, group, dead)
             ctx.monitor.record_resets(i, dead, step=step)
+        for consumer, dead in zip(self.consumers, deads, strict=False):
+            zero_outgoing(ctx.optimizer, consumer, dead)
+        if self.consumers:
+            self.reborn = deads
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | ({"reborn": self.reborn} if self.reborn else {})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.reborn = list(state.get("reborn", []))
