@@ -117,7 +117,10 @@ def _summary_html(summary: pd.DataFrame) -> str:
             f"{_pct(r['acc_std'], 2)} [{_pct(r['std_ci_low'], 2)}, {_pct(r['std_ci_high'], 2)}]",
             str(r["n_pairs"]),
             "–" if is_base or not r["n_pairs"] else f"{r['n_better']} / {r['n_tied']} / {r['n_worse']}",
-            "–" if is_base else f"{r['n_rescued']} / {r['n_harmed']}",
+            "–"
+            if is_base
+            else f"{r['n_rescued']} / {r['n_harmed']}"
+            + ("" if pd.isna(r["rescue_harm_p"]) else f" (p = {r['rescue_harm_p']:.2g})"),
             _pts(r["gain_median"]),
             f"{r['wilcoxon_p']:.3g} (n={r['wilcoxon_n']}, {r['wilcoxon_method']})" if tested else "–",
             verdict(r),

@@ -118,6 +118,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "n_low": "int64",  # above it but within the failure margin
     "n_rescued": "int64",  # seed pairs whose reference failed and this arm did not
     "n_harmed": "int64",  # seed pairs where this arm failed and its reference did not
+    "rescue_harm_p": "float64",  # exact two-sided McNemar p of rescued vs harmed (NaN: none discordant)
     "resets_median": "float64",  # filter resets per finished trial
     "n_reset": "int64",  # finished trials with at least one reset
     "dead_median": "float64",  # dead filters per finished trial (`dead_filters`), median and max
@@ -385,9 +386,17 @@ def _failure_kinds(group: pd.DataFrame, pairs: pd.DataFrame | None) -> dict[str,
         "n_diverged": kinds.count("diverged"),
         "n_collapsed": kinds.count("collapsed"),
         "n_low": kinds.count("low"),
-        "n_rescued": int((reference & ~failed).sum()),
-        "n_harmed": int((failed & ~reference).sum()),
+        "n_rescued": (rescued := int((reference & ~failed).sum())),
+        "n_harmed": (harmed := int((failed & ~reference).sum())),
+        "rescue_harm_p": rescue_harm_p(rescued, harmed),
     }
+
+
+def rescue_harm_p(rescued: int, harmed: int) -> float:
+    """Exact two-sided McNemar p: under no effect a discordant pair is a rescue or a harm with
+    probability 1/2 each (binomial on the rescued + harmed pairs); NaN without discordant pairs."""
+    n = rescued + harmed
+    return float(scipy.stats.binomtest(rescued, n, 0.5).pvalue) if n else float("nan")
 
 
 def _resets(group: pd.DataFrame) -> dict[str, object]:

@@ -341,7 +341,7 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
         caption=(
             f"setting: {setting_line(summary)}. Failures by kind: diverged (loss not finite), collapsed (at "
             "or below the majority-class accuracy), low (above it, within the margin); rescued/harmed: "
-            "seed pairs where only the reference failed / only this arm failed; dead filters: per trial, "
+            "seed pairs where only the reference failed / only this arm failed (p: exact McNemar); dead filters: per trial, "
             "those whose mean CGN over the last epoch is below tau (median/max, and trials with one)."
         ),
         caption_justify="left",
@@ -374,11 +374,15 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
             _pct(r.acc_std, 2),
             "baseline" if is_base else _pct(r.gain_median, 2),
             "-" if is_base or not r.n_pairs else f"{r.n_better}/{r.n_tied}/{r.n_worse}",
-            "-" if is_base else f"{r.n_rescued}/{r.n_harmed}",
+            "-" if is_base else f"{r.n_rescued}/{r.n_harmed}" + _mcnemar(r.rescue_harm_p),
             "-" if is_base else test,
             "-" if pd.isna(r.dead_median) else f"{r.dead_median:g}/{r.dead_max:g} ({r.n_dead})",
         )
     return table
+
+
+def _mcnemar(p: float) -> str:
+    return "" if pd.isna(p) else f" (p={p:.2g})"
 
 
 def _interval(value: float, low: float, high: float, percent: bool) -> str:

@@ -48,7 +48,9 @@ def test_kinds_rescues_and_harms_per_arm(summary: pd.DataFrame) -> None:
     assert (a.n_failed, a.n_diverged, a.n_collapsed, a.n_low) == (3, 1, 1, 1)
     assert (b.n_failed, b.n_diverged, b.n_collapsed, b.n_low) == (2, 1, 1, 0)
     assert (b.n_rescued, b.n_harmed) == (2, 1)
+    assert b.rescue_harm_p == 1.0  # exact McNemar: P(|X - 1.5| >= 0.5) for X ~ Bin(3, 1/2) is 1
     assert (a.n_rescued, a.n_harmed) == (0, 0)  # the reference itself has nothing to be compared with
+    assert math.isnan(a.rescue_harm_p)
     assert (
         b.n_pairs == 2
     )  # the gains pair only finite accuracies (seeds 1, 2); rescues count diverged pairs too
@@ -57,7 +59,7 @@ def test_kinds_rescues_and_harms_per_arm(summary: pd.DataFrame) -> None:
 def test_the_cli_and_the_report_show_them(summary: pd.DataFrame, tmp_path: Path, monkeypatch) -> None:
     page = _summary_html(summary.reset_index())
     assert "<th>diverged / collapsed / low</th>" in page and "<td>1 / 1 / 0</td>" in page
-    assert "<th>rescued / harmed</th>" in page and "<td>2 / 1</td>" in page
+    assert "<th>rescued / harmed</th>" in page and "<td>2 / 1 (p = 1)</td>" in page
     arms = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
     sweep = write_sweep(tmp_path, "kinds", lottery_trials(arms, seeds=range(10), fail_rate=0.4))
     monkeypatch.setenv("LOTTERY_HOME", str(tmp_path))
@@ -71,6 +73,16 @@ def test_the_cli_and_the_report_show_them(summary: pd.DataFrame, tmp_path: Path,
     base_row = next(line for line in lines if line.startswith("│ baseline"))
     assert f" {base.n_diverged}/{base.n_collapsed}/{base.n_low} " in base_row
     ro_row = next(line for line in lines if line.startswith("│ randomout"))
-    assert f" {randomout.n_rescued}/{randomout.n_harmed} " in ro_row
+    assert f" {randomout.n_rescued}/{randomout.n_harmed}" in ro_row
+    if randomout.n_rescued + randomout.n_harmed:
+        assert f"(p={randomout.rescue_harm_p:.2g})" in " ".join(done.output.split())
     text = " ".join(done.output.split())
     assert "collapsed" in text and "only the reference failed / only this arm failed" in text
+
+
+def test_rescues_against_harms_by_hand() -> None:
+    from dashboards.stats import rescue_harm_p
+
+    assert rescue_harm_p(6, 0) == 2 / 2**6  # all six discordant pairs one way: 2 x (1/2)^6
+    assert rescue_harm_p(5, 1) == 2 * (1 + 6) / 2**6
+    assert rescue_harm_p(3, 3) == 1.0 and math.isnan(rescue_harm_p(0, 0))
