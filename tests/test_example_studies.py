@@ -31,3 +31,25 @@ def test_the_fate_clock_study_forks_fresh_seeds_at_the_piloted_setting():
     forks = {(t.fork.at, t.fork.child) for t in study.trials if t.fork is not None}
     assert forks == {(at, c) for at in (0.0, 0.05, 0.25) for c in (1, 2)}
     assert sum(t.fork is None for t in study.trials) == 2 * 16  # the parents
+
+
+def test_the_reset_family_study_runs_its_five_arms_on_fresh_seeds_at_the_piloted_lr():
+    pilot = load_plan(EXAMPLES / "reset_family" / "pilot.yaml")
+    study = load_plan(EXAMPLES / "reset_family" / "study.yaml")
+    assert len(study.trials) == 3 * 5 * 50 and len(pilot.trials) == 3 * 2 * 5 * 6
+    assert not {t.seed for t in pilot.trials} & {t.seed for t in study.trials}
+    assert {t.optim.lr for t in study.trials} == {0.05} and {t.model.filters for t in study.trials} == {
+        1,
+        2,
+        4,
+    }
+    arms = {(t.scheme.name, getattr(t.scheme, "outgoing", None)) for t in study.trials}
+    assert arms == {
+        ("baseline", None),
+        ("randomout", "keep"),
+        ("randomout", "zero"),
+        ("redo", None),
+        ("cbp", None),
+    }
+    piloted = {t.scheme.model_dump_json() for t in pilot.trials}
+    assert {t.scheme.model_dump_json() for t in study.trials} <= piloted  # every arm as piloted
