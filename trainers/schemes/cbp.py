@@ -22,7 +22,8 @@ With `units: all` (the default) each hidden linear layer's units are replaced al
 reference's lop/algos/gnt.py does for linear layers: c_i = |h_i| (mean over the batch of the unit's
 output) times the mean |w_out| of the next linear layer's column i; a replaced unit's incoming row is
 re-drawn, its bias zeroed and the next layer's column i zeroed. Each layer (conv or linear) keeps its
-own utilities, ages and accumulated count.
+own utilities, ages and accumulated count. Unlike gnt.py, the count accumulates (its `accumulate=True`)
+and the next layer's bias does not take over the replaced unit's mean contribution (docs/schemes.md).
 """
 
 from __future__ import annotations
