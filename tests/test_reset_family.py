@@ -644,3 +644,15 @@ def test_total_resets_count_hidden_units_and_units_filters_leaves_them_alone(dig
     assert conv_result.total_resets == sum(e.flat()["resets"] for e in conv_sink.epochs)
     assert config(scheme=scheme | {"units": "all"}).trial_key() == config(scheme=scheme).trial_key()
     assert conv_cfg.trial_key() != cfg.trial_key()
+
+
+def test_cbp_refuses_a_checkpoint_that_scored_other_layers(digits):
+    """A checkpoint from a conv-only run (two layers' utilities) cannot resume a `units: all` trial."""
+    cfg = config(scheme={"name": "cbp"}, model__filters=2, model__hidden_fc=5)
+    model = build_pack(cfg, [1], digits)
+    conv_only = build_scheme(config(scheme={"name": "cbp", "units": "filters"}).scheme)
+    conv_only.setup(context(cfg, model, digits))
+    scheme = build_scheme(cfg.scheme)
+    scheme.load_state_dict(conv_only.state_dict())
+    with pytest.raises(ValueError, match="utilities of 2 layers, the trial scores 3"):
+        scheme.setup(context(cfg, model, digits))

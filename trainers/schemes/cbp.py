@@ -76,6 +76,12 @@ class Cbp(Scheme):
             self.util = [torch.zeros(s, device=device) for s in shapes]
             self.ages = [torch.zeros(s, device=device) for s in shapes]
             self.accumulated = [torch.zeros(s[0], dtype=torch.float64, device=device) for s in shapes]
+        elif len(self.util) != len(self.layers.groups):
+            # A checkpoint written before hidden units were scored: resuming it would mix two schemes.
+            raise ValueError(
+                f"scheme: cbp checkpoint holds utilities of {len(self.util)} layers, the trial scores "
+                f"{len(self.layers.groups)}; train the trial again from the start (delete its checkpoint)"
+            )
 
     def replacements(self, i: int, activity: torch.Tensor) -> torch.Tensor:
         """Update layer i's ages, utility and accumulated count; return the [K, F] filters to replace."""
