@@ -18,7 +18,14 @@ from trainers.funcpack import FuncPack
 from trainers.loop import build_pack, train
 from trainers.models import derive_seeds, draw_filters
 from trainers.optim import RowAdam
-from trainers.outgoing import Consumer, channel_activity, consumers, reset_incoming, zero_outgoing
+from trainers.outgoing import (
+    Consumer,
+    channel_activity,
+    consumers,
+    hidden_units,
+    reset_incoming,
+    zero_outgoing,
+)
 from trainers.pack import PackedNet
 from trainers.schemes import REGISTRY, TrainContext, build_scheme
 from trainers.schemes.cbp import contribution, lowest
@@ -265,7 +272,7 @@ def test_cbp_ages_accumulation_and_utility_by_hand(digits):
         ctx.batch = digits.x_test[:64]  # so a second forward would see other outputs
         scheme.after_backward(ctx)
         activity = F.relu(model.conv1.conv(x)).abs().mean(dim=0).reshape(1, 4, -1)
-        c = contribution(scheme.consumers[0], activity)
+        c = contribution(scheme.layers.consumers[0], activity)
         before = scheme.util[0].clone()
         ages = scheme.ages[0].clone() + 1
         scheme.after_step(ctx, [])
@@ -329,9 +336,13 @@ def test_each_seed_in_a_pack_gets_what_it_gets_alone(digits, scheme, kind):
         scheme=scheme, model__filters=3, epochs=1, optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}
     )
     packed = train(cfg, MemorySink(), seeds=SEEDS, pack_size=3, data=digits, generic=kind == "generic")
-    alone = train(cfg, MemorySink(), seeds=SEEDS, pack_size=1, data=digits)
+    sink = MemorySink()
+    alone = train(cfg, sink, seeds=SEEDS, pack_size=1, data=digits)
     assert [r.total_resets for r in packed] == [r.total_resets for r in alone]
     assert all(r.total_resets > 0 for r in alone)
+    filter_resets = sum(e.flat()["resets"] for e in sink.epochs)
+    # ReDo and CBP reset the hidden layer's units too (units: all), which only total_resets counts.
+    assert (sum(r.total_resets for r in alone) > filter_resets) == (scheme["name"] != "randomout")
     for p, a in zip(packed, alone, strict=True):
         assert p.final_test_loss == pytest.approx(a.final_test_loss, rel=1e-3)
 
@@ -394,6 +405,9 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(digits, scheme):
     assert [e.test_acc for e in resumed.epochs] == [e.test_acc for e in full.epochs[1:]]
     assert [e.flat()["resets"] for e in resumed.epochs] == [e.flat()["resets"] for e in full.epochs[1:]]
     assert full.results[0].total_resets > 0
+    assert resumed.results[0].total_resets == full.results[0].total_resets  # hidden-unit resets included
+    filter_resets = sum(e.flat()["resets"] for e in full.epochs)
+    assert (full.results[0].total_resets > filter_resets) == (scheme["name"] != "randomout")
 
 
 def test_a_reset_filter_of_a_batchnorm_net_restarts_its_batchnorm_too(digits):
@@ -452,3 +466,193 @@ def test_filter_outputs_of_a_pack_are_each_seeds_own(digits, kind):
         torch.testing.assert_close(mine[0][0], h1)
         for layer, own in zip(packed, mine, strict=True):
             torch.testing.assert_close(layer[k], own[0], rtol=1e-5, atol=1e-6)
+
+
+# --- hidden linear units (units: all) -------------------------------------------------------------------
+
+
+def hidden_by_hand(model, x):
+    """Per unit of crater_cnn's hidden layer: its output on `x` (no nonlinearity follows it)."""
+    h = F.relu(model.conv2.conv(F.relu(model.conv1.conv(x))))
+    return model.hidden(h.flatten(1))
+
+
+def stepped_adam(model, x, y):
+    """RowAdam after one real step: every moment of every weight is non-zero."""
+    optimizer = RowAdam(model.parameters(), lr=0.01)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("kind", ["alone", "grouped", "generic"])
+def test_hidden_units_are_every_linear_layer_but_the_last(digits, kind):
+    cfg = config(model__filters=2, model__hidden_fc=5)
+    pack = build_pack(cfg, SEEDS[:1] if kind == "alone" else SEEDS, digits, generic=kind == "generic")
+    ((group, consumer),) = hidden_units(pack)
+    stack = pack.stack if kind == "generic" else pack
+    assert group.name == "hidden" and group.weight is stack.hidden.weight and group.bias is stack.hidden.bias
+    assert consumer.weight is stack.fc.weight and consumer.linear and consumer.positions == 1
+    assert (group.seeds, group.filters) == (1 if kind == "alone" else 3, 5)
+    assert hidden_units(build_pack(config(model__hidden_fc=0), [1], digits)) == []
+    vanilla = config(model={"name": "vanilla_cnn", "depth": 2, "filters": 2})
+    assert hidden_units(build_pack(vanilla, [1], digits)) == []
+
+
+def test_redo_recycles_dormant_hidden_units_row_bias_outgoing_column_and_adam_state(digits):
+    cfg = config(scheme={"name": "redo", "tau": 0.4, "every": 1}, model__filters=2, model__hidden_fc=6)
+    model = build_pack(cfg, [1], digits)
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    optimizer = stepped_adam(model, x, y)
+    with torch.no_grad():
+        model.hidden.weight[4] = 0.0
+        model.hidden.bias[4] = 0.0  # unit 4 outputs exactly 0: dormant at any tau
+    ctx = context(cfg, model, digits, optimizer)
+    ctx.batch = x
+    scheme = build_scheme(cfg.scheme)
+    scheme.setup(ctx)
+    with torch.no_grad():
+        a = hidden_by_hand(model, x).abs().mean(dim=0)
+        h2 = F.relu(model.conv2.conv(F.relu(model.conv1.conv(x)))).abs().mean(dim=(0, 2, 3))
+    dormant_units = a / (a.mean() + 1e-9) <= 0.4
+    dead_filters = h2 / (h2.mean() + 1e-9) <= 0.4
+    assert dormant_units[4] and not dormant_units.all()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(derive_seeds(1)[1])
+    draws = [draw_filters(g.single_shape, "xavier", gen, CPU) for g in scheme.layers.groups]
+    ctx.step = 1
+    scheme.after_step(ctx, [])
+    positions = model.hidden.weight.shape[1] // 2
+    for u in range(6):
+        row = (draws[2][u] if dormant_units[u] else before["hidden.weight"][u]).clone()
+        for f in range(2):  # the columns that read a dead conv2 filter are zeroed after the re-draw
+            if dead_filters[f]:
+                row[f * positions : (f + 1) * positions] = 0.0
+        assert torch.equal(model.hidden.weight[u], row)
+        assert model.hidden.bias[u] == (0.0 if dormant_units[u] else before["hidden.bias"][u])
+        column = model.fc.weight[:, u]
+        assert torch.equal(
+            column, torch.zeros_like(column) if dormant_units[u] else before["fc.weight"][:, u]
+        )
+    assert torch.equal(model.fc.bias, before["fc.bias"])
+    state = optimizer.state
+    for u in range(6):
+        fresh = bool(dormant_units[u])
+        assert (torch.count_nonzero(state[model.hidden.weight]["exp_avg"][u]) == 0) == fresh
+        assert (state[model.hidden.bias]["exp_avg_sq"][u] == 0) == fresh
+        assert (torch.count_nonzero(state[model.fc.weight]["exp_avg"][:, u]) == 0) == fresh
+        assert (torch.count_nonzero(state[model.fc.weight]["row_step"][:, u]) == 0) == fresh
+    assert ctx.monitor._unit_resets.tolist() == [int(dormant_units.sum())]
+    assert ctx.monitor._resets[1].tolist() == [dead_filters.long().tolist()]
+    per_seed = ctx.monitor.epoch_end(0, [[0], [0]], [[0.0], [0.0]])
+    assert per_seed[0][2] == int(dormant_units.sum()) + int(dead_filters.sum())  # what total_resets adds
+    assert sum(s.resets for s in per_seed[0][0]) == int(dead_filters.sum())  # layer rows: filters only
+
+
+def test_cbp_replaces_the_lowest_contribution_hidden_unit_by_hand(digits):
+    """U = 5, F = 2, m = 0, rho = 0.2, eta = 0.5: after one step every unit is eligible, 0.2 x 5 = 1
+    unit is replaced (and 0.2 x 2 = 0.4 filters: none). u = 0.5 c, corrected u / (1 - 0.5) = c, with
+    c_u = mean |h_u| over the batch x mean_o |fc.weight[o, u]|."""
+    cfg = config(
+        scheme={"name": "cbp", "maturity": 0, "replacement_rate": 0.2, "decay": 0.5},
+        model__filters=2,
+        model__hidden_fc=5,
+    )
+    model = build_pack(cfg, [1], digits)
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    optimizer = stepped_adam(model, x, y)
+    ctx = context(cfg, model, digits, optimizer)
+    scheme = build_scheme(cfg.scheme)
+    scheme.setup(ctx)
+    model.train()
+    model(x)  # the training forward the scores come from
+    ctx.batch = digits.x_test[:64]
+    scheme.after_backward(ctx)
+    with torch.no_grad():
+        c = hidden_by_hand(model, x).abs().mean(dim=0) * model.fc.weight.abs().mean(dim=0)
+    worst = int(c.argmin())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(derive_seeds(1)[1])
+    draws = [draw_filters(g.single_shape, "xavier", gen, CPU) for g in scheme.layers.groups]
+    ctx.step = 0
+    scheme.after_step(ctx, [])
+    replaced = torch.arange(5) == worst
+    torch.testing.assert_close(scheme.util[2], torch.where(replaced, 0.0, 0.5 * c).unsqueeze(0))
+    assert scheme.ages[2].tolist() == [[0.0 if r else 1.0 for r in replaced]]
+    assert scheme.accumulated[2].tolist() == pytest.approx([0.0])
+    assert scheme.accumulated[0].tolist() == pytest.approx([0.4])  # conv layers accumulate apart
+    assert torch.equal(model.hidden.weight[worst], draws[2][worst]) and model.hidden.bias[worst] == 0
+    assert torch.count_nonzero(model.fc.weight[:, worst]) == 0
+    keep = ~replaced
+    assert torch.equal(model.hidden.weight[keep], before["hidden.weight"][keep])
+    assert torch.equal(model.fc.weight[:, keep], before["fc.weight"][:, keep])
+    assert all(
+        torch.equal(getattr(model, n).conv.weight, before[f"{n}.conv.weight"]) for n in ("conv1", "conv2")
+    )
+    state = optimizer.state
+    assert torch.count_nonzero(state[model.hidden.weight]["exp_avg"][worst]) == 0
+    assert torch.count_nonzero(state[model.hidden.weight]["row_step"][worst]) == 0
+    assert bool((state[model.hidden.weight]["row_step"][keep] == 1).all())
+    assert torch.count_nonzero(state[model.fc.weight]["exp_avg_sq"][:, worst]) == 0
+    assert torch.count_nonzero(state[model.fc.weight]["exp_avg"][:, keep]) == keep.sum() * 10
+    assert ctx.monitor._unit_resets.tolist() == [1] and all(int(r.sum()) == 0 for r in ctx.monitor._resets)
+
+
+@pytest.mark.parametrize("kind", ["grouped", "generic"])
+def test_hidden_unit_outputs_and_resets_of_a_pack_are_each_seeds_own(digits, kind):
+    cfg = config(model__filters=2, model__hidden_fc=5)
+    alone, pack = models(cfg, digits, kind)
+    x = digits.x_train[:32]
+    ((packed_group, packed_consumer),) = hidden_units(pack)
+    packed = channel_activity(pack, [packed_group], x)[0]
+    mask = torch.tensor([[True, False, False, True, False], [False] * 5, [False, True, False, False, False]])
+    fresh = torch.stack([torch.full(packed_group.single_shape, float(k + 1)) for k in range(3)])
+    optimizer = torch.optim.SGD(pack.parameters(), lr=0.1)
+    reset_incoming(optimizer, packed_group, mask, fresh)
+    zero_outgoing(optimizer, packed_consumer, mask)
+    for k, single in enumerate(alone):
+        ((group, consumer),) = hidden_units(single)
+        mine = channel_activity(single, [group], x)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(mine[0, :, 0], hidden_by_hand(single, x).abs().mean(dim=0))
+        torch.testing.assert_close(packed[k], mine[0], rtol=1e-5, atol=1e-6)
+        sgd = torch.optim.SGD(single.parameters(), lr=0.1)
+        reset_incoming(sgd, group, mask[k : k + 1], fresh[k : k + 1])
+        zero_outgoing(sgd, consumer, mask[k : k + 1])
+        unpacked_state = unpacked(pack, k, cfg, digits).state_dict()
+        assert all(torch.equal(unpacked_state[n], v) for n, v in single.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [{"name": "redo", "tau": 0.5, "every": 5}, {"name": "cbp", "maturity": 5, "replacement_rate": 0.05}],
+    ids=["redo", "cbp"],
+)
+def test_total_resets_count_hidden_units_and_units_filters_leaves_them_alone(digits, scheme):
+    """The epoch rows' `resets` are filter resets (per conv layer); `total_resets` adds the hidden
+    units'. `units: filters` is the conv-only scheme: its totals are its rows' sum, and its trial key
+    differs from the default `all`, whose key is the scheme without the field."""
+    cfg = config(scheme=scheme, epochs=1)
+    sink = MemorySink()
+    (result,) = train(cfg, sink, data=digits)
+    filters_only = sum(e.flat()["resets"] for e in sink.epochs)
+    assert result.total_resets > filters_only
+    conv_cfg = config(scheme=scheme | {"units": "filters"}, epochs=1)
+    conv_sink = MemorySink()
+    (conv_result,) = train(conv_cfg, conv_sink, data=digits)
+    assert conv_result.total_resets == sum(e.flat()["resets"] for e in conv_sink.epochs)
+    assert config(scheme=scheme | {"units": "all"}).trial_key() == config(scheme=scheme).trial_key()
+    assert conv_cfg.trial_key() != cfg.trial_key()
+
+
+def test_cbp_refuses_a_checkpoint_that_scored_other_layers(digits):
+    """A checkpoint from a conv-only run (two layers' utilities) cannot resume a `units: all` trial."""
+    cfg = config(scheme={"name": "cbp"}, model__filters=2, model__hidden_fc=5)
+    model = build_pack(cfg, [1], digits)
+    conv_only = build_scheme(config(scheme={"name": "cbp", "units": "filters"}).scheme)
+    conv_only.setup(context(cfg, model, digits))
+    scheme = build_scheme(cfg.scheme)
+    scheme.load_state_dict(conv_only.state_dict())
+    with pytest.raises(ValueError, match="utilities of 2 layers, the trial scores 3"):
+        scheme.setup(context(cfg, model, digits))

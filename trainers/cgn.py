@@ -72,6 +72,7 @@ class CgnMonitor:
         self._tau_sum = [self._full(g, 0.0) for g in self.groups] if self.reduction == "mean" else self._sum
         self._whole = [a.clone() for a in self.active]
         self._resets = [self._full(g, 0) for g in self.groups]
+        self._unit_resets = torch.zeros(k, dtype=torch.long, device=self._device)
         self._samples: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
         self._steps = 0
 
@@ -117,10 +118,17 @@ class CgnMonitor:
         if step is not None and self._samples and self._samples[-1][0] == step:
             self._samples[-1][2].append(mask.long())
 
+    def record_unit_resets(self, mask: torch.Tensor) -> None:
+        """Resets of hidden linear units (ReDo, CBP), [K, U]: not filters, so no layer row or trace
+        has them; they count in the seed's resets of the epoch that `epoch_end` returns (the trial's
+        `total_resets`)."""
+        self._unit_resets += mask.sum(dim=1)
+
     def epoch_end(
         self, epoch: int, dropped: list[list[int]], ortho_sums: list[list[float]]
     ) -> list[tuple[tuple[LayerEpochStats, ...], CgnTrace, int]]:
-        """One host copy per epoch; per seed: layer summaries, the per-filter trace, resets done.
+        """One host copy per epoch; per seed: layer summaries, the per-filter trace, resets done
+        (filters and hidden units: what `total_resets` adds up).
 
         dropped and ortho_sums are indexed [layer][seed].
         """
@@ -129,6 +137,7 @@ class CgnMonitor:
         mins = [m.cpu().numpy() for m in self._min]
         below = [b.cpu().numpy() for b in self._below]
         resets = [r.cpu().numpy() for r in self._resets]
+        unit_resets = self._unit_resets.cpu().numpy()
         samples = [
             (step, [c.cpu().numpy() for c in cgns], [m.cpu().numpy() for m in masks])
             for step, cgns, masks in self._samples
@@ -150,7 +159,7 @@ class CgnMonitor:
                 for i, group in enumerate(self.groups)
             )
             trace = self._trace(epoch, k, means, resets, samples)
-            out.append((stats, trace, int(sum(r[k].sum() for r in resets))))
+            out.append((stats, trace, int(sum(r[k].sum() for r in resets)) + int(unit_resets[k])))
         self._reset_accumulators()
         return out
 

@@ -149,21 +149,29 @@ class RandomOutScheme(Strict):
     outgoing: Literal["keep", "zero"] = "keep"
 
 
+# What ReDo and continual backprop reset: conv filters only, or also the hidden linear layers' units
+# (every linear layer's outputs but the last one's), unit-wise, as both papers do for dense layers.
+ResetUnits = Literal["filters", "all"]
+
+
 class RedoScheme(Strict):
     """ReDo (Sokar, Agarwal, Castro, Evci, ICML 2023; trainers/schemes/redo.py): every `every` steps a
-    filter whose normalised mean |activation| s_i = a_i / mean_k a_k is <= `tau` (dormant) gets fresh
-    incoming weights and zero outgoing ones. Defaults: the paper's period (1000 steps) and its tau for
-    high replay ratios (0.1; 0.025 in its default setting), as timoklein/redo's src/config.py has them."""
+    filter (and, with `units: all`, hidden linear unit) whose normalised mean |activation|
+    s_i = a_i / mean_k a_k is <= `tau` (dormant) gets fresh incoming weights and zero outgoing ones.
+    Defaults: the paper's period (1000 steps) and its tau for high replay ratios (0.1; 0.025 in its
+    default setting), as timoklein/redo's src/config.py has them."""
 
     resets_filters: ClassVar[bool] = True
     name: Literal["redo"] = "redo"
     tau: float = Field(0.1, ge=0.0)  # dormant when the normalised score s_i <= tau (0: exactly dead)
     every: int = Field(1000, ge=1)  # optimizer steps between checks (the reference's reset_period)
+    units: ResetUnits = "all"  # all: conv filters and hidden linear units (as the paper); filters: convs only
 
 
 class CbpScheme(Strict):
     """Continual backprop (Dohare et al., Nature 2024; trainers/schemes/cbp.py): a running contribution
-    utility per filter; each step a fraction `replacement_rate` of the filters older than `maturity`
+    utility per filter (and, with `units: all`, per hidden linear unit); each step a fraction
+    `replacement_rate` of the filters older than `maturity`
     steps (fractions accumulate) with the lowest utility get fresh incoming and zero outgoing weights.
     Defaults: the reference's conv generate-and-test (lop/algos/convGnT.py)."""
 
@@ -172,6 +180,7 @@ class CbpScheme(Strict):
     replacement_rate: float = Field(1e-4, ge=0.0, le=1.0)  # rho, per eligible filter per step
     maturity: int = Field(100, ge=0)  # m: filters of age <= m are never replaced
     decay: float = Field(0.99, ge=0.0, lt=1.0)  # eta of the utility's running average
+    units: ResetUnits = "all"  # all: conv filters and hidden linear units (as the paper); filters: convs only
 
 
 class ReprScheme(Strict):

@@ -15,20 +15,38 @@ established, in every form they train in (one model, a grouped-conv `PackedNet`,
 Every consumer is seen as a [K, O, F, P] view of its weight (K seeds, O outputs of one seed, F the
 producer's filters, P the kernel positions of a conv or the H*W columns per channel of a linear), so
 one masked write serves every form with no host sync.
+
+Hidden linear units (the outputs of every linear layer but the last: crater_cnn's `hidden`) are reset
+unit-wise as the papers treat fully connected layers: `hidden_units` sees each as a `FilterGroup` whose
+"filters" are its output units (incoming row weight[u], bias[u]) and whose consumer is the next linear
+layer (column u, P = 1), so the same reset, zeroing and scoring code serves filters and units.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from trainers.cgn import CgnMonitor
 from trainers.config import ZERO_OUTGOING_MODELS
 from trainers.filters import FilterGroup, optimizer_row_states, where_rows, zero_optimizer_rows
 from trainers.funcpack import FuncPack
 from trainers.models import ConvUnit
 from trainers.pack import PackedConv, PackedFlatten, PackedLinear
+
+
+def _batch_first(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A layer's output with the batch first: a grouped pack's linear gives [K, B, U], seed-major."""
+    return out.transpose(0, 1) if isinstance(module, PackedLinear) else out
+
+
+def _keep_first(calls: dict[int, torch.Tensor], i: int, module: nn.Module, out: torch.Tensor) -> None:
+    """A forward hook's body: keep layer i's first output of the pass (returns None: a hook's return
+    value would replace the module's output)."""
+    calls.setdefault(i, _batch_first(module, out))
 
 
 @dataclass
@@ -80,6 +98,30 @@ def consumers(model: nn.Module, groups: list[FilterGroup]) -> list[Consumer]:
     return [found[g.name] for g in groups]
 
 
+def hidden_units(model: nn.Module) -> list[tuple[FilterGroup, Consumer]]:
+    """Each hidden linear layer of a conv/flatten/linear stack (one model, a grouped or a generic pack)
+    as a group of [K, U] units with the next linear layer as its consumer. Parameter-free modules
+    between the two (an activation) are the units' output: hooks go on the last of them, else on the
+    linear itself (crater_cnn's hidden layer has no nonlinearity: its output is the linear's)."""
+    generic = isinstance(model, FuncPack)
+    root = model.stack if generic else model
+    code = dict(model.template.named_children()) if generic else dict(root.named_children())
+    seeds = getattr(model, "seeds", 1)
+    children = list(root.named_children())
+    linear = [i for i, (_, m) in enumerate(children) if isinstance(m, nn.Linear | PackedLinear)]
+    found = []
+    for a, b in zip(linear, linear[1:], strict=False):
+        name, layer = children[a]
+        between = children[a + 1 : b]
+        if any(next(m.parameters(), None) is not None for _, m in between):
+            continue  # not a plain linear stack: the units' consumer is not known
+        out = code[between[-1][0] if between else name]
+        stacked = generic or isinstance(layer, PackedLinear)
+        group = FilterGroup(name, layer.weight, layer.bias, None, out, seeds, stacked=stacked)
+        found.append((group, Consumer(children[b][1].weight, seeds, group.filters, linear=True)))
+    return found
+
+
 @torch.no_grad()
 def zero_outgoing(optimizer: torch.optim.Optimizer, consumer: Consumer, mask: torch.Tensor) -> None:
     """Zero the consumer's weights that read the (seed, filter) channels in `mask` [K, F], and restart
@@ -117,7 +159,8 @@ def reset_incoming(
 
 @torch.no_grad()
 def channel_activity(model: nn.Module, groups: list[FilterGroup], x: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the mean |output| over the batch of every (seed, channel, position): [K, F, H*W].
+    """Per layer, the mean |output| over the batch of every (seed, channel, position): [K, F, H*W]
+    ([K, U, 1] for a group of hidden units).
 
     One forward without gradients in eval mode on `x` (the step's batch), with hooks on each layer's
     output module. A generic pack runs its seeds one at a time (hooks under vmap see batched tensors),
@@ -131,7 +174,9 @@ def channel_activity(model: nn.Module, groups: list[FilterGroup], x: torch.Tenso
         for forward in passes:
             calls: dict[int, torch.Tensor] = {}
             handles = [
-                g.act.register_forward_hook(lambda _m, _a, out, i=i, calls=calls: calls.setdefault(i, out))
+                g.act.register_forward_hook(
+                    lambda m, _a, out, i=i, calls=calls: _keep_first(calls, i, m, out)
+                )
                 for i, g in enumerate(groups)
             ]
             try:
@@ -163,7 +208,7 @@ class TrainingOutputs:
 
     def _keep(self, module: nn.Module, i: int, out: torch.Tensor) -> None:
         if module.training:
-            self.latest[i] = out.detach()
+            self.latest[i] = _batch_first(module, out.detach())
 
     @torch.no_grad()
     def measure(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -174,3 +219,43 @@ class TrainingOutputs:
             o.abs().mean(dim=0).reshape(g.seeds, g.filters, -1)
             for g, o in zip(self.groups, self.latest, strict=True)
         ]
+
+
+@dataclass
+class ResetLayers:
+    """What ReDo and CBP score and reset: the conv filter groups (the monitor's layers, in its order),
+    then, with `units: all`, the hidden linear layers' units; each with its consumer."""
+
+    groups: list[FilterGroup]
+    consumers: list[Consumer]
+    filter_layers: int  # the first this many are conv layers; the rest hidden units
+
+    @classmethod
+    def of(cls, model: nn.Module, groups: list[FilterGroup], units: str) -> ResetLayers:
+        hidden = hidden_units(model) if units == "all" else []
+        return cls(
+            groups + [g for g, _ in hidden], consumers(model, groups) + [c for _, c in hidden], len(groups)
+        )
+
+    @torch.no_grad()
+    def reset(
+        self,
+        optimizer: torch.optim.Optimizer,
+        monitor: CgnMonitor,
+        fresh: Callable[[FilterGroup], torch.Tensor],
+        masks: list[torch.Tensor],
+        step: int,
+    ) -> None:
+        """Reset the [K, F] `masks` of every layer: all incoming rows first, then all outgoing weights
+        (as the reference: a reborn filter of the next layer reads nothing from a reset one either).
+        Filter resets go to the monitor's layer counts, unit resets to its per-seed unit count; both
+        add up to the trial's `total_resets`. `fresh` draws every layer whatever the masks say, so a
+        seed's random stream does not depend on its pack."""
+        for group, mask in zip(self.groups, masks, strict=True):
+            reset_incoming(optimizer, group, mask, fresh(group))
+        for i, (consumer, mask) in enumerate(zip(self.consumers, masks, strict=True)):
+            zero_outgoing(optimizer, consumer, mask)
+            if i < self.filter_layers:
+                monitor.record_resets(i, mask, step=step)
+            else:
+                monitor.record_unit_resets(mask)

@@ -17,6 +17,13 @@ filters alike. As in the reference, the filters' outputs are those of the step's
 outgoing weights those after the step. The count
 accumulates as the reference's cbp_conv (rho times the eligible count; convGnT uses rho times the
 layer width). Ties in utility go to the lower filter index.
+
+With `units: all` (the default) each hidden linear layer's units are replaced alike, per unit, as the
+reference's lop/algos/gnt.py does for linear layers: c_i = |h_i| (mean over the batch of the unit's
+output) times the mean |w_out| of the next linear layer's column i; a replaced unit's incoming row is
+re-drawn, its bias zeroed and the next layer's column i zeroed. Each layer (conv or linear) keeps its
+own utilities, ages and accumulated count. Unlike gnt.py, the count accumulates (its `accumulate=True`)
+and the next layer's bias does not take over the replaced unit's mean contribution (docs/schemes.md).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 
 from trainers.config import CbpScheme
-from trainers.outgoing import Consumer, TrainingOutputs, consumers, reset_incoming, zero_outgoing
+from trainers.outgoing import Consumer, ResetLayers, TrainingOutputs
 from trainers.schemes.base import Scheme, TrainContext
 
 
@@ -51,7 +58,7 @@ class Cbp(Scheme):
     def __init__(self, cfg: CbpScheme) -> None:
         super().__init__()
         self.cfg = cfg
-        self.consumers: list[Consumer] = []
+        self.layers = ResetLayers([], [], 0)
         self.util: list[torch.Tensor] = []
         self.ages: list[torch.Tensor] = []
         self.accumulated: list[torch.Tensor] = []
@@ -60,20 +67,29 @@ class Cbp(Scheme):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        self.consumers = consumers(ctx.model, ctx.groups)
-        self.outputs = TrainingOutputs(ctx.model, ctx.groups)
+        self.layers = ResetLayers.of(ctx.model, ctx.groups, self.cfg.units)
+        self.outputs = TrainingOutputs(ctx.model, self.layers.groups)
         if not self.util:
-            device = ctx.groups[0].weight.device if ctx.groups else torch.device("cpu")
-            shapes = [(g.seeds, g.filters) for g in ctx.groups]
+            groups = self.layers.groups
+            device = groups[0].weight.device if groups else torch.device("cpu")
+            shapes = [(g.seeds, g.filters) for g in groups]
             self.util = [torch.zeros(s, device=device) for s in shapes]
             self.ages = [torch.zeros(s, device=device) for s in shapes]
             self.accumulated = [torch.zeros(s[0], dtype=torch.float64, device=device) for s in shapes]
+        elif len(self.util) != len(self.layers.groups):
+            # A checkpoint written before hidden units were scored: resuming it would mix two schemes.
+            raise ValueError(
+                f"scheme: cbp checkpoint holds utilities of {len(self.util)} layers, the trial scores "
+                f"{len(self.layers.groups)}; train the trial again from the start (delete its checkpoint)"
+            )
 
     def replacements(self, i: int, activity: torch.Tensor) -> torch.Tensor:
         """Update layer i's ages, utility and accumulated count; return the [K, F] filters to replace."""
         cfg = self.cfg
         self.ages[i] += 1
-        self.util[i].mul_(cfg.decay).add_(contribution(self.consumers[i], activity), alpha=1 - cfg.decay)
+        self.util[i].mul_(cfg.decay).add_(
+            contribution(self.layers.consumers[i], activity), alpha=1 - cfg.decay
+        )
         corrected = self.util[i] / (1 - torch.pow(cfg.decay, self.ages[i]))
         eligible = self.ages[i] > cfg.maturity
         self.accumulated[i] += cfg.replacement_rate * eligible.sum(dim=1)
@@ -85,7 +101,7 @@ class Cbp(Scheme):
         return replace
 
     def after_backward(self, ctx: TrainContext) -> None:
-        if self.outputs is not None and ctx.batch is not None and ctx.groups:
+        if self.outputs is not None and ctx.batch is not None and self.layers.groups:
             self.activity = self.outputs.measure(ctx.model, ctx.batch)
 
     @torch.no_grad()
@@ -94,11 +110,7 @@ class Cbp(Scheme):
             return
         masks = [self.replacements(i, a) for i, a in enumerate(self.activity)]
         self.activity = []
-        for group, mask in zip(ctx.groups, masks, strict=True):
-            reset_incoming(ctx.optimizer, group, mask, ctx.fresh_filters(group))
-        for i, (consumer, mask) in enumerate(zip(self.consumers, masks, strict=True)):
-            zero_outgoing(ctx.optimizer, consumer, mask)
-            ctx.monitor.record_resets(i, mask, step=ctx.step)
+        self.layers.reset(ctx.optimizer, ctx.monitor, ctx.fresh_filters, masks, ctx.step)
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"util": self.util, "ages": self.ages, "accumulated": self.accumulated}
