@@ -325,8 +325,8 @@ def test_randomout_keeps_outgoing_by_default_and_its_trial_keys_do_not_change():
 @pytest.mark.parametrize(
     "scheme",
     [
-        {"name": "redo", "tau": 0.5, "every": 5},
-        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05},
+        {"name": "redo", "tau": 0.5, "every": 5, "units": "all"},
+        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05, "units": "all"},
         {"name": "randomout", "tau": 30.0, "outgoing": "zero"},
     ],
     ids=["redo", "cbp", "randomout-zero"],
@@ -387,8 +387,8 @@ def test_the_tables_tau_is_the_cgn_threshold_not_redos_score_threshold():
 @pytest.mark.parametrize(
     "scheme",
     [
-        {"name": "redo", "tau": 0.9, "every": 7},
-        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05},
+        {"name": "redo", "tau": 0.9, "every": 7, "units": "all"},
+        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05, "units": "all"},
         {"name": "randomout", "tau": 30.0, "outgoing": "zero"},
     ],
     ids=["redo", "cbp", "randomout-zero"],
@@ -501,7 +501,9 @@ def test_hidden_units_are_every_linear_layer_but_the_last(digits, kind):
 
 
 def test_redo_recycles_dormant_hidden_units_row_bias_outgoing_column_and_adam_state(digits):
-    cfg = config(scheme={"name": "redo", "tau": 0.4, "every": 1}, model__filters=2, model__hidden_fc=6)
+    cfg = config(
+        scheme={"name": "redo", "tau": 0.4, "every": 1, "units": "all"}, model__filters=2, model__hidden_fc=6
+    )
     model = build_pack(cfg, [1], digits)
     x, y = digits.x_train[:64], digits.y_train[:64]
     optimizer = stepped_adam(model, x, y)
@@ -555,7 +557,7 @@ def test_cbp_replaces_the_lowest_contribution_hidden_unit_by_hand(digits):
     unit is replaced (and 0.2 x 2 = 0.4 filters: none). u = 0.5 c, corrected u / (1 - 0.5) = c, with
     c_u = mean |h_u| over the batch x mean_o |fc.weight[o, u]|."""
     cfg = config(
-        scheme={"name": "cbp", "maturity": 0, "replacement_rate": 0.2, "decay": 0.5},
+        scheme={"name": "cbp", "maturity": 0, "replacement_rate": 0.2, "decay": 0.5, "units": "all"},
         model__filters=2,
         model__hidden_fc=5,
     )
@@ -626,7 +628,10 @@ def test_hidden_unit_outputs_and_resets_of_a_pack_are_each_seeds_own(digits, kin
 
 @pytest.mark.parametrize(
     "scheme",
-    [{"name": "redo", "tau": 0.5, "every": 5}, {"name": "cbp", "maturity": 5, "replacement_rate": 0.05}],
+    [
+        {"name": "redo", "tau": 0.5, "every": 5, "units": "all"},
+        {"name": "cbp", "maturity": 5, "replacement_rate": 0.05, "units": "all"},
+    ],
     ids=["redo", "cbp"],
 )
 def test_total_resets_count_hidden_units_and_units_filters_leaves_them_alone(digits, scheme):
@@ -642,13 +647,15 @@ def test_total_resets_count_hidden_units_and_units_filters_leaves_them_alone(dig
     conv_sink = MemorySink()
     (conv_result,) = train(conv_cfg, conv_sink, data=digits)
     assert conv_result.total_resets == sum(e.flat()["resets"] for e in conv_sink.epochs)
-    assert config(scheme=scheme | {"units": "all"}).trial_key() == config(scheme=scheme).trial_key()
+    default = {k: v for k, v in scheme.items() if k != "units"}  # units: filters is the default
+    assert config(scheme=scheme | {"units": "filters"}).trial_key() == config(scheme=default).trial_key()
+    assert config(scheme=scheme).trial_key() != config(scheme=default).trial_key()
     assert conv_cfg.trial_key() != cfg.trial_key()
 
 
 def test_cbp_refuses_a_checkpoint_that_scored_other_layers(digits):
     """A checkpoint from a conv-only run (two layers' utilities) cannot resume a `units: all` trial."""
-    cfg = config(scheme={"name": "cbp"}, model__filters=2, model__hidden_fc=5)
+    cfg = config(scheme={"name": "cbp", "units": "all"}, model__filters=2, model__hidden_fc=5)
     model = build_pack(cfg, [1], digits)
     conv_only = build_scheme(config(scheme={"name": "cbp", "units": "filters"}).scheme)
     conv_only.setup(context(cfg, model, digits))

@@ -165,7 +165,7 @@ class RedoScheme(Strict):
     name: Literal["redo"] = "redo"
     tau: float = Field(0.1, ge=0.0)  # dormant when the normalised score s_i <= tau (0: exactly dead)
     every: int = Field(1000, ge=1)  # optimizer steps between checks (the reference's reset_period)
-    units: ResetUnits = "all"  # all: conv filters and hidden linear units (as the paper); filters: convs only
+    units: ResetUnits = "filters"  # filters: convs only; all: also hidden linear units (as the paper)
 
 
 class CbpScheme(Strict):
@@ -180,7 +180,7 @@ class CbpScheme(Strict):
     replacement_rate: float = Field(1e-4, ge=0.0, le=1.0)  # rho, per eligible filter per step
     maturity: int = Field(100, ge=0)  # m: filters of age <= m are never replaced
     decay: float = Field(0.99, ge=0.0, lt=1.0)  # eta of the utility's running average
-    units: ResetUnits = "all"  # all: conv filters and hidden linear units (as the paper); filters: convs only
+    units: ResetUnits = "filters"  # filters: convs only; all: also hidden linear units (as the paper)
 
 
 class ReprScheme(Strict):
