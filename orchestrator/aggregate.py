@@ -341,8 +341,9 @@ def format_summary_table(summary: pd.DataFrame) -> Table:
         caption=(
             f"setting: {setting_line(summary)}. Failures by kind: diverged (loss not finite), collapsed (at "
             "or below the majority-class accuracy), low (above it, within the margin); rescued/harmed: "
-            "seed pairs where only the reference failed / only this arm failed (p: exact McNemar); dead filters: per trial, "
-            "those whose mean CGN over the last epoch is below tau (median/max, and trials with one)."
+            "seed pairs where only the reference failed / only this arm failed (p: exact McNemar); dead "
+            "filters: per trial, those whose mean CGN over the last epoch is below tau (median/max, and "
+            "trials with one)."
         ),
         caption_justify="left",
     )
