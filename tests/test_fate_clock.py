@@ -244,3 +244,25 @@ def test_the_printed_fate_clock_names_its_columns_and_numbers():
     assert "Fate clock" in text and "unanimous %" in text and "instability" in text
     row = next(line for line in text.splitlines() if "baseline" in line)
     assert "0.2" in row and "2 (1)" in row and "100 [34, 100]" in row and " 50 " in row
+
+
+def test_the_fate_table_recovers_a_simulated_clock():
+    """Known truth: before the fork at 0.2 a child's outcome is a fresh coin (P(fail) = 0.3 whatever its
+    parent did); from 0.2 on it is its parent's. The table must find the base rate, then the parent."""
+    rng = np.random.default_rng(1)
+    n, p = 400, 0.3
+    parent_failed = rng.random(n) < p
+    parents = frame([(s, np.nan, pd.NA, bool(f), 0.1 if f else 0.9) for s, f in enumerate(parent_failed)])
+    rows = []
+    for s, failed in enumerate(parent_failed):
+        for c in (1, 2):
+            early = bool(rng.random() < p)
+            rows.append((s, 0.0, c, early, 0.1 if early else 0.9))
+            rows.append((s, 0.2, c, bool(failed), 0.1 if failed else 0.9))
+    table = fate_table(parents, frame(rows)).set_index("fork_at")
+    early, late = table.loc[0.0], table.loc[0.2]
+    for rate in ("p_fail_after_failed", "p_fail_after_ok"):  # the base rate inside both intervals
+        assert early[f"{rate}_low"] < p < early[f"{rate}_high"]
+    assert early.unanimous == pytest.approx(1 - 2 * p * (1 - p), abs=0.06)  # two fair-ish coins agree
+    assert (late.p_fail_after_failed, late.p_fail_after_ok, late.unanimous) == (1.0, 0.0, 1.0)
+    assert early.child_sd_pts > 20 and late.child_sd_pts == 0.0 and late.parent_sd_pts > 30
