@@ -29,6 +29,7 @@ Environment, set here before Ray starts (all `setdefault`, so the caller can ove
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -108,6 +109,11 @@ def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) 
         try:
             yield
         finally:
+            # Tune's objects die in reference cycles; collected after the shutdown (by a GC that may
+            # run in any thread, such as the tracking thread that closes the parent run meanwhile),
+            # an ObjectRef reaching the stopped core worker makes Ray exit the process with code 1
+            # ("The core worker has already been shutdown") before the sweep's last line is written.
+            gc.collect()
             ray.shutdown()
 
 
