@@ -34,19 +34,9 @@ from trainers.cgn import CgnMonitor
 from trainers.config import ZERO_OUTGOING_MODELS
 from trainers.filters import FilterGroup, optimizer_row_states, where_rows, zero_optimizer_rows
 from trainers.funcpack import FuncPack
+from trainers.layer_outputs import batch_first, captured_outputs
 from trainers.models import ConvUnit
 from trainers.pack import PackedConv, PackedFlatten, PackedLinear
-
-
-def _batch_first(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """A layer's output with the batch first: a grouped pack's linear gives [K, B, U], seed-major."""
-    return out.transpose(0, 1) if isinstance(module, PackedLinear) else out
-
-
-def _keep_first(calls: dict[int, torch.Tensor], i: int, module: nn.Module, out: torch.Tensor) -> None:
-    """A forward hook's body: keep layer i's first output of the pass (returns None: a hook's return
-    value would replace the module's output)."""
-    calls.setdefault(i, _batch_first(module, out))
 
 
 @dataclass
@@ -160,35 +150,16 @@ def reset_incoming(
 @torch.no_grad()
 def channel_activity(model: nn.Module, groups: list[FilterGroup], x: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, the mean |output| over the batch of every (seed, channel, position): [K, F, H*W]
-    ([K, U, 1] for a group of hidden units).
+    ([K, U, 1] for a group of hidden units), from one forward without gradients in eval mode on `x`
+    (the step's batch)."""
+    with torch.no_grad():
+        captured = captured_outputs(model, groups, x, lambda forward: forward())
+    return [_mean_abs(g, out) for g, (out, _) in zip(groups, captured, strict=True)]
 
-    One forward without gradients in eval mode on `x` (the step's batch), with hooks on each layer's
-    output module. A generic pack runs its seeds one at a time (hooks under vmap see batched tensors),
-    joined along channels as a grouped pack lays them out."""
-    per_seed = isinstance(model, FuncPack)
-    passes = [lambda k=k: model.seed_forward(k, x) for k in range(model.seeds)] if per_seed else [model]
-    outputs: list[list[torch.Tensor]] = [[] for _ in groups]
-    was_training = model.training
-    model.eval()
-    try:
-        for forward in passes:
-            calls: dict[int, torch.Tensor] = {}
-            handles = [
-                g.act.register_forward_hook(
-                    lambda m, _a, out, i=i, calls=calls: _keep_first(calls, i, m, out)
-                )
-                for i, g in enumerate(groups)
-            ]
-            try:
-                forward(x) if forward is model else forward()
-            finally:
-                for h in handles:
-                    h.remove()
-            for i in range(len(groups)):
-                outputs[i].append(calls[i].abs().mean(dim=0))
-    finally:
-        model.train(was_training)
-    return [torch.cat(o, dim=0).reshape(g.seeds, g.filters, -1) for g, o in zip(groups, outputs, strict=True)]
+
+def _mean_abs(group: FilterGroup, out: torch.Tensor) -> torch.Tensor:
+    """[K, F, H*W]: a batch-first layer output's mean |value| over the batch, per seed and channel."""
+    return out.abs().mean(dim=0).reshape(group.seeds, group.filters, -1)
 
 
 class TrainingOutputs:
@@ -208,17 +179,14 @@ class TrainingOutputs:
 
     def _keep(self, module: nn.Module, i: int, out: torch.Tensor) -> None:
         if module.training:
-            self.latest[i] = _batch_first(module, out.detach())
+            self.latest[i] = batch_first(module, out.detach())
 
     @torch.no_grad()
     def measure(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """Per layer [K, F, H*W]: mean |output| over the batch of the latest training forward."""
         if self.generic or any(o is None for o in self.latest):
             return channel_activity(model, self.groups, x)
-        return [
-            o.abs().mean(dim=0).reshape(g.seeds, g.filters, -1)
-            for g, o in zip(self.groups, self.latest, strict=True)
-        ]
+        return [_mean_abs(g, o) for g, o in zip(self.groups, self.latest, strict=True)]
 
 
 @dataclass

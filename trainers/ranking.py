@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.filters import FilterGroup
-from trainers.funcpack import FuncPack
+from trainers.layer_outputs import as_pack_logits, captured_outputs
 
 RANK_SAMPLES = 1024  # examples used by data-driven criteria when no held-out split exists
 
@@ -33,8 +33,7 @@ def ortho_scores(weight: torch.Tensor) -> torch.Tensor:
 
 def pack_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits as [K, B, classes] whether the model is one seed or a pack."""
-    logits = model(x)
-    return logits.unsqueeze(0) if logits.dim() == 2 else logits
+    return as_pack_logits(model(x))
 
 
 def pack_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,50 +53,21 @@ def _rank_batch(data) -> tuple[torch.Tensor, torch.Tensor]:
 def _activation_stats(
     model: torch.nn.Module, groups: list[FilterGroup], x: torch.Tensor, y: torch.Tensor, with_grad: bool
 ) -> list[dict[str, torch.Tensor]]:
-    """Per (seed, channel) mean activation, zero fraction and Taylor |a * dL/da| from forward hooks.
+    """Per (seed, channel) mean activation, zero fraction and Taylor |a * dL/da| from forward hooks."""
 
-    A generic pack (FuncPack) runs its seeds one at a time here: hooks under vmap would see batched
-    tensors. Its per-seed outputs are joined along channels, as a grouped pack lays them out."""
-    per_seed = isinstance(model, FuncPack)
-    passes = [lambda k=k: model.seed_forward(k, x) for k in range(model.seeds)] if per_seed else [None]
-    outputs: list[list[torch.Tensor]] = [[] for _ in groups]
-    was_training = model.training
-    model.eval()
-    try:
-        for forward in passes:
-            calls: dict[int, torch.Tensor] = {}
+    def run(forward) -> None:
+        with torch.set_grad_enabled(with_grad):
+            loss, _ = pack_loss(forward(), y)
+            if with_grad:
+                loss.backward()
 
-            def hook(_module, _inp, out, i: int, calls=calls):
-                # By layer, not call order: a net's forward need not follow its registration order.
-                if with_grad:
-                    out.retain_grad()
-                calls.setdefault(i, out)
-
-            handles = [
-                group.act.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
-                for i, group in enumerate(groups)
-            ]
-            try:
-                with torch.set_grad_enabled(with_grad):
-                    logits = pack_logits(model, x) if forward is None else forward().unsqueeze(0)
-                    loss, _ = pack_loss(logits, y)
-                    if with_grad:
-                        loss.backward()
-            finally:
-                for h in handles:
-                    h.remove()
-            for i in range(len(groups)):
-                outputs[i].append(calls[i])
-    finally:
-        model.train(was_training)
+    captured = captured_outputs(model, groups, x, run, retain_grad=with_grad)
     stats = []
-    for group, outs in zip(groups, outputs, strict=True):
-        out = torch.cat([o.detach() for o in outs], dim=1)
+    for group, (out, grad) in zip(groups, captured, strict=True):
         a = out.reshape(out.shape[0], group.seeds, group.filters, -1)  # [B, K, F, HW]
         entry = {"mean": a.mean(dim=(0, 3)), "apoz": (a == 0).float().mean(dim=(0, 3))}
-        if with_grad:
-            g = torch.cat([o.grad for o in outs], dim=1).reshape(a.shape)
-            entry["taylor"] = (a * g).mean(dim=3).abs().mean(dim=0)
+        if grad is not None:
+            entry["taylor"] = (a * grad.reshape(a.shape)).mean(dim=3).abs().mean(dim=0)
         stats.append(entry)
     if with_grad:
         model.zero_grad(set_to_none=True)
