@@ -232,7 +232,7 @@ def aggregate(sweep_dir: layout.Location | str) -> AggregateResult:
 def sequential_looks(sweep_dir: layout.Location, trials: pd.DataFrame) -> pd.DataFrame:
     """A sequential study's looks, replayed from its trials with the recorded rule (else empty)."""
     from orchestrator.sequential import replay
-    from orchestrator.spec import Sequential
+    from orchestrator.spec_seeds import Sequential
 
     spec = layout.read_spec(sweep_dir)
     if not spec.get("sequential"):

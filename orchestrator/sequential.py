@@ -28,7 +28,8 @@ from dashboards.sequential import LOOK_COLUMNS, failure_rate_look, looks_frame, 
 from dashboards.sources import variance_share_look
 from orchestrator import layout
 from orchestrator.errors import UserError
-from orchestrator.spec import FailureRateRule, Sequential, SweepPlan, VarianceShareRule
+from orchestrator.spec import SweepPlan
+from orchestrator.spec_seeds import FailureRateRule, Sequential, VarianceShareRule
 
 
 @dataclass(frozen=True)

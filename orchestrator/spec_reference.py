@@ -23,7 +23,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from orchestrator.spec import Resources, SchemeEntry, SeedFactorial, SweepSpec
+from orchestrator.spec import Resources, SchemeEntry, SweepSpec
+from orchestrator.spec_seeds import SeedFactorial
 from trainers.config import SCHEME_MODELS, TrialConfig
 
 START, END = "<!-- spec-reference:start -->", "<!-- spec-reference:end -->"

@@ -256,7 +256,7 @@ def test_a_variance_rule_names_what_it_lacks(tmp_path, until, seeds, message):
 
 def test_the_variance_rule_replays_over_the_looks():
     from orchestrator.sequential import replay
-    from orchestrator.spec import Sequential
+    from orchestrator.spec_seeds import Sequential
 
     rng = np.random.default_rng(0)
     rows = []

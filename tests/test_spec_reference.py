@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.spec import SeedFactorial, SweepSpec
+from orchestrator.spec import SweepSpec
 from orchestrator.spec_reference import TARGET, readme_section, reference
+from orchestrator.spec_seeds import SeedFactorial
 from trainers.config import OptimConfig, RandomOutScheme, TrialConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "spec-reference.md"
