@@ -25,7 +25,7 @@ from dashboards.decision import BEST_OF
 from dashboards.failed_seeds import failed_seeds_html
 from dashboards.figures import Rendered, all_figures, alt_text, arm_label, failure_rule
 from dashboards.sequential import interval_statement, look_cells
-from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
+from dashboards.setting import hparams_text, row_labels, row_setting_text, setting_line, split_setting
 from dashboards.signed_rank import EXACT_MAX_N, ZERO_METHOD
 from dashboards.stats import BASELINE, NOT_FINISHED, STATUSES, never_acted
 
@@ -232,13 +232,17 @@ def _sequential_html(looks: pd.DataFrame | None) -> str:
     )
 
 
-def _decision_html(decision: pd.DataFrame | None) -> str:
+def _decision_html(decision: pd.DataFrame | None, summary: pd.DataFrame) -> str:
     """The decision-grade table (dashboards/decision.py), as `lottery aggregate` prints it."""
     if decision is None or decision.empty:
         return ""
+    labels = row_labels(summary)
+    labelled = any(labels.values())
     best = "".join(f"<th>best of {n} +pts</th>" for n in BEST_OF)
     head = (
-        "<tr><th class=l>scheme</th><th class=l>hyperparameters</th><th>n</th><th>IQM % [95% CI]</th>"
+        "<tr><th class=l>scheme</th><th class=l>hyperparameters</th>"
+        + ("<th class=l>setting</th>" if labelled else "")
+        + "<th>n</th><th>IQM % [95% CI]</th>"
         f"<th class=l>vs</th><th>P(improvement) [95% CI]</th><th>pairs</th>{best}"
         "<th>SD % (test-set floor %)</th></tr>"
     )
@@ -254,6 +258,7 @@ def _decision_html(decision: pd.DataFrame | None) -> str:
         cells = [
             str(r.scheme),
             "" if pd.isna(r.hparam_label) else str(r.hparam_label),
+            *([labels.get(str(r.config_hash), "")] if labelled else []),
             str(r.n),
             iqm,
             r.reference or "–",
@@ -262,7 +267,7 @@ def _decision_html(decision: pd.DataFrame | None) -> str:
             *(_pts(getattr(r, f"best_of_{n}")) for n in BEST_OF),
             f"{_pct(r.acc_sd, 2)} ({_pct(r.test_floor_sd, 2)})",
         ]
-        left = {0, 1, 4}
+        left = {0, 1, 2, 5} if labelled else {0, 1, 4}
         body.append(
             "<tr>"
             + "".join(
@@ -320,7 +325,7 @@ def build_report(
         f"{_header_html(trials, summary, sweep, question)}"
         f"{_provenance_html(provenance)}"
         f"<h2>Summary per configuration</h2>{_summary_html(summary)}{_never_acted_html(summary)}"
-        f"{_decision_html(decision)}"
+        f"{_decision_html(decision, summary)}"
         f"{_sequential_html(looks)}"
         f"<h2>Failed seeds beside their pairs</h2>{failed_seeds_html(trials)}"
         f"<h2>Figures ({len(figures)} of {len(rendered)})</h2>{''.join(figures)}"

@@ -77,3 +77,18 @@ def setting_line(summary: pd.DataFrame) -> str:
     common, varying = split_setting(summary["setting"])
     text = pairs_text(common) or "not recorded"
     return text + (f"; varies by row: {', '.join(SHORT.get(k, k) for k in varying)}" if varying else "")
+
+
+def row_labels(summary: pd.DataFrame) -> dict[str, str]:
+    """config_hash -> what tells its row apart besides scheme and hyperparameters: the setting's varying
+    part and the width when widths differ ('lr=0.1 filters=2'); all '' when nothing varies. A table keyed
+    by config_hash (the decision-grade one) labels its rows with this, as the summary does."""
+    if summary.empty:
+        return {}
+    _, varying = split_setting(summary["setting"])
+    widths = summary["filters"].dropna().unique() if "filters" in summary else []
+    labels = {}
+    for r in summary.itertuples(index=False):
+        width = f"filters={int(r.filters)}" if len(widths) > 1 and pd.notna(r.filters) else ""
+        labels[str(r.config_hash)] = " ".join(p for p in (row_setting_text(r.setting, varying), width) if p)
+    return labels

@@ -25,7 +25,7 @@ from dashboards.decision import BEST_OF, DECISION_COLUMNS, decide
 from dashboards.fate import empty_fate
 from dashboards.rounds import ROUND_COLUMNS, round_summary
 from dashboards.sequential import interval_statement, look_cells, looks_frame
-from dashboards.setting import hparams_text, row_setting_text, setting_line, split_setting
+from dashboards.setting import hparams_text, row_labels, row_setting_text, setting_line, split_setting
 from dashboards.sources import empty_variance, variance_table
 from dashboards.stats import BASELINE, TRIAL_COLUMNS, summarise, trials_frame, with_dead_filters
 from orchestrator import layout
@@ -393,8 +393,11 @@ def _interval(value: float, low: float, high: float, percent: bool) -> str:
     return f"{text(value)} [{text(low)}, {text(high)}]" if pd.notna(low) else text(value)
 
 
-def format_decision_table(decision: pd.DataFrame) -> Table:
-    """IQM with its stratified bootstrap CI, P(improvement) with its CI, and best-of-N inflation."""
+def format_decision_table(decision: pd.DataFrame, summary: pd.DataFrame) -> Table:
+    """IQM with its stratified bootstrap CI, P(improvement) with its CI, and best-of-N inflation; rows
+    labelled as the summary's (`summary` gives what varies between them)."""
+    labels = row_labels(summary)
+    labelled = any(labels.values())
     table = Table(
         title="Decision-grade comparisons (interquartile mean and P(arm > reference), bootstrap 95% CI)",
         caption=(
@@ -406,14 +409,15 @@ def format_decision_table(decision: pd.DataFrame) -> Table:
         caption_justify="left",
     )
     best = [f"best of {n} +pts" for n in BEST_OF]
-    columns = ["scheme", "hparams", "n", "IQM % [95% CI]", "vs", "P(improvement) [95% CI]", "pairs", *best]
-    columns += ["SD % (test-set floor)"]
-    _add_columns(table, columns, text=("scheme", "hparams", "vs"))
+    columns = ["scheme", "hparams", *(["setting"] if labelled else []), "n", "IQM % [95% CI]", "vs"]
+    columns += ["P(improvement) [95% CI]", "pairs", *best, "SD % (test-set floor)"]
+    _add_columns(table, columns, text=("scheme", "hparams", "setting", "vs"))
     for r in decision.itertuples(index=False):
         paired = "-" if not r.improve_n else f"{r.improve_n} {'paired' if r.improve_paired else 'unpaired'}"
         table.add_row(
             str(r.scheme),
             "" if pd.isna(r.hparam_label) else str(r.hparam_label),
+            *([labels.get(str(r.config_hash), "")] if labelled else []),
             str(r.n),
             _interval(r.iqm, r.iqm_ci_low, r.iqm_ci_high, percent=True),
             r.reference or "-",

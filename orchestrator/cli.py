@@ -289,7 +289,7 @@ def aggregate(
     table_console().print(format_summary_table(result.summary))
     for line in never_acted(result.summary):
         console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
-    table_console().print(format_decision_table(result.decision))
+    table_console().print(format_decision_table(result.decision, result.summary))
     if not result.variance.empty:
         table_console().print(format_variance_table(result.variance))
     if not result.fate.empty:

@@ -218,3 +218,46 @@ def test_the_report_shows_the_decision_table_and_the_failure_profile(tmp_path: P
     x, y = ax.get_lines()[0].get_data()
     at = np.searchsorted(x, 100 * threshold, side="right") - 1
     assert y[at] == pytest.approx(100 * (base > x[at] / 100).mean())
+
+
+def test_decision_rows_name_the_setting_and_width_that_tell_them_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two widths of the same arms: without a label the decision table's rows for 1 and 2 filters read
+    # alike, in the CLI and in the report.
+    arms = [("baseline", {}), ("randomout", {"tau": 1e-8, "active_fraction": 1.0})]
+    sweep = write_sweep(tmp_path, "widths", lottery_trials(arms, seeds=range(6), filters=(1, 2)))
+    monkeypatch.setenv("LOTTERY_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "300")
+    done = CliRunner().invoke(app, ["aggregate", "widths"])
+    assert done.exit_code == 0, done.output
+    decision_part = done.output[done.output.index("Decision-grade comparisons") :]
+    rows = [line for line in decision_part.splitlines() if line.startswith("│ ")]
+    assert [(r.startswith("│ baseline"), "filters=1" in r, "filters=2" in r) for r in rows] == [
+        (True, True, False),
+        (False, True, False),
+        (True, False, True),
+        (False, False, True),
+    ]
+    tables = aggregate(sweep)
+    page = build_report(
+        tables.trials, tables.epochs, tables.summary, tmp_path / "report", name="w", decision=tables.decision
+    ).read_text()
+    table = page[
+        page.index("<table id=decision>") : page.index("</table>", page.index("<table id=decision>"))
+    ]
+    assert "<th class=l>setting</th>" in table and table.count("filters=1") == 2 == table.count("filters=2")
+
+
+def test_row_labels_name_only_what_varies() -> None:
+    from dashboards.setting import row_labels
+
+    summary = pd.DataFrame(
+        {
+            "config_hash": ["a", "b", "c"],
+            "setting": ['{"lr": 0.01, "epochs": 5}', '{"lr": 0.1, "epochs": 5}', '{"lr": 0.1, "epochs": 5}'],
+            "filters": [2, 2, 2],
+        }
+    )
+    assert row_labels(summary) == {"a": "lr=0.01", "b": "lr=0.1", "c": "lr=0.1"}
+    assert set(row_labels(summary.assign(setting='{"lr": 0.1}')).values()) == {""}
