@@ -10,6 +10,7 @@ import pytest
 from orchestrator.spec import load_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PILOT_LR = 0.2  # the lr crater_dying_pilot.yaml chose by its stated rule (its header gives the counts)
 EXPECTED_TRIALS = {
     "demo.yaml": 3 * 20,
     "inception28_cifar10.yaml": 3 * 50,
@@ -52,14 +53,14 @@ def test_paper_specs_match_their_papers_settings():
         128,
     )
     width = load_plan(CONFIGS / "crater_width.yaml").trials
-    assert {t.model.filters for t in width} == set(range(1, 11)) and all(t.full_batch for t in width)
+    assert {t.model.filters for t in width} == set(range(1, 11))
     assert {(t.scheme.tau, t.scheme.active_fraction) for t in width if t.scheme.name == "randomout"} == {
         (1e-12, 1.0)
     }
     grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
     assert {t.scheme.tau for t in grid if t.scheme.name == "randomout"} == {10.0**-k for k in range(4, 15)}
     assert all(t.epochs == 150 and t.data.image_size == 15 and t.batch_size == 64 for t in grid)
-    assert {t.optim.lr for t in grid} == {0.01, 0.1}  # 0.1: where filters die (the pilot's regime)
+    assert {t.optim.lr for t in grid} == {0.01, PILOT_LR}
     # The RandomOut specs feed the reference's input scale, so the paper's tau means what it meant there.
     for name in (
         "inception28_cifar10.yaml",
@@ -112,8 +113,21 @@ def test_the_dying_pilot_spans_the_widths_and_lrs_where_filters_die():
         == ("craters", 15, "crater_cnn", 64, "sgd", False)
         for t in trials
     )
-    grid = load_plan(CONFIGS / "crater_tau_p_grid.yaml").trials
-    assert {t.optim.lr for t in grid} <= {t.optim.lr for t in trials}  # the grid's lrs are the pilot's
+    assert (
+        f"By the rule above the studies take lr {PILOT_LR:g}"
+        in (CONFIGS / "crater_dying_pilot.yaml").read_text()
+    )
+
+
+@pytest.mark.parametrize("name", ["crater_tau_p_grid.yaml", "crater_width.yaml", "crater_width_study.yaml"])
+def test_the_crater_studies_run_the_pilots_lr_on_seeds_it_did_not_see(name: str) -> None:
+    """A setting chosen on a pilot is tested on fresh seeds: the studies take the pilot's lr (besides the
+    grid's first choice, 0.01) at the pilot's batch, and none of the pilot's seeds."""
+    pilot = load_plan(CONFIGS / "crater_dying_pilot.yaml").trials
+    study = load_plan(CONFIGS / name).trials
+    assert PILOT_LR in {t.optim.lr for t in study} and {t.optim.lr for t in study} <= {0.01, PILOT_LR}
+    assert {(t.batch_size, t.full_batch, t.epochs) for t in study} == {(64, False, 150)}
+    assert not {t.seed for t in pilot} & {t.seed for t in study}
 
 
 def test_repr_c3_32_drops_29_of_its_96_filters_per_cycle():
