@@ -46,10 +46,10 @@ def captured_outputs(
     run: Callable[[Forward], None],
     retain_grad: bool = False,
 ) -> list[Captured]:
-    """Per group, its output during `run(forward)`, where
-    `forward()` returns the pass's logits as [K, B, classes]. `run` decides what the pass does with them
-    (nothing, or a loss to back-propagate: with `retain_grad` each kept output keeps its `.grad`).
-    The model is in eval mode during the passes and restored after."""
+    """Per group, its output during `run(forward)`, where `forward()` returns the pass's logits as
+    [K, B, classes]. `run` decides what the pass does with them (nothing, or a loss to back-propagate:
+    with `retain_grad` each kept output keeps its `.grad`). The model is in eval mode during the passes
+    and its mode is restored after."""
     if isinstance(model, FuncPack):
         passes: list[Forward] = [
             lambda k=k: model.seed_forward(k, x).unsqueeze(0) for k in range(model.seeds)
