@@ -18,12 +18,13 @@ outgoing weights those after the step. The count
 accumulates as the reference's cbp_conv (rho times the eligible count; convGnT uses rho times the
 layer width). Ties in utility go to the lower filter index.
 
-With `units: all` (the default is `filters`) each hidden linear layer's units are replaced alike, per unit, as the
-reference's lop/algos/gnt.py does for linear layers: c_i = |h_i| (mean over the batch of the unit's
-output) times the mean |w_out| of the next linear layer's column i; a replaced unit's incoming row is
-re-drawn, its bias zeroed and the next layer's column i zeroed. Each layer (conv or linear) keeps its
-own utilities, ages and accumulated count. Unlike gnt.py, the count accumulates (its `accumulate=True`)
-and the next layer's bias does not take over the replaced unit's mean contribution (docs/schemes.md).
+With `units: all` (the default is `filters`) each hidden linear layer's units are replaced alike, per
+unit, as the reference's lop/algos/gnt.py does for linear layers: c_i = |h_i| (mean over the batch of
+the unit's output) times the mean |w_out| of the next linear layer's column i; a replaced unit's
+incoming row is re-drawn, its bias zeroed and the next layer's column i zeroed. Each layer (conv or
+linear) keeps its own utilities, ages and accumulated count. Unlike gnt.py, the count accumulates (its
+`accumulate=True`) and the next layer's bias does not take over the replaced unit's mean contribution
+(docs/schemes.md).
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ Every `every` optimizer steps (at step indices > 0 divisible by it, as the refer
 normalised by the layer's average: s_i = a_i / (mean_k a_k + 1e-9) (the reference's
 `estimate_neuron_score`). A filter with s_i <= tau is dormant: its incoming weights are re-drawn from
 the layer's initializer (bias zero), the consumer's weights that read it are zeroed, and the optimizer
-state of both restarts (trainers/outgoing.py). With `units: all` (the default is `filters`) the hidden linear
-layers' units are recycled alike, as the paper does for dense layers: a_i is unit i's mean |output|
-over the batch, normalised by its layer's mean; a dormant unit's incoming row is re-drawn, its bias
-zeroed and the next linear layer's column u zeroed. Scores are per seed ([K, F]), so a pack's seeds are
-checked and reset independently with masks, and the draws are made every check whatever the masks
+state of both restarts (trainers/outgoing.py). With `units: all` (the default is `filters`) the hidden
+linear layers' units are recycled alike, as the paper does for dense layers: a_i is unit i's mean
+|output| over the batch, normalised by its layer's mean; a dormant unit's incoming row is re-drawn, its
+bias zeroed and the next linear layer's column u zeroed. Scores are per seed ([K, F]), so a pack's seeds
+are checked and reset independently with masks, and the draws are made every check whatever the masks
 say, so each seed's random stream does not depend on its pack.
 """
 
