@@ -272,15 +272,15 @@ def aggregate(
     from dashboards.sources import format_variance_table
     from dashboards.stats import never_acted
     from orchestrator.aggregate import aggregate as aggregate_sweep
-    from orchestrator.aggregate import (
-        damaged_lines,
+    from orchestrator.aggregate import damaged_lines
+    from orchestrator.fate import format_fate_table
+    from orchestrator.tables import (
         format_decision_table,
         format_looks_table,
         format_rounds_table,
         format_summary_table,
         sequential_statement,
     )
-    from orchestrator.fate import format_fate_table
     from orchestrator.tracking.study import summary_to_parent
     from orchestrator.tracking.sweep import attach_files, parent_record
 

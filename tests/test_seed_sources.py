@@ -274,7 +274,7 @@ def test_the_variance_rule_replays_over_the_looks():
     assert result.stop_look == 1  # order holds nearly all the variance at once, the interval is narrow
     looks = result.looks
     assert looks["statistic"].iloc[0] == "order_share" and looks["estimate"].iloc[0] > 0.9
-    from orchestrator.aggregate import sequential_statement
+    from orchestrator.tables import sequential_statement
 
     assert "fixed-n" in sequential_statement(looks) and "not anytime-valid" in sequential_statement(looks)
     strict = Sequential(batch=4, until={"kind": "variance_share_ci_width", "source": "order", "width": 1e-9})

@@ -20,10 +20,11 @@ from barrier import Barrier, kill_driver, lingering_ray_pids
 from specfactory import BASE, spec_doc
 from test_sweep import child_runs, complete_runs, finished_keys
 
-from orchestrator.aggregate import aggregate, sequential_statement
+from orchestrator.aggregate import aggregate
 from orchestrator.run.trainable import FAULT_ENV, read_attempts
 from orchestrator.sequential import replay
 from orchestrator.spec import load_plan
+from orchestrator.tables import sequential_statement
 
 pytestmark = pytest.mark.integration
 
