@@ -86,7 +86,7 @@ def row_labels(summary: pd.DataFrame) -> dict[str, str]:
     if summary.empty:
         return {}
     _, varying = split_setting(summary["setting"])
-    widths = summary["filters"].dropna().unique() if "filters" in summary else []
+    widths = summary["filters"].dropna().unique()
     labels = {}
     for r in summary.itertuples(index=False):
         width = f"filters={int(r.filters)}" if len(widths) > 1 and pd.notna(r.filters) else ""

@@ -152,8 +152,7 @@ def channel_activity(model: nn.Module, groups: list[FilterGroup], x: torch.Tenso
     """Per layer, the mean |output| over the batch of every (seed, channel, position): [K, F, H*W]
     ([K, U, 1] for a group of hidden units), from one forward without gradients in eval mode on `x`
     (the step's batch)."""
-    with torch.no_grad():
-        captured = captured_outputs(model, groups, x, lambda forward: forward())
+    captured = captured_outputs(model, groups, x, lambda forward: forward())
     return [_mean_abs(g, out) for g, (out, _) in zip(groups, captured, strict=True)]
 
 
